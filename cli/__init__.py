@@ -1,0 +1,1 @@
+"""The `marlin-mlx` command line (typer)."""
