@@ -1,0 +1,5 @@
+"""`python -m marlin_mlx.cli` runs the `marlin-mlx` command line."""
+
+from .main import app
+
+app(prog_name="marlin-mlx")

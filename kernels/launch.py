@@ -1,0 +1,199 @@
+"""Backend machinery: one kernel body, launched through Metal or CUDA.
+
+Each body lives in `kernels/src/<op>.h`: helper code above a `//// BODY` line, the kernel's
+function body below it. A launch prepends the backend's prelude (`prelude_metal.h` or
+`prelude_cuda.h`) to the helpers as the kernel header, and the backend's prologue, which binds
+the portable names `tid`, `lane`, `simd_id`, `tg_x`, `tg_y` and `gid`, to the body. Metal needs
+its attribute names (`thread_index_in_simdgroup`, ...) literally in the source it is given; the
+prologue is where they appear.
+
+`render_metal` / `render_cuda` rebuild the full source MLX would compile (its generated
+signature included), so the Metal rendering can be syntax-checked on Linux and the CUDA one
+compiled by nvcc without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+SRC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "src")
+BODY_MARK = "//// BODY"
+
+PROLOGUE = {
+    "metal": (
+        "  const uint32_t tid = thread_position_in_threadgroup.x;\n"
+        "  const uint32_t lane = thread_index_in_simdgroup;\n"
+        "  const uint32_t simd_id = simdgroup_index_in_threadgroup;\n"
+        "  const uint32_t tg_x = threadgroup_position_in_grid.x;\n"
+        "  const uint32_t tg_y = threadgroup_position_in_grid.y;\n"
+        "  const uint32_t gid = thread_position_in_grid.x;\n"
+        "  (void)tid; (void)lane; (void)simd_id; (void)tg_x; (void)tg_y; (void)gid;\n"
+    ),
+    "cuda": (
+        "  const uint32_t tid = threadIdx.x;\n"
+        "  const uint32_t lane = threadIdx.x & 31u;\n"
+        "  const uint32_t simd_id = threadIdx.x >> 5;\n"
+        "  const uint32_t tg_x = blockIdx.x;\n"
+        "  const uint32_t tg_y = blockIdx.y;\n"
+        "  const uint32_t gid = blockIdx.x * blockDim.x + threadIdx.x;\n"
+        "  (void)tid; (void)lane; (void)simd_id; (void)tg_x; (void)tg_y; (void)gid;\n"
+    ),
+}
+
+# MLX's type names in generated signatures (get_type_string / dtype_to_cuda_type).
+METAL_TYPES = {mx.float32: "float", mx.float16: "float16_t", mx.bfloat16: "bfloat16_t",
+               mx.uint32: "uint32_t", mx.int32: "int32_t", mx.uint8: "uint8_t"}
+CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16",
+              mx.uint32: "uint32_t", mx.int32: "int32_t", mx.uint8: "uint8_t"}
+# Metal passes inputs of fewer elements than this in the `constant` address space.
+METAL_CONSTANT_LIMIT = 8
+# Tests set this to True: outputs are filled with NaN before every launch, so an element the
+# kernel fails to write shows up.
+POISON_OUTPUTS = False
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    name: str              # kernel name (MLX prefixes `custom_kernel_`)
+    src: str               # file under kernels/src, e.g. "qmv.h"
+    inputs: tuple
+    outputs: tuple
+
+
+def backend() -> str | None:
+    """'metal' or 'cuda' when the default device is a GPU with that backend, else None."""
+    if mx.default_device() != mx.gpu:
+        return None
+    if mx.metal.is_available():
+        return "metal"
+    if hasattr(mx, "cuda") and mx.cuda.is_available():
+        return "cuda"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def read_src(name: str) -> str:
+    with open(os.path.join(SRC_DIR, name), encoding="utf-8") as f:
+        return f.read()
+
+
+@functools.lru_cache(maxsize=None)
+def parts(spec: KernelSpec, be: str) -> tuple[str, str]:
+    """(header, source) handed to mx.fast.<be>_kernel."""
+    text = read_src(spec.src)
+    if BODY_MARK not in text:
+        raise ValueError(f"{spec.src}: no '{BODY_MARK}' line")
+    helpers, body = text.split(BODY_MARK, 1)
+    header = read_src(f"prelude_{be}.h") + "\n" + helpers
+    return header, PROLOGUE[be] + body
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_object(spec: KernelSpec, be: str):
+    """The MLX kernel object, built once per process (compilation happens per template)."""
+    header, source = parts(spec, be)
+    make = mx.fast.metal_kernel if be == "metal" else mx.fast.cuda_kernel
+    return make(name=spec.name, input_names=list(spec.inputs), output_names=list(spec.outputs),
+                source=source, header=header, ensure_row_contiguous=True)
+
+
+def launch(spec: KernelSpec, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
+           init_value=None):
+    be = backend()
+    if be is None:
+        raise RuntimeError(f"{spec.name}: no GPU backend (Metal or CUDA) on this device")
+    if be == "metal":
+        # Tiny inputs would arrive in the `constant` address space, which the bodies'
+        # `device` pointer casts do not accept; the kernels index by template constants, so
+        # padding changes nothing they read.
+        inputs = [a if a.size >= METAL_CONSTANT_LIMIT else
+                  mx.concatenate([a.reshape(-1), mx.zeros((METAL_CONSTANT_LIMIT,), a.dtype)])
+                  for a in inputs]
+    kern = kernel_object(spec, be)
+    if POISON_OUTPUTS and init_value is None:
+        init_value = float("nan")
+    return kern(inputs=list(inputs), template=list(template), grid=tuple(grid),
+                threadgroup=tuple(threadgroup), output_shapes=list(output_shapes),
+                output_dtypes=list(output_dtypes), init_value=init_value)
+
+
+def _template_value(v, types) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    return types[v]
+
+
+def render_metal(spec: KernelSpec, input_dtypes, input_sizes, output_dtypes, template) -> str:
+    """The full Metal source MLX 0.32 compiles for this launch (after its own `metal::utils()`
+    preamble, which the shim header stands in for): header, templated signature, body and the
+    explicit instantiation."""
+    header, source = parts(spec, "metal")
+    kname = "custom_kernel_" + spec.name
+    out = [header]
+    if template:
+        kinds = ["typename" if not isinstance(v, (bool, int)) else
+                 ("bool" if isinstance(v, bool) else "int") for _, v in template]
+        out.append("template <" + ", ".join(f"{k} {n}" for k, (n, _) in zip(kinds, template)) + ">\n")
+        kname += "_" + "_".join(_template_value(v, METAL_TYPES) for _, v in template)
+    attrs = []
+    metal_attrs = [("simdgroup_index_in_threadgroup", "uint"),
+                   ("thread_index_in_simdgroup", "uint"),
+                   ("thread_position_in_grid", "uint3"),
+                   ("thread_position_in_threadgroup", "uint3"),
+                   ("threadgroup_position_in_grid", "uint3")]
+    for attr, ty in metal_attrs:
+        if attr in source:
+            attrs.append(f"  {ty} {attr} [[{attr}]]")
+    params = []
+    idx = 0
+    for name, dt, size in zip(spec.inputs, input_dtypes, input_sizes):
+        space = "constant" if size < METAL_CONSTANT_LIMIT else "device"
+        params.append(f"  const {space} {METAL_TYPES[dt]}* {name} [[buffer({idx})]]")
+        idx += 1
+    for name, dt in zip(spec.outputs, output_dtypes):
+        params.append(f"  device {METAL_TYPES[dt]}* {name} [[buffer({idx})]]")
+        idx += 1
+    out.append(f"[[kernel]] void {kname}(\n" + ",\n".join(params + attrs) + ") {\n")
+    out.append(source + "\n}\n")
+    if template:
+        targs = "<" + ", ".join(_template_value(v, METAL_TYPES) for _, v in template) + ">"
+        out.append(f'\ntemplate [[host_name("{kname}")]] [[kernel]] decltype({kname}{targs}) '
+                   f"{kname}{targs};\n")
+    return "".join(out)
+
+
+def render_cuda(spec: KernelSpec, input_dtypes, output_dtypes, template) -> str:
+    """The full CUDA source MLX 0.32 hands NVRTC for this launch."""
+    header, source = parts(spec, "cuda")
+    kname = "custom_kernel_" + spec.name + "".join(
+        "_" + _template_value(v, CUDA_TYPES) for _, v in template)
+    out = ['#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n',
+           header, "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n",
+           f"__global__ void {kname}(\n"]
+    params = [f"    const {CUDA_TYPES[dt]}* {n}" for n, dt in zip(spec.inputs, input_dtypes)]
+    params += [f"    {CUDA_TYPES[dt]}* {n}" for n, dt in zip(spec.outputs, output_dtypes)]
+    out.append(",\n".join(params) + ") {\n")
+    for n, v in template:
+        if isinstance(v, bool):
+            out.append(f"  constexpr bool {n} = {_template_value(v, CUDA_TYPES)};\n")
+        elif isinstance(v, int):
+            out.append(f"  constexpr int {n} = {v};\n")
+        else:
+            out.append(f"  using {n} = {CUDA_TYPES[v]};\n")
+    out.append("\n" + source + "\n}\n\n} // namespace mlx::core::cu\n")
+    return "".join(out)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def prod(shape) -> int:
+    return math.prod(shape) if shape else 1

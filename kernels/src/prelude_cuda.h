@@ -1,0 +1,33 @@
+// Portability prelude, CUDA side (NVRTC, through mx.fast.cuda_kernel).
+// Kernel bodies use only these names; prelude_metal.h defines the same set for Metal.
+#define KDEV                         // address space of device pointers (Metal: `device`)
+#define KTHREAD                      // address space of thread-local arrays (Metal: `thread`)
+#define KSHARED __shared__           // threadgroup (shared) memory
+#define KBARRIER() __syncthreads()
+#define KUNROLL _Pragma("unroll")
+#define KINLINE __device__ __forceinline__
+
+
+KINLINE float k_as_float(uint32_t u) { return __uint_as_float(u); }
+KINLINE uint32_t k_as_uint(float f) { return __float_as_uint(f); }
+
+// Two packed float16 values (low half first) to float.
+KINLINE float2 k_f16x2(uint32_t u) {
+  __half2 h = *reinterpret_cast<__half2*>(&u);
+  return __half22float2(h);
+}
+// Two packed bfloat16 values to float: a bfloat16 is the top half of a float.
+KINLINE float2 k_bf16x2(uint32_t u) {
+  return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xFFFF0000u));
+}
+
+// Sum over the 32 lanes of a warp (a Metal simdgroup); every lane gets the total.
+KINLINE float k_simd_sum(float v) {
+  KUNROLL
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+  return v;
+}
+
+KINLINE float k_silu(float v) { return v / (1.0f + __expf(-v)); }
+
+KINLINE float k_fma(float a, float b, float c) { return fmaf(a, b, c); }

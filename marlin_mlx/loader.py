@@ -1,0 +1,317 @@
+"""Load a model and its tokenizer from a Hugging Face-format folder or a hub repo id.
+
+- Weights: `*.safetensors`, single or sharded with `model.safetensors.index.json`, read lazily
+  by `mx.load` and materialized shard by shard, so peak memory stays near the weights' size.
+- Quantized checkpoints in mlx-lm's format: a `quantization` block in config.json (group_size,
+  bits, mode, plus per-layer overrides keyed by module path). As in mlx-lm, a layer is quantized
+  exactly when the checkpoint has its `scales`; its bits and group size come from the override
+  or, failing that, from the stored shapes.
+- Everything a user can get wrong raises `MarlinError` with one line naming the file.
+"""
+
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .errors import MarlinError
+from .kernels import quantize_modules
+from .models import SUPPORTED_MODEL_TYPES, get_model_class
+
+# what a snapshot needs: config, weights, tokenizer files (no *.bin / *.pt / *.gguf, and not the
+# consolidated.safetensors copies some repos carry; mlx-lm fetches the same set)
+ALLOW_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken", "tiktoken.model",
+                  "*.txt", "*.jinja"]
+INDEX_FILE = "model.safetensors.index.json"
+_DTYPES = {"float32": mx.float32, "fp32": mx.float32, "float16": mx.float16, "fp16": mx.float16,
+           "half": mx.float16, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# ---------------------------------------------------------------- locating the checkpoint
+
+def resolve_path(path_or_hf_id: Union[str, Path]) -> Path:
+    """A local folder as it is, or a hub repo id downloaded (with progress bars) to the cache."""
+    path = Path(path_or_hf_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise MarlinError(f"{path}: not a model folder (expected a directory with config.json)")
+        return path
+    name = str(path_or_hf_id)
+    if not _REPO_ID.match(name) or ".." in name:
+        raise MarlinError(f"{path}: no such file or directory")
+    return _download(name)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS))
+    except GatedRepoError:
+        raise MarlinError(f"{repo_id}: the Hugging Face repo is gated; accept its terms and log in "
+                          "(`hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise MarlinError(f"{repo_id}: no such local folder, and no such repo on the Hugging Face "
+                          "Hub (or it is private)") from None
+    except RevisionNotFoundError:
+        raise MarlinError(f"{repo_id}: revision not found on the Hugging Face Hub") from None
+    except LocalEntryNotFoundError:
+        raise MarlinError(f"{repo_id}: no such local folder, and it cannot be downloaded (offline "
+                          "or the Hub is unreachable) and is not in the local Hugging Face cache"
+                          ) from None
+    except Exception as e:  # network stack errors differ between huggingface-hub versions
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MarlinError(f"{repo_id}: download from the Hugging Face Hub failed: {first}") from None
+
+
+def read_config(path: Path) -> dict:
+    """config.json, with `eos_token_id` taken from generation_config.json when it has one."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise MarlinError(f"{path}: not a model folder (no config.json)")
+    config = _read_json(config_file)
+    if not isinstance(config, dict):
+        raise MarlinError(f"{config_file}: expected a JSON object")
+    gen_file = path / "generation_config.json"
+    if gen_file.is_file():
+        try:
+            gen = json.loads(gen_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            gen = {}  # a broken generation config is not worth refusing the model (mlx-lm agrees)
+        if isinstance(gen, dict) and gen.get("eos_token_id") is not None:
+            config["eos_token_id"] = gen["eos_token_id"]
+    return config
+
+
+def _read_json(file: Path):
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MarlinError(f"{file}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise MarlinError(f"{file}: cannot read ({e.strerror or e})") from None
+
+
+def weight_files(path: Path) -> list:
+    """The shards named by the index, else `model*.safetensors` (else any `*.safetensors`)."""
+    index_file = path / INDEX_FILE
+    if index_file.is_file():
+        index = _read_json(index_file)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise MarlinError(f"{index_file}: no weight_map in the index")
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise MarlinError(f"{f}: shard named in {INDEX_FILE} is missing")
+        return files
+    files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("*.safetensors"))
+    if not files:
+        raise MarlinError(f"{path}: no *.safetensors weights in the model folder")
+    return files
+
+
+def check_safetensors(file: Path) -> None:
+    """Cheap structural check (header parses, data not truncated) before handing it to MLX."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise MarlinError(f"{file}: not a safetensors file (only {size} bytes)")
+            n = struct.unpack("<Q", head)[0]
+            if n > size - 8:
+                raise MarlinError(f"{file}: not a safetensors file or truncated "
+                                  f"(header of {n} bytes, file of {size} bytes)")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise MarlinError(f"{file}: cannot read ({e.strerror or e})") from None
+    except (ValueError, UnicodeDecodeError):
+        raise MarlinError(f"{file}: not a safetensors file (its header is not valid JSON)") from None
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+    except (TypeError, KeyError, IndexError, ValueError, AttributeError):
+        raise MarlinError(f"{file}: not a safetensors file (malformed header)") from None
+    if 8 + n + end > size:
+        raise MarlinError(f"{file}: truncated safetensors file ({size} bytes, its header "
+                          f"describes {8 + n + end})")
+
+
+def load_weights_lazily(files: list) -> tuple:
+    """All tensors as lazy arrays, plus which file each came from (for error messages)."""
+    weights, source = {}, {}
+    for f in files:
+        check_safetensors(f)
+        try:
+            shard = mx.load(str(f))
+        except Exception as e:
+            raise MarlinError(f"{f}: cannot read safetensors ({e})") from None
+        for k, v in shard.items():
+            weights[k] = v
+            source[k] = f
+    return weights, source
+
+
+# ---------------------------------------------------------------- quantization and dtype
+
+def quantization_of(config: dict, config_file: Path) -> Optional[dict]:
+    """mlx-lm's `quantization` block (or the same under `quantization_config`), else None."""
+    q = config.get("quantization")
+    if q is None:
+        qc = config.get("quantization_config")
+        if isinstance(qc, dict) and qc:
+            if "quant_method" in qc or "bits" not in qc:
+                method = qc.get("quant_method", "unknown")
+                raise MarlinError(f"{config_file}: quantization method {method!r} is not supported "
+                                  "(use an mlx-lm format checkpoint)")
+            q = qc
+    if q is not None and (not isinstance(q, dict) or "bits" not in q or "group_size" not in q):
+        raise MarlinError(f"{config_file}: the quantization block needs bits and group_size")
+    return q
+
+
+def _infer_quant_params(path: str, module: nn.Module, weights: dict) -> dict:
+    """bits / group size / mode a layer was packed with, read off the stored shapes."""
+    in_dims = module.weight.shape[-1]
+    scales, packed = weights[f"{path}.scales"], weights[f"{path}.weight"]
+    if scales.shape[-1] == 0 or in_dims % scales.shape[-1]:
+        return {}
+    group_size = in_dims // scales.shape[-1]
+    bits = packed.shape[-1] * 32 // in_dims
+    if scales.dtype != mx.uint8:  # only the affine mode keeps floating scales
+        return {"group_size": group_size, "bits": bits, "mode": "affine"}
+    fp_modes = {(4, 16): "nvfp4", (4, 32): "mxfp4", (8, 32): "mxfp8"}
+    mode = fp_modes.get((bits, group_size))
+    return {"group_size": group_size, "bits": bits, "mode": mode} if mode else {}
+
+
+def quantize_for_checkpoint(model: nn.Module, quant: dict, weights: dict) -> None:
+    def predicate(path, module):
+        override = quant.get(path)
+        if override is False or f"{path}.scales" not in weights:
+            return False
+        if isinstance(override, dict):
+            return override
+        return _infer_quant_params(path, module, weights) or True
+
+    quantize_modules(model, group_size=quant["group_size"], bits=quant["bits"],
+                     mode=quant.get("mode", "affine"), class_predicate=predicate)
+
+
+def compute_dtype(config: dict, dtype=None) -> Optional[mx.Dtype]:
+    """Explicit dtype wins; on the CPU backend float32; else the checkpoint's own dtype."""
+    if dtype is not None:
+        if isinstance(dtype, mx.Dtype):
+            return dtype
+        if str(dtype) in _DTYPES:
+            return _DTYPES[str(dtype)]
+        raise MarlinError(f"unknown dtype {dtype!r} (use one of float32, float16, bfloat16)")
+    if mx.default_device() == mx.cpu:
+        return mx.float32  # MLX's CPU matmul in bf16/fp16 is far slower and less exact
+    name = config.get("dtype") or config.get("torch_dtype")
+    return _DTYPES.get(str(name)) if name else None
+
+
+# ---------------------------------------------------------------- building the model
+
+def _check_against_model(model: nn.Module, weights: dict, source: dict, path: Path) -> None:
+    params = dict(tree_flatten(model.parameters()))
+
+    def where(k):
+        return source.get(k, path)
+
+    for k, v in sorted(weights.items()):
+        if k not in params:
+            raise MarlinError(f"{where(k)}: unexpected tensor {k!r} (not in the "
+                              f"{model.args.model_type} model the config describes)")
+        if tuple(v.shape) != tuple(params[k].shape):
+            raise MarlinError(f"{where(k)}: tensor {k!r} has shape {tuple(v.shape)}, the config "
+                              f"expects {tuple(params[k].shape)}")
+    missing = [k for k in params if k not in weights]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise MarlinError(f"{path}: weights missing from the checkpoint: {missing[0]!r}{more}")
+
+
+def load_model(path_or_hf_id: Union[str, Path], dtype=None) -> tuple:
+    """Build the model a folder describes and load its weights: `(model, config)`."""
+    path = resolve_path(path_or_hf_id)
+    config = read_config(path)
+    config_file = path / "config.json"
+    model_type = config.get("model_type")
+    if not model_type:
+        raise MarlinError(f"{config_file}: no model_type")
+    try:
+        model_class, args_class = get_model_class(model_type)
+    except ValueError:
+        raise MarlinError(f"{config_file}: model_type {model_type!r} is not supported "
+                          f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})") from None
+    try:
+        args = args_class.from_config(config)
+        model = model_class(args)
+    except KeyError as e:
+        raise MarlinError(f"{config_file}: missing field {e.args[0]!r}") from None
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        raise MarlinError(f"{config_file}: {e}") from None
+    target = compute_dtype(config, dtype)
+
+    weights, source = load_weights_lazily(weight_files(path))
+    weights = model.sanitize(weights)
+    # keep the file of origin for names sanitize passed through unchanged
+    source = {k: source[k] for k in weights if k in source}
+
+    quant = quantization_of(config, config_file)
+    if quant is not None:
+        quantize_for_checkpoint(model, quant, weights)
+    _check_against_model(model, weights, source, path)
+
+    if target is not None:
+        # no reference to the uncast arrays may survive, or both copies stay in memory
+        weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v
+                   for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+
+    # Materialize one shard at a time: each eval reads (and converts) only that file's tensors.
+    by_file: dict = {}
+    for k, v in weights.items():
+        by_file.setdefault(source.get(k), []).append(v)
+    for f, arrays in by_file.items():
+        try:
+            mx.eval(arrays)
+        except Exception as e:
+            raise MarlinError(f"{f or path}: cannot read weights ({e})") from None
+    return model, config
+
+
+def load_tokenizer(path: Path, eos_token_ids=None):
+    """mlx-lm's TokenizerWrapper (streaming detokenizer, chat template) over the HF tokenizer."""
+    from mlx_lm.tokenizer_utils import load as load_wrapper
+
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tiktoken.model")
+    if not any((path / n).is_file() for n in names):
+        raise MarlinError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    if isinstance(eos_token_ids, int):
+        eos_token_ids = [eos_token_ids]
+    try:
+        return load_wrapper(path, eos_token_ids=eos_token_ids)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MarlinError(f"{path}: cannot load the tokenizer ({first})") from None
+
+
+def load(path_or_hf_id: Union[str, Path], dtype=None) -> tuple:
+    """`(model, tokenizer)` from a local folder or a Hugging Face repo id."""
+    path = resolve_path(path_or_hf_id)
+    model, config = load_model(path, dtype=dtype)
+    tokenizer = load_tokenizer(path, config.get("eos_token_id"))
+    return model, tokenizer

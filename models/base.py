@@ -1,0 +1,202 @@
+"""Pieces the decoder-only models share: config reading, RoPE variants, attention, MLP, norms.
+
+Config reading accepts both spellings found in `config.json` files:
+- transformers 5 writes `rope_parameters = {"rope_theta": ..., "rope_type": ..., <scaling fields>}`;
+- older hub checkpoints carry `rope_theta` at the top level and an optional `rope_scaling` dict
+  whose type sits under `type` or `rope_type`.
+"""
+
+import math
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from marlin_mlx.kernels import Linear
+
+DEFAULT_ROPE_THETA = 10000.0
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def rope_parameters(config: dict) -> dict:
+    """One flat dict with `rope_type`, `rope_theta` and the scaling fields, from either spelling.
+
+    `original_max_position_embeddings` is filled in from `max_position_embeddings` for the
+    scaled types when missing, as transformers does.
+    """
+    params = config.get("rope_parameters")
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        raise ValueError("per-layer-type rope_parameters are not supported by this model")
+    merged: dict[str, Any] = {}
+    scaling = config.get("rope_scaling")
+    if isinstance(scaling, dict):
+        merged.update(scaling)
+    if isinstance(params, dict):
+        merged.update(params)  # the transformers 5 spelling wins where both are present
+    rope_type = merged.get("rope_type") or merged.get("type") or "default"
+    merged["rope_type"] = rope_type
+    theta = merged.get("rope_theta")
+    if theta is None:
+        theta = config.get("rope_theta", DEFAULT_ROPE_THETA)
+    merged["rope_theta"] = float(theta)
+    if rope_type in ("llama3", "yarn"):
+        # transformers prefers a top-level original_max_position_embeddings (Phi3-style configs)
+        top = config.get("original_max_position_embeddings")
+        if top is not None:
+            merged["original_max_position_embeddings"] = top
+        elif merged.get("original_max_position_embeddings") is None:
+            merged["original_max_position_embeddings"] = config.get("max_position_embeddings")
+    return merged
+
+
+def _llama3_inv_freq(inv_freq: mx.array, p: dict) -> mx.array:
+    # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between
+    # interpolated smoothly.
+    factor, low, high = float(p["factor"]), float(p["low_freq_factor"]), float(p["high_freq_factor"])
+    old_ctx = float(p["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = mx.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return mx.where(medium, smoothed, scaled)
+
+
+def _yarn_factor(p: dict, max_position_embeddings: Optional[int]) -> float:
+    if p.get("factor") is not None:
+        return float(p["factor"])
+    # transformers: without a factor, the ratio of the new to the pre-training context
+    return float(max_position_embeddings) / float(p["original_max_position_embeddings"])
+
+
+def yarn_attention_factor(p: dict, max_position_embeddings: Optional[int] = None) -> float:
+    """The factor YaRN multiplies cos/sin by (transformers' `attention_factor`)."""
+    if p.get("attention_factor") is not None:
+        return float(p["attention_factor"])
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor = _yarn_factor(p, max_position_embeddings)
+    m, m_all = p.get("mscale"), p.get("mscale_all_dim")
+    if m and m_all:
+        return mscale(factor, m) / mscale(factor, m_all)
+    return mscale(factor)
+
+
+def _yarn_inv_freq(dim: int, base: float, p: dict, max_position_embeddings: Optional[int]) -> mx.array:
+    orig = float(p["original_max_position_embeddings"])
+    factor = _yarn_factor(p, max_position_embeddings)
+    beta_fast = p.get("beta_fast") or 32
+    beta_slow = p.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid dividing by zero in the ramp
+    ramp = mx.clip((mx.arange(dim // 2, dtype=mx.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp  # weight of the unscaled frequency
+    pos_freqs = base ** (mx.arange(0, dim, 2, dtype=mx.float32) / dim)
+    return (1 / (factor * pos_freqs)) * (1 - extrapolation) + (1 / pos_freqs) * extrapolation
+
+
+class RoPE(nn.Module):
+    """Rotary embedding over the whole head (half-split layout, as HF's `rotate_half`).
+
+    Custom frequency tables (llama3, yarn, linear) go to `mx.fast.rope` as `freqs`, which takes
+    wavelengths (1 / inv_freq). YaRN's attention factor scales q and k, which equals scaling
+    cos and sin as transformers does.
+    """
+
+    def __init__(self, dims: int, params: dict, max_position_embeddings: Optional[int] = None):
+        super().__init__()
+        self.dims = dims
+        self.rope_type = params["rope_type"]
+        base = params["rope_theta"]
+        self.scale = 1.0
+        inv_freq = None
+        if self.rope_type == "default":
+            self.base = base
+        else:
+            inv_freq = 1.0 / (base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims))
+            if self.rope_type == "linear":
+                inv_freq = inv_freq / float(params["factor"])
+            elif self.rope_type == "llama3":
+                inv_freq = _llama3_inv_freq(inv_freq, params)
+            elif self.rope_type == "yarn":
+                inv_freq = _yarn_inv_freq(dims, base, params, max_position_embeddings)
+                self.scale = yarn_attention_factor(params, max_position_embeddings)
+            else:
+                raise ValueError(
+                    f"rope type {self.rope_type!r} is not supported "
+                    f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+                )
+            self.base = None
+        # stored with a leading underscore so it is not a parameter (not saved, not loaded)
+        self._freqs = None if inv_freq is None else 1.0 / inv_freq
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        if self.scale != 1.0:
+            x = x * self.scale
+        return mx.fast.rope(x, self.dims, traditional=False, base=self.base, scale=1.0,
+                            offset=offset, freqs=self._freqs)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, window: Optional[int] = None):
+    """Causal attention of q (B, H, L, D) over k/v (B, KV, S, D) with S >= L (cache in front).
+
+    The queries are the last L positions; MLX's "causal" mask aligns the last query with the
+    last key, which is what a prefill after cached tokens needs. GQA is handled by the kernel.
+    `window` limits each query to the last `window` keys (sliding-window layers).
+    """
+    L, S = q.shape[2], k.shape[2]
+    if window is not None and S > window:
+        qpos = mx.arange(S - L, S)[:, None]
+        kpos = mx.arange(S)[None, :]
+        mask = (kpos <= qpos) & (kpos > qpos - window)
+    else:
+        mask = "causal" if L > 1 else None
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dims: int, hidden_dims: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = Linear(dims, hidden_dims, bias=bias)
+        self.up_proj = Linear(dims, hidden_dims, bias=bias)
+        self.down_proj = Linear(hidden_dims, dims, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def check_activation(config: dict) -> None:
+    act = config.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"hidden_act {act!r} is not supported (only silu)")
+
+
+def drop_unused(weights: dict, tie_word_embeddings: bool) -> dict:
+    """HF names stay; rotary buffers and a tied head's duplicate copy go."""
+    out = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+    if tie_word_embeddings:
+        out = {k: v for k, v in out.items() if not k.startswith("lm_head.")}
+    return out

@@ -1,0 +1,68 @@
+"""Latent cache for multi-head latent attention (MLA: DeepSeek-V2/V3, GLM-4.7-Flash).
+
+MLA attends over a per-token latent (kv_lora_rank values, after the kv_a layernorm) and one
+rope key (qk_rope_head_dim values, already rotated) shared by all heads. Only those are
+cached: per token and layer `kv_lora_rank + qk_rope_head_dim` values, instead of
+heads * (qk_head_dim + v_head_dim) for the expanded keys and values.
+
+Both parts live side by side in one buffer (B, 1, capacity, kv_lora_rank + rope_dim), so the
+absorbed decode reads it directly as its key (latent | rope key) and the first
+kv_lora_rank columns as its value, with no concatenation per step. The buffer grows in
+steps of `step` tokens, like `KVCache`.
+"""
+
+import mlx.core as mx
+
+
+class MLACache:
+    def __init__(self, step: int = 256):
+        self.step = step
+        self.buffer = None  # (B, 1, capacity, kv_lora_rank + rope_dim)
+        self.kv_lora_rank = None
+        self.offset = 0
+
+    def update_and_fetch(self, latent: mx.array, rope_keys: mx.array) -> mx.array:
+        """Append `latent` (B, 1, L, kv_lora_rank) and `rope_keys` (B, 1, L, rope_dim).
+
+        Returns everything cached so far as one array (B, 1, offset, kv_lora_rank + rope_dim).
+        """
+        if latent.shape[:3] != rope_keys.shape[:3]:
+            raise ValueError(
+                f"latent {latent.shape} and rope keys {rope_keys.shape} disagree on (B, 1, L)"
+            )
+        rank = latent.shape[-1]
+        if self.kv_lora_rank is not None and rank != self.kv_lora_rank:
+            raise ValueError(f"latent width {rank} != cached kv_lora_rank {self.kv_lora_rank}")
+        entries = mx.concatenate([latent, rope_keys.astype(latent.dtype)], axis=-1)
+        prev, n = self.offset, entries.shape[2]
+        if self.buffer is None or prev + n > self.buffer.shape[2]:
+            B, _, _, D = entries.shape
+            grow = ((n + self.step - 1) // self.step) * self.step
+            new = mx.zeros((B, 1, grow, D), entries.dtype)
+            if self.buffer is None:
+                self.buffer = new
+            else:
+                # a trim may have left a tail past offset: drop it before growing
+                self.buffer = mx.concatenate([self.buffer[..., :prev, :], new], axis=2)
+        self.kv_lora_rank = rank
+        self.offset += n
+        self.buffer[..., prev : self.offset, :] = entries
+        return self.buffer[..., : self.offset, :]
+
+    def trim(self, n: int) -> int:
+        """Forget the last `n` tokens (speculative decoding, prompt-cache reuse)."""
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    @property
+    def state(self):
+        """[latent (B, 1, T, kv_lora_rank), rope keys (B, 1, T, rope_dim)] for the cached T tokens."""
+        if self.buffer is None:
+            return []
+        filled = self.buffer[..., : self.offset, :]
+        return [filled[..., : self.kv_lora_rank], filled[..., self.kv_lora_rank :]]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.buffer is None else self.buffer.nbytes

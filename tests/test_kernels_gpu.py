@@ -1,0 +1,100 @@
+"""Custom kernels against float64 references on a GPU backend (Metal or CUDA).
+
+Run on the lent GPU: `pytest -m gpu tests/test_kernels_gpu.py`. Every launch here has its
+output poisoned with NaN first (launch.POISON_OUTPUTS), so an unwritten element fails.
+"""
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+
+from marlin_mlx.kernels import formats, launch
+from marlin_mlx.kernels.qmv import qmv_kernel
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(launch.backend() is None,
+                                 reason="needs an MLX GPU backend (Metal or CUDA)")]
+
+# ||y - ref|| / ||ref|| bounds: float32 accumulation everywhere; the output's rounding dominates.
+TOL = {mx.float32: 1e-5, mx.float16: 2e-3, mx.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def poison():
+    launch.POISON_OUTPUTS = True
+    yield
+    launch.POISON_OUTPUTS = False
+
+
+def _to64(a):
+    return np.array(a.astype(mx.float32), dtype=np.float64)
+
+
+def _weights(N, K, bits, gs, dtype, seed):
+    mx.random.seed(seed)
+    w = mx.random.normal((N, K)).astype(dtype)
+    q, s, b = mx.quantize(w, group_size=gs, bits=bits)
+    return q, s, b
+
+
+def _ref64(x, q, s, b, bits, gs):
+    codes = np.array(formats.unpack(q, "affine", bits), dtype=np.float64)
+    N, K = codes.shape
+    sc = np.repeat(_to64(s), gs, axis=1)
+    bi = np.repeat(_to64(b), gs, axis=1)
+    w = codes * sc + bi
+    return _to64(x).reshape(-1, K) @ w.T
+
+
+def _check(y, ref, dtype, shape):
+    assert y.shape == shape and y.dtype == dtype
+    y64 = _to64(y).reshape(ref.shape)
+    assert np.isfinite(y64).all(), "unwritten (NaN-poisoned) or non-finite outputs"
+    err = np.linalg.norm(y64 - ref) / np.linalg.norm(ref)
+    assert err < TOL[dtype], f"relative error {err:.2e} >= {TOL[dtype]:.0e}"
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
+def test_qmv_bits_dtypes(bits, dtype):
+    seed = np.random.randint(1 << 30)
+    N, K, gs = 300, 1024 + 64, 64
+    q, s, b = _weights(N, K, bits, gs, dtype, seed)
+    for M in (1, 5):
+        x = mx.random.normal((M, K)).astype(dtype)
+        y = qmv_kernel(x, q, s, b, gs, bits)
+        _check(y, _ref64(x, q, s, b, bits, gs), dtype, (M, N))
+
+
+@pytest.mark.parametrize("gs", [32, 64, 128])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qmv_group_sizes_odd_shapes(gs, bits):
+    # K not a multiple of 512 or of a 32-lane step, N not a multiple of the row tile,
+    # M = 3 and M = 17 (grid tiled along M), leading batch dims.
+    seed = np.random.randint(1 << 30)
+    N, K = 37, gs * {32: 13, 64: 7, 128: 5}[gs]
+    q, s, b = _weights(N, K, bits, gs, mx.float16, seed)
+    for shape in ((3, K), (17, K), (2, 1, K)):
+        x = mx.random.normal(shape).astype(mx.float16)
+        y = qmv_kernel(x, q, s, b, gs, bits)
+        _check(y, _ref64(x, q, s, b, bits, gs), mx.float16, (*shape[:-1], N))
+
+
+@pytest.mark.parametrize("R,SK", [(1, 1), (2, 4), (4, 3), (8, 2)])
+def test_qmv_tilings(R, SK):
+    # Every (rows per simdgroup, split-K) choice computes the same function.
+    seed = np.random.randint(1 << 30)
+    N, K, bits, gs = 131, 4096 + 128, 4, 64
+    q, s, b = _weights(N, K, bits, gs, mx.bfloat16, seed)
+    x = mx.random.normal((2, K)).astype(mx.bfloat16)
+    y = qmv_kernel(x, q, s, b, gs, bits, R=R, SK=SK)
+    _check(y, _ref64(x, q, s, b, bits, gs), mx.bfloat16, (2, N))
+
+
+def test_qmv_scales_dtype_differs_from_x():
+    seed = np.random.randint(1 << 30)
+    q, s, b = _weights(64, 512, 4, 64, mx.float16, seed)
+    x = mx.random.normal((1, 512))  # float32 activations, float16 scales
+    y = qmv_kernel(x, q, s, b, 64, 4)
+    _check(y, _ref64(x, q, s, b, 4, 64), mx.float32, (1, 64))
