@@ -9,6 +9,11 @@ code from the yielded responses:
 
   prompt tok/s = prompt tokens / time to the first generated token
   decode tok/s = (generated tokens - 1) / time from the first to the last token
+  decode CPU ms/token = process CPU time (all threads) from the first to the last token,
+                        per token: the work done, which other load on the machine disturbs
+                        far less than wall-clock rates
+Medians and bests of the trials, and the median ratio of adjacent (paired) trials, are
+reported; the load average is recorded with them.
 
 Writes benchmarks/results/cpu_decode.json and prints a markdown table.
 
@@ -92,15 +97,16 @@ def run_trial(stream, prompt_ids, gen_tokens):
     """Time one generation from a `stream_generate`-like iterator factory."""
     tokens = []
     t0 = time.perf_counter()
-    t_first = t_last = None
+    t_first = t_last = c_first = c_last = None
     for response in stream(prompt_ids, gen_tokens):
-        t_last = time.perf_counter()
+        t_last, c_last = time.perf_counter(), time.process_time()
         if t_first is None:
-            t_first = t_last
+            t_first, c_first = t_last, c_last
         tokens.append(response.token)
     return {
         "prompt_tps": len(prompt_ids) / (t_first - t0),
         "decode_tps": (len(tokens) - 1) / (t_last - t_first),
+        "decode_cpu_ms_per_token": 1e3 * (c_last - c_first) / (len(tokens) - 1),
         "tokens": tokens,
         "reported_prompt_tps": response.prompt_tps,
         "reported_generation_tps": response.generation_tps,
@@ -114,7 +120,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--gen-tokens", type=int, default=128)
-    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--trials", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -148,16 +154,22 @@ def main() -> None:
         sides = {"marlin-mlx": marlin_stream, "mlx-lm": mlxlm_stream}
         for stream in sides.values():  # warm-up: first-call allocations and caches
             run_trial(stream, prompt_ids, 8)
+        load_before = os.getloadavg()
         trials = {name: [] for name in sides}
         for _ in range(args.trials):
             for name, stream in sides.items():  # alternate so drift hits both alike
                 trials[name].append(run_trial(stream, prompt_ids, args.gen_tokens))
+        load_after = os.getloadavg()
 
     summary = {}
     for name, runs in trials.items():
         summary[name] = {
             "decode_tps_median": statistics.median(r["decode_tps"] for r in runs),
+            "decode_tps_best": max(r["decode_tps"] for r in runs),
             "prompt_tps_median": statistics.median(r["prompt_tps"] for r in runs),
+            "prompt_tps_best": max(r["prompt_tps"] for r in runs),
+            "decode_cpu_ms_per_token_median": statistics.median(
+                r["decode_cpu_ms_per_token"] for r in runs),
             "decode_tps_all": [round(r["decode_tps"], 2) for r in runs],
             "prompt_tps_all": [round(r["prompt_tps"], 2) for r in runs],
             "generated_tokens": len(runs[0]["tokens"]),
@@ -173,6 +185,7 @@ def main() -> None:
             "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
             "mlx_device": str(mx.default_device()),
+            "load_average_1min_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         },
         "versions": {
             "mlx": mx.__version__,
@@ -189,8 +202,21 @@ def main() -> None:
         },
         "results": summary,
         "ratio_marlin_over_mlxlm": {
-            "decode": m["decode_tps_median"] / l["decode_tps_median"],
-            "prompt": m["prompt_tps_median"] / l["prompt_tps_median"],
+            "decode_median": m["decode_tps_median"] / l["decode_tps_median"],
+            "decode_best": m["decode_tps_best"] / l["decode_tps_best"],
+            "prompt_median": m["prompt_tps_median"] / l["prompt_tps_median"],
+            "prompt_best": m["prompt_tps_best"] / l["prompt_tps_best"],
+            # each marlin-mlx trial over the mlx-lm trial run right after it: both see about
+            # the same load from other processes, so these are steadier on a busy machine
+            "decode_paired_median": statistics.median(
+                a["decode_tps"] / b["decode_tps"]
+                for a, b in zip(trials["marlin-mlx"], trials["mlx-lm"])),
+            "prompt_paired_median": statistics.median(
+                a["prompt_tps"] / b["prompt_tps"]
+                for a, b in zip(trials["marlin-mlx"], trials["mlx-lm"])),
+            # >1 means marlin-mlx does less work per token
+            "decode_cpu_time_mlxlm_over_marlin": l["decode_cpu_ms_per_token_median"]
+            / m["decode_cpu_ms_per_token_median"],
         },
         "greedy_tokens_identical_prefix": same_prefix,
     }
@@ -204,11 +230,19 @@ def main() -> None:
         f"tokens, {args.gen_tokens} generated; median of {args.trials} alternating trials; "
         f"MLX {mx.__version__} ({mx.default_device()}), {result['date']}\n"
     )
-    print("| runtime | decode tok/s | prompt tok/s |")
-    print("|---|---:|---:|")
+    print("| runtime | decode tok/s median (best) | prompt tok/s median (best) "
+          "| decode CPU ms/token |")
+    print("|---|---:|---:|---:|")
     for name, s in summary.items():
-        print(f"| {name} | {s['decode_tps_median']:.1f} | {s['prompt_tps_median']:.1f} |")
-    print(f"| ratio marlin-mlx / mlx-lm | {r['decode']:.3f} | {r['prompt']:.3f} |")
+        print(f"| {name} | {s['decode_tps_median']:.1f} ({s['decode_tps_best']:.1f}) "
+              f"| {s['prompt_tps_median']:.1f} ({s['prompt_tps_best']:.1f}) "
+              f"| {s['decode_cpu_ms_per_token_median']:.2f} |")
+    print(f"| marlin-mlx / mlx-lm | {r['decode_median']:.3f} ({r['decode_best']:.3f}) "
+          f"| {r['prompt_median']:.3f} ({r['prompt_best']:.3f}) "
+          f"| {1 / r['decode_cpu_time_mlxlm_over_marlin']:.3f} |")
+    print(f"| paired-trial ratio, median | {r['decode_paired_median']:.3f} "
+          f"| {r['prompt_paired_median']:.3f} | |")
+    print(f"\nload average (1 min) before/after: {result['machine']['load_average_1min_before_after']}")
     print(f"\ngreedy tokens identical for the first {same_prefix} of {len(a)}; wrote {args.out}")
 
 

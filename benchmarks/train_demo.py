@@ -8,6 +8,8 @@ Steps (each reproducible; the GPU one runs on a machine with PyTorch + transform
   python3 benchmarks/train_demo.py train --data .demo --out $OUT
   # 3. here: assemble HF checkpoints (config, safetensors, generation config, tokenizer)
   python benchmarks/train_demo.py export --shards <train-output> --out /work/demo_out
+  # 4. here: the bundled default, demo-base in 4-bit affine (mlx-lm format)
+  python benchmarks/train_demo.py bundle --model /work/demo_out/demo-base
 
 The test split (every 5th chapter of each book, see demo_corpus.py) is never trained on; it gives
 the held-out loss used for early stopping and the perplexities reported in benchmarks/results.
@@ -31,9 +33,12 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 VOCAB_SIZE = 8192
 EOS = "<|endoftext|>"
 SPECIAL = [EOS, "<|im_start|>", "<|im_end|>"]
+# The demo models are base LMs (never chat-tuned), so their chat template is plain text: messages
+# become paragraphs (one per line, as in the corpus); a one-message chat is exactly the raw
+# prompt, which the model continues.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% for m in messages %}{% if not loop.first %}{{ '\\n' }}{% endif %}{{ m['content'] }}"
+    "{% endfor %}"
 )
 CONTEXT = 512
 SHARD_BYTES = 14_000_000  # files back from the GPU machine are at most 16 MiB each
@@ -63,7 +68,7 @@ def train_tokenizer(texts: list[str], out: Path):
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS,
                                    chat_template=CHAT_TEMPLATE, model_max_length=CONTEXT * 4)
-    fast.save_pretrained(out)
+    save_tokenizer(fast, out)
     return fast
 
 
@@ -126,15 +131,33 @@ def eval_loss(model, test, device, batch=64) -> float:
     return total / (n * CONTEXT)
 
 
+def add_dropout(model, p: float):
+    """Residual dropout on every attention and MLP output (training only; the exported model has
+    none). Attention-probability dropout comes from the config's attention_dropout."""
+    import torch.nn.functional as F
+
+    def hook(module, args, out):
+        if isinstance(out, tuple):
+            return (F.dropout(out[0], p, module.training),) + out[1:]
+        return F.dropout(out, p, module.training)
+
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_hook(hook)
+        layer.mlp.register_forward_hook(hook)
+
+
 def train_one(name, train, valid, test, meta, device, epochs, time_budget, eval_every, patience,
-              seed, tiny=False):
+              seed, tiny=False, dropout=0.0):
     import torch
     from transformers import Qwen3ForCausalLM
 
     torch.manual_seed(seed)
     hp = MODELS[name]
     cfg = qwen3_config(name, meta["vocab_size"], meta["eos_token_id"], tiny)
+    cfg.attention_dropout = dropout
     model = Qwen3ForCausalLM(cfg).to(device)
+    if dropout:
+        add_dropout(model, dropout)
     model.config.use_cache = False
     params = sum(p.numel() for p in model.parameters())
     steps_per_epoch = train.numel() // (hp["batch"] * CONTEXT)
@@ -188,7 +211,9 @@ def train_one(name, train, valid, test, meta, device, epochs, time_budget, eval_
     seconds = round(time.time() - t0, 1)
     model.load_state_dict(best_state)  # the exported (bf16-rounded) weights
     test_loss = eval_loss(model, test, device)
+    cfg.attention_dropout = 0.0  # the exported model runs without dropout
     info = {"name": name, "params": params, "config": cfg.to_dict(), "epochs": epochs,
+            "dropout": dropout,
             "best_valid_loss": best, "test_loss": test_loss, "test_ppl": math.exp(test_loss),
             "best_step": max(curve, key=lambda c: -c["valid_loss"])["step"], "steps_run": step, "max_steps": max_steps,
             "steps_per_epoch": steps_per_epoch, "batch": hp["batch"], "lr": hp["lr"],
@@ -216,7 +241,7 @@ def save_shards(state, prefix: Path):
 
 
 def train(args):
-    """Each model trains once per cosine length in --epochs-*; the run with the lowest validation
+    """Each model trains once per run spec in --runs-*; the run with the lowest validation
     loss is kept (its weights come back as shards), every run's curve goes to train_log.json."""
     import torch
 
@@ -231,7 +256,9 @@ def train(args):
     results, t_all = {"meta": meta}, time.time()
     for name in args.models:
         runs, best_state, best = [], None, None
-        for epochs in args.epochs[name]:
+        for spec in args.runs[name]:
+            epochs, _, dropout = spec.partition(":")
+            epochs, dropout = float(epochs), float(dropout or 0)
             left = args.total_budget * (args.models.index(name) + 1) / len(args.models) - (
                 time.time() - t_all)  # each model gets its share of the machine's time
             if runs and left < 20:
@@ -239,15 +266,15 @@ def train(args):
                 continue
             state, info = train_one(name, train_ids, valid_ids, test_ids, meta, device, epochs,
                                     min(args.time_budget, max(left, 20)), args.eval_every,
-                                    args.patience, args.seed, tiny=args.tiny)
+                                    args.patience, args.seed, tiny=args.tiny, dropout=dropout)
             runs.append(info)
             if best is None or info["best_valid_loss"] < best["best_valid_loss"]:
                 best, best_state = info, state
-            print(name, "epochs", epochs, "valid", info["best_valid_loss"], "test",
+            print(name, "epochs", epochs, "dropout", dropout, "valid", info["best_valid_loss"], "test",
                   info["test_loss"], "ppl", info["test_ppl"], "params", info["params"],
                   "seconds", info["train_seconds"], flush=True)
         best = dict(best, shards=save_shards(best_state, args.out / name),
-                    sweep=[{k: r[k] for k in ("epochs", "best_valid_loss", "test_loss",
+                    sweep=[{k: r[k] for k in ("epochs", "dropout", "best_valid_loss", "test_loss",
                                               "best_step", "steps_run", "train_seconds")}
                            for r in runs])
         results[name] = best
@@ -276,14 +303,46 @@ def export(args):
         if unexpected or [m for m in missing if m != "lm_head.weight"]:
             raise SystemExit(f"{name}: state dict mismatch {missing} {unexpected}")
         model.tie_weights()
+        # small LMs loop under plain greedy decoding; a repetition penalty keeps them fluent
         model.generation_config = GenerationConfig(
             bos_token_id=cfg.eos_token_id, eos_token_id=cfg.eos_token_id,
-            pad_token_id=cfg.eos_token_id, do_sample=True, temperature=0.8, top_p=0.95,
+            pad_token_id=cfg.eos_token_id, do_sample=False, repetition_penalty=1.2,
             max_new_tokens=128)
         out = args.out / name
         model.save_pretrained(out)
-        tok.save_pretrained(out)
+        save_tokenizer(tok, out)
         print(name, "->", out)
+
+
+def save_tokenizer(tok, out: Path):
+    """HF tokenizer files; tokenizer_config.json also carries the chat template and a class name
+    that transformers 4.x understands (5.x writes a 'TokenizersBackend' it alone knows)."""
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(out)
+    cfg_file = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=CHAT_TEMPLATE)
+    for key in ("is_local", "local_files_only"):  # loading options that from_pretrained leaves
+        cfg.pop(key, None)
+    cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def bundle(args):
+    """demo-base quantized to 4-bit affine (group 64) in mlx-lm's format: the package's default."""
+    import shutil
+
+    from mlx_lm import convert
+
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    convert(str(args.model), str(args.out), quantize=True, q_group_size=args.group_size,
+            q_bits=args.bits, q_mode="affine")
+    # mlx-lm re-saves the tokenizer in its transformers' own dialect: ship the source files
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(args.model / name, args.out / name)
+    (args.out / "README.md").unlink(missing_ok=True)  # mlx-lm's hub model card stub
+    for f in args.out.iterdir():
+        print(f.name, f.stat().st_size)
 
 
 def main():
@@ -296,8 +355,9 @@ def main():
     t.add_argument("--data", type=Path, default=Path(".demo"))
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--models", nargs="+", default=list(MODELS))
-    t.add_argument("--epochs-small", type=float, nargs="+", default=[6, 12, 24])
-    t.add_argument("--epochs-base", type=float, nargs="+", default=[4, 8, 16])
+    t.add_argument("--runs-small", nargs="+", default=["16", "24:0.1"],
+                   help="training runs to compare, each EPOCHS[:DROPOUT] (cosine length)")
+    t.add_argument("--runs-base", nargs="+", default=["12", "24:0.1", "32:0.2"])
     t.add_argument("--time-budget", type=float, default=150, help="seconds per training run")
     t.add_argument("--total-budget", type=float, default=330, help="seconds for all runs")
     t.add_argument("--eval-every", type=int, default=40)
@@ -309,14 +369,21 @@ def main():
     e.add_argument("--data", type=Path, default=Path(".demo"))
     e.add_argument("--shards", type=Path, required=True)
     e.add_argument("--out", type=Path, default=Path("/work/demo_out"))
+    b = sub.add_parser("bundle")
+    b.add_argument("--model", type=Path, default=Path("/work/demo_out/demo-base"))
+    b.add_argument("--out", type=Path, default=Path("marlin_mlx/demo_models/demo-base-4bit"))
+    b.add_argument("--bits", type=int, default=4)
+    b.add_argument("--group-size", type=int, default=64)
     a = ap.parse_args()
     if a.cmd == "prepare":
         prepare(a.data, a.debs)
     elif a.cmd == "train":
-        a.epochs = {"demo-small": a.epochs_small, "demo-base": a.epochs_base}
+        a.runs = {"demo-small": a.runs_small, "demo-base": a.runs_base}
         train(a)
-    else:
+    elif a.cmd == "export":
         export(a)
+    else:
+        bundle(a)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,9 @@ def bench(
     save_random: Optional[Path] = typer.Option(None, "--save-random",
                                                help="Keep the random checkpoint in this folder."),
     seed: int = typer.Option(0, "--seed", help="Seed of the prompt ids and random weights."),
+    interleave: bool = typer.Option(False, "--interleave",
+                                    help="With --compare: keep both runtimes loaded and "
+                                         "alternate their trials (fairer on a noisy machine)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results here."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-trial progress."),
 ):
@@ -116,7 +119,7 @@ def bench(
         report = run_bench(model=model, random_weights=random_weights, settings=settings,
                            compare_with=compare, bits=bits, group_size=group_size, fmt=fmt,
                            dtype=dtype, save_random=str(save_random) if save_random else None,
-                           progress=progress, log=lambda s: typer.echo(s, err=True))
+                           interleave=interleave, progress=progress, log=lambda s: typer.echo(s, err=True))
         typer.echo(format_report(report))
         _write_json(json_out, report)
 

@@ -39,15 +39,15 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 class _UserErrors:
     """Turn errors into one `error:` line and exit status 1 (no traceback).
 
     MarlinError and ValueError carry messages written for the user. Anything else is a bug or
-    an environment problem: still one line, with its type, unless MARLIN_MLX_DEBUG is set.
+    an environment problem: still one line, with its type. MARLIN_MLX_DEBUG=1 lets every
+    error through with its traceback.
     """
 
     def __enter__(self):
@@ -61,12 +61,12 @@ class _UserErrors:
             raise typer.Exit(130)
         if isinstance(exc, BrokenPipeError):  # e.g. `marlin-mlx generate ... | head -1`
             raise typer.Exit(0)
+        if os.environ.get("MARLIN_MLX_DEBUG"):
+            return False
         from marlin_mlx.errors import MarlinError
 
         if isinstance(exc, (MarlinError, ValueError)):
             _fail(_one_line(exc))
-        if os.environ.get("MARLIN_MLX_DEBUG"):
-            return False
         _fail(f"{type(exc).__name__}: {_one_line(exc)} (set MARLIN_MLX_DEBUG=1 for a traceback)")
 
 
@@ -246,6 +246,15 @@ def generate(
             typer.echo("=" * 10)
             if response is not None:
                 typer.echo(format_stats(response))
+
+
+# Measurement commands live in cli/bench.py (their own module); registered here so that
+# `marlin-mlx --help` lists them after generate.
+from .bench import bench, memory, perplexity  # noqa: E402  (light: heavy imports are inside)
+
+app.command(name="bench")(bench)
+app.command(name="perplexity")(perplexity)
+app.command(name="memory")(memory)
 
 
 def _device_lines() -> List[tuple]:

@@ -1,8 +1,13 @@
 """Quantized kernels as MLX custom ops, with plain-MLX references.
 
-Public pieces: `Linear` (dense), `QuantizedLinear`, `QuantizedEmbedding` and `quantize_modules`.
+Public pieces: `Linear` (dense), `QuantizedLinear`, `QuantizedEmbedding`, `quantize_modules`,
+`quantized_matmul` (the op QuantizedLinear dispatches through) and
+`doctor_report()` (each kernel's self-test result and chosen path on this backend).
 """
 
-from .quantized_linear import Linear, QuantizedEmbedding, QuantizedLinear, quantize_modules
+from .quantized_linear import (Linear, QuantizedEmbedding, QuantizedLinear, doctor_report,
+                               quantize_modules, quantized_matmul)
 
-__all__ = ["Linear", "QuantizedLinear", "QuantizedEmbedding", "quantize_modules"]
+__all__ = ["Linear", "QuantizedLinear", "QuantizedEmbedding", "quantize_modules",
+           "quantized_matmul", "doctor_report"]
+# the op modules: marlin_mlx.kernels.qmv (fused GEMV), .dequantize, .formats, .selection

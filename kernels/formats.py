@@ -59,6 +59,11 @@ from typing import Optional
 
 import mlx.core as mx
 
+__all__ = ["FORMATS", "Format", "get_format", "resolve", "bits_per_weight", "quantize",
+           "dequantize", "pack", "unpack", "reference_matmul", "validate_quantized",
+           "validate_weights", "validate_quantize_input", "e4m3_encode", "e4m3_decode",
+           "e8m0_decode", "fp4_encode", "fp4_decode", "FP4_VALUES"]
+
 
 @dataclass(frozen=True)
 class Format:
@@ -85,7 +90,8 @@ FORMATS = {
                    "symmetric int8: w = scale * q, q in [-127, 127], scale = absmax / 127"),
 }
 
-FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+              -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 # Midpoints between consecutive E2M1 magnitudes; a magnitude equal to one rounds down.
 _FP4_EDGES = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
@@ -260,7 +266,8 @@ def _pack_stream(codes: mx.array, bits: int) -> mx.array:
 
 
 def pack(codes: mx.array, bits: int) -> mx.array:
-    """Pack unsigned integer codes (..., K) in [0, 2^bits) into MLX's uint32 stream (..., K*bits/32).
+    """Pack unsigned integer codes (..., K) in [0, 2^bits) into MLX's uint32 stream
+    (..., K*bits/32).
 
     Raises ValueError for codes out of range (this evaluates `codes`)."""
     if bits not in (1, 2, 3, 4, 5, 6, 8):
@@ -357,7 +364,8 @@ def e4m3_decode(code: mx.array, dtype=mx.float32) -> mx.array:
 def e8m0_decode(code: mx.array, dtype=mx.float32) -> mx.array:
     """E8M0 byte -> 2^(code - 127); code 0 -> 2^-127 (a float32 subnormal), 255 -> inf."""
     c = code.astype(mx.uint32)
-    bits_ = mx.where(c == 0, mx.array(0x00400000, mx.uint32), mx.left_shift(c, mx.array(23, mx.uint32)))
+    bits_ = mx.where(c == 0, mx.array(0x00400000, mx.uint32),
+                     mx.left_shift(c, mx.array(23, mx.uint32)))
     return mx.view(bits_, mx.float32).astype(dtype)
 
 

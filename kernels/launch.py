@@ -23,6 +23,7 @@ import mlx.core as mx
 
 SRC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "src")
 BODY_MARK = "//// BODY"
+INCLUDE_MARK = "//// INCLUDE"  # `//// INCLUDE file.h` pastes a shared helper file
 
 PROLOGUE = {
     "metal": (
@@ -69,6 +70,11 @@ def backend() -> str | None:
     """'metal' or 'cuda' when the default device is a GPU with that backend, else None."""
     if mx.default_device() != mx.gpu:
         return None
+    return _gpu_backend()
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_backend() -> str | None:
     if mx.metal.is_available():
         return "metal"
     if hasattr(mx, "cuda") and mx.cuda.is_available():
@@ -85,21 +91,39 @@ def read_src(name: str) -> str:
 @functools.lru_cache(maxsize=None)
 def parts(spec: KernelSpec, be: str) -> tuple[str, str]:
     """(header, source) handed to mx.fast.<be>_kernel."""
-    text = read_src(spec.src)
+    text = "".join(read_src(line.split()[2]) + "\n" if line.startswith(INCLUDE_MARK) else line
+                   for line in read_src(spec.src).splitlines(keepends=True))
     if BODY_MARK not in text:
         raise ValueError(f"{spec.src}: no '{BODY_MARK}' line")
     helpers, body = text.split(BODY_MARK, 1)
     header = read_src(f"prelude_{be}.h") + "\n" + helpers
-    return header, PROLOGUE[be] + body
+    return _compact(header), PROLOGUE[be] + _compact(body)
 
 
-@functools.lru_cache(maxsize=None)
+def _compact(src: str) -> str:
+    """Drop comments and blank lines: MLX rebuilds and hashes the whole source string on every
+    launch, so its length is per-call host time. (The sources hold no string literal with //.)"""
+    out = []
+    for line in src.splitlines():
+        code = line.split("//", 1)[0].rstrip()
+        if code.strip():
+            out.append(code)
+    return "\n".join(out) + "\n"
+
+
+_KERNELS: dict = {}
+
+
 def kernel_object(spec: KernelSpec, be: str):
     """The MLX kernel object, built once per process (compilation happens per template)."""
-    header, source = parts(spec, be)
-    make = mx.fast.metal_kernel if be == "metal" else mx.fast.cuda_kernel
-    return make(name=spec.name, input_names=list(spec.inputs), output_names=list(spec.outputs),
-                source=source, header=header, ensure_row_contiguous=True)
+    kern = _KERNELS.get((spec, be))
+    if kern is None:
+        header, source = parts(spec, be)
+        make = mx.fast.metal_kernel if be == "metal" else mx.fast.cuda_kernel
+        kern = _KERNELS[(spec, be)] = make(
+            name=spec.name, input_names=list(spec.inputs), output_names=list(spec.outputs),
+            source=source, header=header, ensure_row_contiguous=True)
+    return kern
 
 
 def launch(spec: KernelSpec, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
@@ -114,12 +138,11 @@ def launch(spec: KernelSpec, inputs, template, grid, threadgroup, output_shapes,
         inputs = [a if a.size >= METAL_CONSTANT_LIMIT else
                   mx.concatenate([a.reshape(-1), mx.zeros((METAL_CONSTANT_LIMIT,), a.dtype)])
                   for a in inputs]
-    kern = kernel_object(spec, be)
+    kern = _KERNELS.get((spec, be)) or kernel_object(spec, be)
     if POISON_OUTPUTS and init_value is None:
         init_value = float("nan")
-    return kern(inputs=list(inputs), template=list(template), grid=tuple(grid),
-                threadgroup=tuple(threadgroup), output_shapes=list(output_shapes),
-                output_dtypes=list(output_dtypes), init_value=init_value)
+    return kern(inputs=inputs, template=template, grid=grid, threadgroup=threadgroup,
+                output_shapes=output_shapes, output_dtypes=output_dtypes, init_value=init_value)
 
 
 def _template_value(v, types) -> str:

@@ -34,7 +34,8 @@ def supported(x, w, scales, biases, group_size, bits) -> bool:
 
 
 def config(M: int, N: int, K: int, bits: int, R: int | None = None, SK: int | None = None):
-    """(rows per simdgroup, simdgroups splitting K) for a launch."""
+    """(rows per simdgroup, simdgroups splitting K) for a launch (measured on an H200 with
+    Nsight Compute: R=4 with split-K to ~4k simdgroups was best at M=1)."""
     if R is None:
         R = 4 if M <= 4 else 2
     steps = cdiv(K // 32, 32)  # 32-lane steps along K
@@ -53,28 +54,46 @@ def qmv(x, w, scales, biases, group_size: int = 64, bits: int = 4, *, R: int | N
     return qmv_kernel(x, w, scales, biases, group_size, bits, R=R, SK=SK)
 
 
-def qmv_kernel(x, w, scales, biases, group_size, bits, *, R=None, SK=None):
-    """The custom kernel alone (no validation, no fallback)."""
-    K = x.shape[-1]
+_PLANS: dict = {}
+
+
+PREFETCH = 0  # PF=1 (software pipelining) compiles but is not yet measured or GPU-tested
+_PLANS: dict = {}
+
+
+def _plan(xdt, sdt, bits, group_size, MT, K, N, R, SK, PF=None):
+    """(template, grid, threadgroup) for a launch; cached, the host cost counts at decode."""
+    PF = PREFETCH if PF is None else PF
+    key = (xdt, sdt, bits, group_size, MT, K, N, R, SK, PF)
+    plan = _PLANS.get(key)
+    if plan is None:
+        M = min(MT, M_TILE)
+        R, SK = config(M, N, K, bits, R, SK)
+        template = [("T", xdt), ("S", sdt), ("XK", XKIND[xdt]), ("BITS", bits),
+                    ("GS", group_size), ("R", R), ("SK", SK), ("PF", PF), ("M", M), ("MT", MT),
+                    ("K", K), ("N", N)]
+        plan = _PLANS[key] = (template, (32 * SK * cdiv(N, R), cdiv(MT, M), 1), (32 * SK, 1, 1),
+                              [(MT, N)], [xdt])
+    return plan
+
+
+def qmv_kernel(x, w, scales, biases, group_size, bits, *, R=None, SK=None, PF=None):
+    """The custom kernel alone (no validation, no fallback). Kept lean: at decode the host
+    cost of this call is paid for every linear layer of every token."""
+    shape = x.shape
+    K = shape[-1]
     N = w.shape[0]
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    MT = x2.shape[0]
-    M = min(MT, M_TILE)
-    R, SK = config(M, N, K, bits, R, SK)
-    template = [("T", x.dtype), ("S", scales.dtype), ("XK", XKIND[x.dtype]), ("BITS", bits),
-                ("GS", group_size), ("R", R), ("SK", SK), ("M", M), ("MT", MT), ("K", K),
-                ("N", N)]
-    if biases.dtype != scales.dtype:
-        biases = biases.astype(scales.dtype)
-    (y,) = launch(SPEC, [x2, w, scales, biases], template,
-                  grid=(32 * SK * cdiv(N, R), cdiv(MT, M), 1), threadgroup=(32 * SK, 1, 1),
-                  output_shapes=[(MT, N)], output_dtypes=[x.dtype])
-    return y.reshape(*lead, N)
+    flat = len(shape) != 2
+    x2 = x.reshape(-1, K) if flat else x
+    MT = x2.shape[0] if flat else shape[0]
+    sdt = scales.dtype
+    template, grid, tg, oshape, odt = _plan(x.dtype, sdt, bits, group_size, MT, K, N, R, SK, PF)
+    if biases.dtype != sdt:
+        biases = biases.astype(sdt)
+    y = launch(SPEC, [x2, w, scales, biases], template, grid, tg, oshape, odt)[0]
+    return y.reshape(*shape[:-1], N) if flat else y
 
 
-def template_for(x_dtype, s_dtype, bits, group_size, M, MT, K, N, R=None, SK=None):
+def template_for(x_dtype, s_dtype, bits, group_size, M, MT, K, N, R=None, SK=None, PF=None):
     """The template list a launch would use (for the compile checks)."""
-    R, SK = config(M, N, K, bits, R, SK)
-    return [("T", x_dtype), ("S", s_dtype), ("XK", XKIND[x_dtype]), ("BITS", bits),
-            ("GS", group_size), ("R", R), ("SK", SK), ("M", M), ("MT", MT), ("K", K), ("N", N)]
+    return _plan(x_dtype, s_dtype, bits, group_size, MT, K, N, R, SK, PF)[0]

@@ -5,11 +5,78 @@
 mlx-community checkpoints load unchanged.
 """
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import qmv as _qmv
+from . import selection
+from .formats import reference_matmul
+from .launch import backend
+
 # The dense layer the models use; a name of our own so the models depend on kernels/ only.
 Linear = nn.Linear
+
+QMV_MAX_M = 8  # rows of x up to which the fused GEMV kernel is a candidate
+SELF_TEST_TOL = {mx.float32: 1e-4, mx.float16: 3e-3, mx.bfloat16: 1.5e-2}
+
+
+def _m_class(M: int) -> str:
+    return "M1" if M == 1 else ("M2-4" if M <= 4 else "M5-8")
+
+
+def quantized_matmul(x, w, scales, biases=None, group_size: int = 64, bits: int = 4,
+                     mode: str = "affine"):
+    """y = x @ dequant(w).T, choosing the op by M, format and backend.
+
+    On the CPU backend this is MLX's own quantized_matmul (the reference path). On a GPU, rows
+    of x up to QMV_MAX_M go to the fused qmv kernel when the measured selection keeps it
+    (first use per shape class: self-test against the reference, timing against MLX's
+    built-in); everything else goes to MLX's built-in op."""
+    M = math.prod(x.shape[:-1]) if x.ndim > 1 else 1
+    if mode == "affine" and M <= QMV_MAX_M and backend() is not None:
+        # the decision per shape class is cached here: the per-call host cost matters at decode
+        key = (M <= 1, M <= 4, x.dtype, scales.dtype, w.shape, bits, group_size,
+               selection.mode())
+        use = _DECISIONS.get(key)
+        if use is None:
+            use = _DECISIONS[key] = _decide(x, w, scales, biases, group_size, bits, M)
+        if use:
+            return _qmv.qmv_kernel(x, w, scales, biases, group_size, bits)
+    return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size,
+                               bits=bits, mode=mode)
+
+
+_DECISIONS: dict = {}
+
+
+def _decide(x, w, scales, biases, group_size, bits, M) -> bool:
+    if w.ndim != 2 or not _qmv.supported(x, w, scales, biases, group_size, bits):
+        return False
+    N, K = w.shape[0], x.shape[-1]
+    fmt = f"affine-b{bits}-g{group_size}"
+    cls = f"{_m_class(M)}|{x.dtype}|{scales.dtype}|K{K}|N{N}"
+    Mt = {"M1": 1, "M2-4": 4, "M5-8": 8}[_m_class(M)]
+    xdt, sdt = x.dtype, scales.dtype
+
+    def make_inputs():
+        wr = mx.random.normal((N, K)).astype(sdt)
+        q, s, b = mx.quantize(wr, group_size=group_size, bits=bits)
+        return mx.random.normal((Mt, K)).astype(xdt), q, s, b
+
+    def custom(xx, q, s, b):
+        return _qmv.qmv_kernel(xx, q, s, b, group_size, bits)
+
+    def builtin(xx, q, s, b):
+        return mx.quantized_matmul(xx, q, s, b, transpose=True, group_size=group_size,
+                                   bits=bits, mode="affine")
+
+    def reference(xx, q, s, b):
+        return reference_matmul(xx, q, s, b, "affine", bits, group_size)
+
+    return selection.use_custom("qmv", fmt, cls, make_inputs, custom, builtin, reference,
+                                SELF_TEST_TOL.get(x.dtype, 1e-2))
 
 
 class QuantizedLinear(nn.Module):
@@ -40,8 +107,8 @@ class QuantizedLinear(nn.Module):
         return ql
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = mx.quantized_matmul(x, self.weight, self.scales, self.get("biases"), transpose=True,
-                                group_size=self.group_size, bits=self.bits, mode=self.mode)
+        y = quantized_matmul(x, self.weight, self.scales, self.get("biases"), self.group_size,
+                             self.bits, self.mode)
         if "bias" in self:
             y = y + self.bias
         return y
@@ -77,8 +144,8 @@ class QuantizedEmbedding(nn.Module):
 
     def as_linear(self, x: mx.array) -> mx.array:
         """Tied output projection: x @ embedding.T with the quantized table."""
-        return mx.quantized_matmul(x, self.weight, self.scales, self.get("biases"), transpose=True,
-                                   group_size=self.group_size, bits=self.bits, mode=self.mode)
+        return quantized_matmul(x, self.weight, self.scales, self.get("biases"), self.group_size,
+                                self.bits, self.mode)
 
 
 def quantize_modules(model: nn.Module, group_size: int = 64, bits: int = 4, mode: str = "affine",
@@ -108,3 +175,41 @@ def quantize_modules(model: nn.Module, group_size: int = 64, bits: int = 4, mode
     if replacements:
         model.update_modules(nn.utils.tree_unflatten(replacements))
     return model
+
+
+def doctor_report(shape=(4096, 4096)) -> list[dict]:
+    """Each kernel's self-test result and chosen path on this backend (for `marlin-mlx doctor`).
+
+    Runs (or reads from the selection cache) the first-use measurement for the main formats at
+    one shape; on the CPU backend nothing is launched and the reference path is reported."""
+    be = backend()
+    N, K = shape
+    rows = []
+    for bits in (4, 8, 2):
+        for dtype in (mx.float16, mx.bfloat16):
+            fmt = f"affine-b{bits}-g64"
+            if be is None:
+                rows.append({"op": "qmv", "format": fmt, "dtype": str(dtype).split(".")[-1],
+                             "self_test": "skipped", "chosen_path": "reference",
+                             "detail": "CPU backend: MLX quantized_matmul"})
+                continue
+            x = mx.zeros((1, K), dtype)
+            q, s, b = mx.quantize(mx.zeros((N, K), dtype), group_size=64, bits=bits)
+            try:
+                quantized_matmul(x, q, s, b, 64, bits, "affine")
+                key = [k for k in selection.choices() if k.endswith(
+                    f"|qmv|{fmt}|M1|{x.dtype}|{s.dtype}|K{K}|N{N}")]
+                rec = selection.choices()[key[0]] if key else {}
+                forced = selection.mode()
+                rows.append({"op": "qmv", "format": fmt, "dtype": str(dtype).split(".")[-1],
+                             "self_test": rec.get("self_test", f"not run ({forced})"),
+                             "chosen_path": rec.get("chosen_path",
+                                                    "custom" if forced == "custom" else "builtin"),
+                             "detail": rec.get("detail", f"{selection.ENV_MODE}={forced}")})
+            except Exception as e:  # noqa: BLE001 - the report shows failures, it does not raise
+                rows.append({"op": "qmv", "format": fmt, "dtype": str(dtype).split(".")[-1],
+                             "self_test": "error", "chosen_path": "builtin",
+                             "detail": f"{type(e).__name__}: {e}"[:200]})
+    rows.append({"op": "qmm (M > 8)", "format": "all", "dtype": "all", "self_test": "n/a",
+                 "chosen_path": "builtin", "detail": "MLX quantized_matmul"})
+    return rows

@@ -13,7 +13,10 @@ implementations and kernels, not two generation loops:
   the host, as a real generation loop does; decode tok/s = B*gen_tokens / decode time. Tokens are
   generated for real and EOS does not stop the loop.
 - `warmup` untimed trials, then `trials` timed ones; every figure is reported as median, mean,
-  stdev, min and max. Peak memory is MLX's peak over the timed trials of a prompt length.
+  stdev, min and max. Peak memory is the weights plus the most MLX memory any timed trial
+  needed beyond what was in use before it (KV cache, activations, logits).
+- with `interleave`, both runtimes stay loaded and their trials alternate (ABBA order), so a
+  drift in the machine's speed (a shared CPU, thermal limits) hits both alike.
 - weights GB/s: bytes a decode step must read (all weights except an untied input embedding)
   times steps per second: the figure to hold against the device's copy bandwidth.
 """
@@ -344,41 +347,72 @@ def vocab_size_of(loaded: Loaded) -> int:
     return int(vocab)
 
 
+def _timed_trial(loaded: Loaded, prompt: mx.array, settings: BenchSettings, keep: bool) -> dict:
+    """One trial, with the memory it needed beyond what was already in use."""
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    out = run_trial(loaded.model, loaded.make_cache, prompt, settings.gen_tokens,
+                    settings.prefill_step, keep_tokens=keep)
+    out["extra_memory_bytes"] = mx.get_peak_memory() - before
+    return out
+
+
+def bench_runtimes(loadeds: list, settings: BenchSettings, interleave: bool = False,
+                   progress: Optional[Callable] = None) -> dict:
+    """All prompt lengths on each loaded runtime: one after the other, or with the trials of
+    the runtimes alternating (fairer on a machine whose speed drifts, e.g. a shared CPU)."""
+    out = {ld.runtime: {"load": ld.load, "results": []} for ld in loadeds}
+    for P in settings.prompt_tokens:
+        prompts = {ld.runtime: prompt_ids(vocab_size_of(ld), settings.batch_size, P, settings.seed)
+                   for ld in loadeds}
+        trials = {ld.runtime: [] for ld in loadeds}
+
+        def warm(ld):
+            for _ in range(settings.warmup):
+                run_trial(ld.model, ld.make_cache, prompts[ld.runtime], settings.gen_tokens,
+                          settings.prefill_step)
+
+        def timed(ld, t):
+            trials[ld.runtime].append(_timed_trial(ld, prompts[ld.runtime], settings, t == 0))
+            if progress:
+                progress(ld.runtime, P, t + 1, trials[ld.runtime][-1])
+
+        if interleave:
+            for ld in loadeds:
+                warm(ld)
+            for t in range(settings.trials):
+                for ld in (loadeds if t % 2 == 0 else loadeds[::-1]):
+                    timed(ld, t)
+        else:
+            for ld in loadeds:
+                warm(ld)
+                for t in range(settings.trials):
+                    timed(ld, t)
+        for ld in loadeds:
+            tr = trials[ld.runtime]
+            extra = max(t["extra_memory_bytes"] for t in tr)
+            row = {
+                "prompt_tokens": P,
+                "gen_tokens": settings.gen_tokens,
+                "batch_size": settings.batch_size,
+                "prefill_tps": summarize([t["prefill_tps"] for t in tr]),
+                "decode_tps": summarize([t["decode_tps"] for t in tr]),
+                "ttft_s": summarize([t["ttft_s"] for t in tr]),
+                # weights plus the most any trial needed on top (cache, activations)
+                "peak_memory_bytes": ld.load["weight_bytes"] + extra,
+                "peak_memory_over_idle_bytes": extra,
+                "kv_cache_bytes": tr[-1]["kv_cache_bytes"],
+                "tokens_first_trial": tr[0]["tokens"],
+            }
+            steps_per_s = row["decode_tps"]["median"] / settings.batch_size
+            row["weights_gbps"] = ld.load["decode_read_bytes"] * steps_per_s / GB
+            out[ld.runtime]["results"].append(row)
+    return out
+
+
 def bench_loaded(loaded: Loaded, settings: BenchSettings, progress: Optional[Callable] = None) -> dict:
     """All prompt lengths on one loaded runtime."""
-    results = []
-    vocab = vocab_size_of(loaded)
-    for P in settings.prompt_tokens:
-        prompt = prompt_ids(vocab, settings.batch_size, P, settings.seed)
-        for _ in range(settings.warmup):
-            run_trial(loaded.model, loaded.make_cache, prompt, settings.gen_tokens,
-                      settings.prefill_step)
-        free_memory()
-        base = mx.get_active_memory()
-        mx.reset_peak_memory()
-        trials = []
-        for t in range(settings.trials):
-            trials.append(run_trial(loaded.model, loaded.make_cache, prompt, settings.gen_tokens,
-                                    settings.prefill_step, keep_tokens=(t == 0)))
-            if progress:
-                progress(loaded.runtime, P, t + 1, trials[-1])
-        peak = mx.get_peak_memory()
-        row = {
-            "prompt_tokens": P,
-            "gen_tokens": settings.gen_tokens,
-            "batch_size": settings.batch_size,
-            "prefill_tps": summarize([t["prefill_tps"] for t in trials]),
-            "decode_tps": summarize([t["decode_tps"] for t in trials]),
-            "ttft_s": summarize([t["ttft_s"] for t in trials]),
-            "peak_memory_bytes": peak,
-            "peak_memory_over_idle_bytes": peak - base,
-            "kv_cache_bytes": trials[-1]["kv_cache_bytes"],
-            "tokens_first_trial": trials[0]["tokens"],
-        }
-        steps_per_s = row["decode_tps"]["median"] / settings.batch_size
-        row["weights_gbps"] = loaded.load["decode_read_bytes"] * steps_per_s / GB
-        results.append(row)
-    return {"load": loaded.load, "results": results}
+    return bench_runtimes([loaded], settings, progress=progress)[loaded.runtime]
 
 
 def _agreement(a: list, b: list) -> float:
@@ -414,7 +448,7 @@ def compare(ours: dict, theirs: dict) -> list:
 def run_bench(model: Optional[str] = None, random_weights: Optional[str] = None,
               settings: Optional[BenchSettings] = None, compare_with: Optional[str] = None,
               bits: Optional[int] = 4, group_size: Optional[int] = None, fmt: str = "affine",
-              dtype=None, save_random: Optional[str] = None,
+              dtype=None, save_random: Optional[str] = None, interleave: bool = False,
               progress: Optional[Callable] = None, log: Callable = lambda s: None) -> dict:
     """The whole benchmark; returns the JSON-ready report."""
     from .errors import MarlinError
@@ -453,21 +487,29 @@ def run_bench(model: Optional[str] = None, random_weights: Optional[str] = None,
         "quantization": quant,
         "machine": machine_info(),
         "command": sys.argv,
-        "settings": asdict(settings),
+        "settings": {**asdict(settings), "interleave": interleave},
         "runtimes": {},
     }
     with ctx as path:
         if random_weights is not None:
             report["random_build_s"] = time.perf_counter() - t0
         report["checkpoint_bytes"] = _dir_bytes(path)
+        loadeds = []
         for runtime in runtimes:
             log(f"loading {runtime} ...")
             loaded = load_runtime(runtime, path, dtype=_dtype(dtype))
             report.setdefault("config", _short_config(loaded.config))
             log(f"  loaded in {loaded.load['load_time_s']:.2f} s, "
                 f"{loaded.load['weight_bytes'] / GB:.3f} GB of weights")
+            if interleave:
+                loadeds.append(loaded)  # both stay loaded; their trials alternate
+                continue
             report["runtimes"][runtime] = bench_loaded(loaded, settings, progress)
             del loaded
+            free_memory()
+        if loadeds:
+            report["runtimes"] = bench_runtimes(loadeds, settings, True, progress)
+            del loadeds
             free_memory()
     if len(runtimes) == 2:
         report["ratios"] = compare(report["runtimes"]["marlin-mlx"], report["runtimes"]["mlx-lm"])
@@ -504,6 +546,7 @@ def _fmt_bytes(n) -> str:
 
 def format_report(report: dict) -> str:
     """A plain-text table; with two runtimes, side by side with ratios."""
+    W = 30  # column width
     names = list(report["runtimes"])
     runs = [report["runtimes"][n] for n in names]
     m = report["machine"]
@@ -511,8 +554,9 @@ def format_report(report: dict) -> str:
              f"mlx {m['mlx']}   mlx-lm {m['mlx_lm']}   {m['date']}"]
     s = report["settings"]
     lines.append(f"batch {s['batch_size']}, {s['gen_tokens']} decode tokens, median of "
-                 f"{s['trials']} trials after {s['warmup']} warm-up (min..max)")
-    header = f"{'prompt':>7}  {'metric':<16}" + "".join(f"{n:>26}" for n in names)
+                 f"{s['trials']} trials after {s['warmup']} warm-up (min..max)"
+                 + (", runtimes' trials alternating" if s.get("interleave") else ""))
+    header = f"{'prompt':>7}  {'metric':<16}" + "".join(f"{n:>{W}}" for n in names)
     if len(names) == 2:
         header += f"{'ratio':>9}"
     lines += ["", header, "-" * len(header)]
@@ -527,24 +571,24 @@ def format_report(report: dict) -> str:
                    ("TTFT ms", "ttft_s", 1e3, 1)]
         for j, (label, key, scale, digits) in enumerate(metrics):
             text = f"{row['prompt_tokens'] if j == 0 else '':>7}  {label:<16}"
-            text += "".join(f"{cell(r[key], scale, digits):>26}" for r in rows)
+            text += "".join(f"{cell(r[key], scale, digits):>{W}}" for r in rows)
             if len(rows) == 2:
                 text += f"{rows[0][key]['median'] / rows[1][key]['median']:>8.2f}x"
             lines.append(text)
         text = f"{'':>7}  {'peak memory':<16}" + "".join(
-            f"{_fmt_bytes(r['peak_memory_bytes']):>26}" for r in rows)
+            f"{_fmt_bytes(r['peak_memory_bytes']):>{W}}" for r in rows)
         if len(rows) == 2:
             text += f"{rows[0]['peak_memory_bytes'] / max(rows[1]['peak_memory_bytes'], 1):>8.2f}x"
         lines.append(text)
         lines.append(f"{'':>7}  {'weights GB/s':<16}" + "".join(
-            f"{r['weights_gbps']:>26.2f}" for r in rows))
+            f"{r['weights_gbps']:>{W}.2f}" for r in rows))
     lines.append("")
     for label, key, fmt in (("load time", "load_time_s", lambda v: f"{v:.2f} s"),
                             ("weights", "weight_bytes", _fmt_bytes),
                             ("load peak (MLX)", "load_peak_memory_bytes", _fmt_bytes),
                             ("load RSS growth", "load_rss_growth_bytes", _fmt_bytes)):
         vals = [r["load"].get(key) for r in runs]
-        text = f"{'':>7}  {label:<16}" + "".join(f"{fmt(v) if v is not None else '-':>26}"
+        text = f"{'':>7}  {label:<16}" + "".join(f"{fmt(v) if v is not None else '-':>{W}}"
                                                  for v in vals)
         if len(vals) == 2 and all(v for v in vals):
             text += f"{vals[0] / vals[1]:>8.2f}x"

@@ -25,6 +25,9 @@ from .sampling import LogitsProcessor, Sampler, make_logits_processors, make_sam
 
 Prompt = Union[str, Sequence[int], mx.array]
 
+__all__ = ["GenerationResponse", "stream_generate", "generate", "generate_step", "encode_prompt",
+           "chat_prompt", "has_chat_template", "format_stats"]
+
 
 @dataclass
 class GenerationResponse:

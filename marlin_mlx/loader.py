@@ -17,7 +17,7 @@ from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import MarlinError
 from .kernels import quantize_modules
@@ -182,7 +182,9 @@ def quantization_of(config: dict, config_file: Path) -> Optional[dict]:
 def _infer_quant_params(path: str, module: nn.Module, weights: dict) -> dict:
     """bits / group size / mode a layer was packed with, read off the stored shapes."""
     in_dims = module.weight.shape[-1]
-    scales, packed = weights[f"{path}.scales"], weights[f"{path}.weight"]
+    scales, packed = weights[f"{path}.scales"], weights.get(f"{path}.weight")
+    if packed is None:
+        return {}  # reported later as a missing tensor
     if scales.shape[-1] == 0 or in_dims % scales.shape[-1]:
         return {}
     group_size = in_dims // scales.shape[-1]
@@ -203,8 +205,24 @@ def quantize_for_checkpoint(model: nn.Module, quant: dict, weights: dict) -> Non
             return override
         return _infer_quant_params(path, module, weights) or True
 
-    quantize_modules(model, group_size=quant["group_size"], bits=quant["bits"],
-                     mode=quant.get("mode", "affine"), class_predicate=predicate)
+    defaults = {"group_size": quant["group_size"], "bits": quant["bits"],
+                "mode": quant.get("mode", "affine")}
+    quantize_modules(model, class_predicate=predicate, **defaults)
+    # Model-specific layers (stacked experts, per-head matrices) quantize themselves through
+    # `to_quantized`, the hook mlx-lm's nn.quantize uses too.
+    swaps = []
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)) or not hasattr(module, "to_quantized"):
+            continue
+        choice = predicate(path, module)
+        if choice is False:
+            continue
+        params = dict(defaults)
+        if isinstance(choice, dict):
+            params.update({k: v for k, v in choice.items() if k in params})
+        swaps.append((path, module.to_quantized(**params)))
+    if swaps:
+        model.update_modules(tree_unflatten(swaps))
 
 
 def compute_dtype(config: dict, dtype=None) -> Optional[mx.Dtype]:
@@ -265,7 +283,12 @@ def load_model(path_or_hf_id: Union[str, Path], dtype=None) -> tuple:
     target = compute_dtype(config, dtype)
 
     weights, source = load_weights_lazily(weight_files(path))
-    weights = model.sanitize(weights)
+    try:
+        weights = model.sanitize(weights)
+    except (KeyError, ValueError, IndexError) as e:
+        detail = repr(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        raise MarlinError(f"{path}: the weights do not fit the {model_type} layout "
+                          f"(missing or malformed tensor: {detail})") from None
     # keep the file of origin for names sanitize passed through unchanged
     source = {k: source[k] for k in weights if k in source}
 
@@ -282,14 +305,23 @@ def load_model(path_or_hf_id: Union[str, Path], dtype=None) -> tuple:
     model.eval()
 
     # Materialize one shard at a time: each eval reads (and converts) only that file's tensors.
+    # Tensors that sanitize built from several others (stacked experts, split matrices) go one
+    # by one, so that only one of them and its sources are in memory at once.
     by_file: dict = {}
+    derived = []
     for k, v in weights.items():
-        by_file.setdefault(source.get(k), []).append(v)
-    for f, arrays in by_file.items():
+        if k in source:
+            by_file.setdefault(source[k], []).append(v)
+        else:
+            derived.append((k, v))
+    del weights
+    groups = [(f, arrays) for f, arrays in by_file.items()]
+    groups += [(f"{path} (tensor {k!r})", [v]) for k, v in derived]
+    for where, arrays in groups:
         try:
             mx.eval(arrays)
         except Exception as e:
-            raise MarlinError(f"{f or path}: cannot read weights ({e})") from None
+            raise MarlinError(f"{where}: cannot read weights ({e})") from None
     return model, config
 
 

@@ -22,7 +22,7 @@ from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import MarlinError
 
@@ -231,8 +231,16 @@ def build_lazy_model(config: dict, quantization: Optional[dict], dtype: mx.Dtype
     if quantization is not None:
         from marlin_mlx.kernels import quantize_modules
 
-        quantize_modules(model, group_size=quantization["group_size"], bits=quantization["bits"],
-                         mode=quantization["mode"])
+        gs, bits, mode = quantization["group_size"], quantization["bits"], quantization["mode"]
+        quantize_modules(model, group_size=gs, bits=bits, mode=mode)
+        # other quantizable layers (stacked MoE experts) bring their own `to_quantized`,
+        # which quantize_modules does not visit
+        extra = [(path, m.to_quantized(group_size=gs, bits=bits, mode=mode))
+                 for path, m in model.named_modules()
+                 if hasattr(m, "to_quantized") and not isinstance(m, (nn.Linear, nn.Embedding))
+                 and "weight" in m and m.weight.shape[-1] % gs == 0]
+        if extra:
+            model.update_modules(tree_unflatten(extra))
     return model
 
 
@@ -241,8 +249,8 @@ def _check_size(weights: dict, quant: Optional[dict], out: Path) -> None:
     total = sum(v.nbytes for v in weights.values())
     free = shutil.disk_usage(out).free
     if total > free * 0.95:
-        dense = sum(v.nbytes for v in weights.values()
-                    if v.ndim >= 2 and mx.issubdtype(v.dtype, mx.floating))
+        dense = sum(v.nbytes for k, v in weights.items() if k.endswith(".weight")
+                    and v.ndim >= 2 and mx.issubdtype(v.dtype, mx.floating))
         hint = (f"; {dense / 1e9:.1f} GB of it is unquantized matrices" if quant else "")
         raise MarlinError(f"{out}: the random checkpoint needs {total / 1e9:.1f} GB, only "
                           f"{free / 1e9:.1f} GB free{hint}")

@@ -37,7 +37,9 @@ def rope_parameters(config: dict) -> dict:
     merged["rope_type"] = rope_type
     theta = merged.get("rope_theta")
     if theta is None:
-        theta = config.get("rope_theta", DEFAULT_ROPE_THETA)
+        theta = config.get("rope_theta")
+    if theta is None:
+        theta = DEFAULT_ROPE_THETA
     merged["rope_theta"] = float(theta)
     if rope_type in ("llama3", "yarn"):
         # transformers prefers a top-level original_max_position_embeddings (Phi3-style configs)

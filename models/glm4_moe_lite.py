@@ -316,6 +316,12 @@ class Model(nn.Module):
     def make_cache(self) -> list:
         return [MLACache() for _ in self.layers]
 
+    @property
+    def cast_predicate(self):
+        """Names a loader may cast to the compute dtype: not the router's weight and selection
+        bias, which transformers keeps in float32 (a bf16 bias would change expert choices)."""
+        return lambda k: not (k.endswith(".mlp.gate.weight") or k.endswith(".e_score_correction_bias"))
+
     def sanitize(self, weights: dict) -> dict:
         """HF hub / transformers / mlx-lm layouts -> this model's names (see `_split_kv_b`)."""
         a = self.args

@@ -7,9 +7,14 @@ safetensors weights and a byte-level BPE tokenizer trained here on a few KB of E
 """
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+
+# Parity tests compare float32 results against references; MLX otherwise runs float32 matmuls
+# in TF32 on GPUs that have it (about 1e-3 relative error), which would hide real mismatches.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 TEXT = """\
 The small boat left the harbour early in the morning, when the water was still and grey.

@@ -34,7 +34,7 @@ def _api_text(path, prompt_ids_fn, **kw):
 def test_help_explains_commands():
     r = invoke("--help")
     assert r.exit_code == 0
-    for word in ("generate", "doctor", "version", "Examples"):
+    for word in ("generate", "bench", "perplexity", "memory", "doctor", "version", "Examples"):
         assert word in r.stdout
     r = invoke("generate", "--help")
     assert r.exit_code == 0
@@ -67,6 +67,14 @@ def test_doctor_without_kernel_report(monkeypatch):
     expected = "cpu" if mx.default_device() == mx.cpu else "gpu ("
     assert expected in r.stdout
     assert "no self-test report" in r.stdout
+
+
+def test_doctor_with_the_real_kernel_report():
+    r = invoke("doctor")
+    assert r.exit_code in (0, 1), r.output  # 1 only when a kernel self-test failed
+    assert "backend" in r.stdout and "Traceback" not in r.output
+    if r.exit_code == 1:
+        assert r.stderr.startswith("error: ") and "self-test" in r.stderr
 
 
 def test_doctor_prints_the_kernel_table(monkeypatch):
@@ -238,6 +246,22 @@ def test_other_user_errors(tiny_qwen3_path):
     assert r.exit_code == 1 and r.stderr == "error: the prompt is empty\n"
     r = invoke("generate", "-m", str(tiny_qwen3_path), "-p", PROMPT, "--no-chat", "--system", "x")
     assert r.exit_code == 1 and r.stderr.startswith("error: --system")
+
+
+def test_unexpected_error_is_one_line_unless_debugging(monkeypatch, tiny_qwen3_path):
+    import marlin_mlx.loader
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire\nsecond line")
+
+    monkeypatch.setattr(marlin_mlx.loader, "load", broken)
+    r = invoke("generate", "-m", str(tiny_qwen3_path), "-p", PROMPT)
+    assert r.exit_code == 1
+    assert r.stderr == ("error: RuntimeError: disk on fire second line "
+                        "(set MARLIN_MLX_DEBUG=1 for a traceback)\n")
+    monkeypatch.setenv("MARLIN_MLX_DEBUG", "1")
+    r = invoke("generate", "-m", str(tiny_qwen3_path), "-p", PROMPT)
+    assert isinstance(r.exception, RuntimeError)
 
 
 # ------------------------------------------------------------------------ subprocess

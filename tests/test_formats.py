@@ -76,16 +76,17 @@ def bits_of(a: mx.array) -> np.ndarray:
 
 
 def weights(shape, dtype, rng):
-    """Random weights with features quantizers get wrong: exact ties, constant and zero groups."""
-    kind = rng.integers(4)
-    if kind == 0:
-        w = rng.standard_normal(shape) * 0.02
-    elif kind == 1:
-        w = np.round(rng.standard_normal(shape) * 8) / 8     # many exact rounding ties
-    elif kind == 2:
-        w = rng.uniform(0.0, 1.0, shape) * rng.choice([-1.0, 1.0])  # one-signed groups
-    else:
-        w = rng.standard_t(3, shape)
+    """Random weights with features quantizers get wrong, mixed row by row: exact rounding ties,
+    one-signed groups, heavy tails, tiny values, zero and constant groups."""
+    rows = []
+    for kind in rng.integers(5, size=shape[:-1]).reshape(-1):
+        k = shape[-1]
+        rows.append([lambda: rng.standard_normal(k) * 0.02,
+                     lambda: np.round(rng.standard_normal(k) * 8) / 8,
+                     lambda: rng.uniform(0.0, 1.0, k) * rng.choice([-1.0, 1.0]),
+                     lambda: rng.standard_t(3, k),
+                     lambda: rng.standard_normal(k) * 1e-5][kind]())
+    w = np.array(rows).reshape(shape)
     w[..., :32] = 0.0
     if shape[-1] >= 96:
         w[..., 32:64] = 0.3
@@ -159,7 +160,9 @@ def test_bit_exact_with_mx_quantize_and_dequantize(fmt, bits, gs, dtype, seed):
     kw = dict(group_size=gs, bits=bits, mode=fmt)
     for out in (None, mx.float32, mx.bfloat16, mx.float16):
         d_ours = F.dequantize(*ours, fmt, bits, gs, dtype=out)
-        d_mx = mx.dequantize(*theirs, **kw) if out is None else mx.dequantize(*theirs, **kw, dtype=out)
+        if out is not None:
+            kw["dtype"] = out
+        d_mx = mx.dequantize(*theirs, **kw)
         assert d_ours.dtype == d_mx.dtype, msg
         assert np.array_equal(bits_of(d_ours), bits_of(d_mx)), f"dequantize to {out}: {msg}"
 
@@ -194,7 +197,8 @@ def test_mlx_lm_quantize_model_bit_exact(bits, gs, seed):
         ours = F.quantize(w, "affine", bits, gs)
         for part, a in zip(("weight", "scales", "biases"), ours):
             b = q[base + part]
-            assert np.array_equal(bits_of(a), bits_of(b)), f"{base}{part} bits={bits} g={gs} seed={seed}"
+            assert np.array_equal(bits_of(a), bits_of(b)), \
+                f"{base}{part} bits={bits} g={gs} seed={seed}"
 
 
 def _leaves(module):
@@ -261,7 +265,8 @@ def test_fp8_e4m3_codec_matches_mlx(seed):
     codes = mx.array([c for c in range(256) if (c & 0x7F) != 0x7F], mx.uint8)
     for dt in (mx.float32, mx.bfloat16):
         assert np.array_equal(bits_of(F.e4m3_decode(codes, dt)), bits_of(mx.from_fp8(codes, dt)))
-    assert np.array_equal(np.array(F.e4m3_decode(codes)), np_e4m3(np.array(codes)).astype(np.float32))
+    want = np_e4m3(np.array(codes)).astype(np.float32)
+    assert np.array_equal(np.array(F.e4m3_decode(codes)), want)
 
 
 def test_fp4_rounding_ties_and_signs():
@@ -339,7 +344,8 @@ def test_validation_errors_fp_formats():
     x, p, s, _ = _good("mxfp4", 4, 32)
     with pytest.raises(ValueError, match=r"biases: mxfp4 has no biases; expected None"):
         F.validate_quantized(x, p, s, mx.zeros(s.shape), "mxfp4", 4, 32)
-    with pytest.raises(ValueError, match=r"scales: expected dtype uint8 \(e8m0\) for mxfp4, found .*float32"):
+    with pytest.raises(ValueError,
+                       match=r"scales: expected dtype uint8 \(e8m0\) for mxfp4, found .*float32"):
         F.validate_quantized(x, p, s.astype(mx.float32), None, "mxfp4", 4, 32)
     with pytest.raises(ValueError, match=r"scales: expected dtype uint8 \(e4m3\) for nvfp4"):
         F.dequantize(p, s.astype(mx.float16), None, "nvfp4", 4, 16)

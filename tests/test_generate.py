@@ -1,6 +1,8 @@
 """Generation: greedy parity with transformers, EOS / stop strings / max tokens, seeds, cache."""
 
 import copy
+import subprocess
+import sys
 
 import mlx.core as mx
 import pytest
@@ -210,3 +212,12 @@ def test_package_exports():
     assert marlin_mlx.stream_generate is stream_generate
     # `marlin_mlx.generate` is the module once imported; calling it calls generate()
     assert callable(marlin_mlx.generate)
+
+
+def test_package_exports_in_a_fresh_interpreter():
+    # the lazy package attributes must work before marlin_mlx.generate was ever imported
+    code = ("import marlin_mlx; assert callable(marlin_mlx.stream_generate); "
+            "assert callable(marlin_mlx.generate); "
+            "from marlin_mlx import generate, stream_generate; assert callable(generate)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-300:]

@@ -81,14 +81,14 @@ def test_qmv_group_sizes_odd_shapes(gs, bits):
         _check(y, _ref64(x, q, s, b, bits, gs), mx.float16, (*shape[:-1], N))
 
 
-@pytest.mark.parametrize("R,SK", [(1, 1), (2, 4), (4, 3), (8, 2)])
-def test_qmv_tilings(R, SK):
-    # Every (rows per simdgroup, split-K) choice computes the same function.
+@pytest.mark.parametrize("R,SK,PF", [(1, 1, 0), (2, 4, 0), (4, 3, 1), (8, 2, 1)])
+def test_qmv_tilings(R, SK, PF):
+    # Every (rows per simdgroup, split-K, prefetch) choice computes the same function.
     seed = np.random.randint(1 << 30)
     N, K, bits, gs = 131, 4096 + 128, 4, 64
     q, s, b = _weights(N, K, bits, gs, mx.bfloat16, seed)
     x = mx.random.normal((2, K)).astype(mx.bfloat16)
-    y = qmv_kernel(x, q, s, b, gs, bits, R=R, SK=SK)
+    y = qmv_kernel(x, q, s, b, gs, bits, R=R, SK=SK, PF=PF)
     _check(y, _ref64(x, q, s, b, bits, gs), mx.bfloat16, (2, N))
 
 
@@ -98,3 +98,62 @@ def test_qmv_scales_dtype_differs_from_x():
     x = mx.random.normal((1, 512))  # float32 activations, float16 scales
     y = qmv_kernel(x, q, s, b, 64, 4)
     _check(y, _ref64(x, q, s, b, 4, 64), mx.float32, (1, 64))
+
+
+@pytest.mark.parametrize("bits,dtype", [(2, mx.float16), (3, mx.bfloat16), (4, mx.float16),
+                                        (4, mx.bfloat16), (4, mx.float32), (5, mx.float16),
+                                        (6, mx.bfloat16), (8, mx.float16), (8, mx.float32)])
+def test_dequantize_kernel(bits, dtype):
+    from marlin_mlx.kernels.dequantize import dequantize_kernel
+    seed = np.random.randint(1 << 30)
+    N, K, gs = 45, 32 * 13, 32
+    q, s, b = _weights(N, K, bits, gs, dtype, seed)
+    out = dequantize_kernel(q, s, b, gs, bits, dtype)
+    codes = np.array(formats.unpack(q, "affine", bits), dtype=np.float64)
+    ref = codes * np.repeat(_to64(s), gs, 1) + np.repeat(_to64(b), gs, 1)
+    assert out.shape == (N, K) and out.dtype == dtype
+    got = _to64(out)
+    assert np.isfinite(got).all()
+    # one rounding of the float32 result to the output dtype
+    rtol = {mx.float32: 1e-6, mx.float16: 1e-3, mx.bfloat16: 8e-3}[dtype]
+    assert np.allclose(got, ref, rtol=rtol, atol=rtol * np.abs(ref).max())
+
+
+def test_quantized_linear_dispatch_and_selection(tmp_path, monkeypatch):
+    from marlin_mlx.kernels import QuantizedLinear, doctor_report, selection
+    monkeypatch.setenv("MARLIN_MLX_CACHE_DIR", str(tmp_path))
+    selection.clear(memory_only=True)
+    launch.POISON_OUTPUTS = False
+    lin = QuantizedLinear(1024, 512, bias=True, group_size=64, bits=4)
+    w = mx.random.normal((512, 1024)).astype(mx.float16)
+    lin.weight, lin.scales, lin.biases = mx.quantize(w, group_size=64, bits=4)
+    lin.bias = mx.random.normal((512,)).astype(mx.float16)
+    for shape in ((1, 1024), (2, 3, 1024), (40, 1024)):
+        x = mx.random.normal(shape).astype(mx.float16)
+        ref = _ref64(x, lin.weight, lin.scales, lin.biases, 4, 64) + _to64(lin.bias)
+        _check(lin(x), ref, mx.float16, (*shape[:-1], 512))
+    recs = [v for k, v in selection.choices().items() if "|qmv|" in k]
+    assert recs and all(r["self_test"] == "pass" for r in recs), recs
+    assert (tmp_path / "selection.json").exists()
+    rows = doctor_report(shape=(512, 1024))
+    assert all(r["self_test"] in ("pass", "n/a") for r in rows), rows
+    for mode in ("custom", "builtin"):
+        monkeypatch.setenv(selection.ENV_MODE, mode)
+        x = mx.random.normal((1, 1024)).astype(mx.float16)
+        ref = _ref64(x, lin.weight, lin.scales, lin.biases, 4, 64) + _to64(lin.bias)
+        _check(lin(x), ref, mx.float16, (1, 512))
+
+
+@pytest.mark.parametrize("bits,dtype,M", [(4, mx.float16, 1), (4, mx.bfloat16, 3), (8, mx.float16, 8),
+                                          (3, mx.float32, 2)])
+def test_gated_mlp_kernel(bits, dtype, M):
+    from marlin_mlx.kernels.gated_mlp import gated_mlp_kernel
+    seed = np.random.randint(1 << 30)
+    N, K, gs = 200, 32 * 40, 64
+    gate = _weights(N, K, bits, gs, dtype, seed)
+    up = _weights(N, K, bits, gs, dtype, seed + 1)
+    x = mx.random.normal((M, K)).astype(dtype)
+    y = gated_mlp_kernel(x, gate, up, gs, bits)
+    g = _ref64(x, *gate, bits, gs)
+    u = _ref64(x, *up, bits, gs)
+    _check(y, g / (1 + np.exp(-g)) * u, dtype, (M, N))

@@ -16,7 +16,7 @@ import pytest
 
 import mlx.core as mx
 
-from marlin_mlx.kernels import launch, qmv
+from marlin_mlx.kernels import dequantize, gated_mlp, launch, qmv
 
 SHIM = os.path.join(os.path.dirname(__file__), "metal_shim")
 GXX = shutil.which("g++")
@@ -33,6 +33,15 @@ def cases():
                 t = qmv.template_for(dt, dt, bits, 64, M, M, 4096, 12288)
                 out.append((f"qmv-b{bits}-{dt}-M{M}".replace("mlx.core.", ""), qmv.SPEC,
                             [dt, U32, dt, dt], [1 << 20] * 4, [dt], t))
+        for dt in (F16, BF16, F32):
+            t = dequantize.template_for(dt, bits, 64, 4096, 4096)
+            out.append((f"dequant-b{bits}-{dt}".replace("mlx.core.", ""), dequantize.SPEC,
+                        [U32, dt, dt], [1 << 20] * 3, [dt], t))
+    for dt in (F16, BF16):
+        for bits in (4, 8, 3):
+            t = gated_mlp.template_for(dt, dt, bits, 64, 1, 1, 4096, 12288)
+            out.append((f"gated-b{bits}-{dt}".replace("mlx.core.", ""), gated_mlp.SPEC,
+                        [dt, U32, dt, dt, U32, dt, dt], [1 << 20] * 7, [dt], t))
     return out
 
 

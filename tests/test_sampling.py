@@ -67,6 +67,13 @@ def test_top_p_keeps_the_smallest_set_reaching_p(logits, p):
         assert mass - row_p[mask].min() < p  # dropping the least likely kept token falls short
 
 
+def test_top_p_exact_boundary():
+    # four tokens of probability 0.25 (exact in float): two reach p = 0.5, a third is not needed
+    x = mx.zeros((1, 4))
+    assert _kept(apply_top_p(x, 0.5)).sum() == 2
+    assert _kept(apply_top_p(x, 0.51)).sum() == 3
+
+
 def test_top_p_always_keeps_the_top_token_and_one_keeps_all():
     x = mx.array([[10.0, 0.0, -1.0]])  # p(top) ~ 0.99995
     assert _kept(apply_top_p(x, 0.01)).tolist() == [[True, False, False]]

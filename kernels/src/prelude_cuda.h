@@ -31,3 +31,11 @@ KINLINE float k_simd_sum(float v) {
 KINLINE float k_silu(float v) { return v / (1.0f + __expf(-v)); }
 
 KINLINE float k_fma(float a, float b, float c) { return fmaf(a, b, c); }
+
+// float pairs to packed 16-bit pairs (round to nearest even), low half first.
+KINLINE uint32_t k_pack_f16x2(float a, float b) {
+  __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+KINLINE uint4 k_uint4(uint32_t a, uint32_t b, uint32_t c, uint32_t d) { return make_uint4(a, b, c, d); }

@@ -19,3 +19,7 @@ KINLINE float k_simd_sum(float v) { return simd_sum(v); }
 KINLINE float k_silu(float v) { return v / (1.0f + metal::exp(-v)); }
 
 KINLINE float k_fma(float a, float b, float c) { return fma(a, b, c); }
+
+KINLINE uint32_t k_pack_f16x2(float a, float b) { return as_type<uint32_t>(half2(half(a), half(b))); }
+
+KINLINE uint4 k_uint4(uint32_t a, uint32_t b, uint32_t c, uint32_t d) { return uint4(a, b, c, d); }

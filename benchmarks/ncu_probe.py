@@ -1,0 +1,69 @@
+"""Kernel-only GPU times through Nsight Compute (no host overhead in the numbers).
+
+    ncu --clock-control none --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv \
+        python3 benchmarks/ncu_probe.py > ncu.csv
+then `python3 benchmarks/ncu_probe.py --parse ncu.csv` prints median µs per (tag, kernel).
+Each launch is preceded by a tiny tagged marker kernel so the CSV rows can be attributed.
+"""
+import csv
+import statistics
+import sys
+
+import mlx.core as mx
+
+CASES = [(4096, 12288), (28672, 8192), (12288, 4096)]
+
+
+def run():
+    from marlin_mlx.kernels.dequantize import dequantize_kernel
+    from marlin_mlx.kernels.gated_mlp import gated_mlp_kernel
+    from marlin_mlx.kernels.qmv import qmv_kernel
+    for K, N in CASES:
+        w = mx.random.normal((N, K)).astype(mx.float16) * 0.02
+        q, s, b = mx.quantize(w, group_size=64, bits=4)
+        mx.eval(w, q, s, b)
+        for M in (1, 4, 8):
+            x = mx.random.normal((M, K)).astype(mx.float16)
+            mx.eval(x)
+            variants = {"PF0": dict(PF=0), "auto": {}, "R2": dict(R=2), "R8": dict(R=8)}
+            for rep in range(2):
+                for name, kw in variants.items():
+                    mx.eval(qmv_kernel(x, q, s, b, 64, 4, **kw))
+                mx.eval(mx.quantized_matmul(x, q, s, b, transpose=True, group_size=64, bits=4))
+                mx.eval(x @ w.T)
+                if M == 1:
+                    mx.eval(gated_mlp_kernel(x, (q, s, b), (q, s, b), 64, 4))
+                    mx.eval(dequantize_kernel(q, s, b, 64, 4, mx.float16))
+        del w, q, s, b
+
+
+def parse(path):
+    rows = list(csv.reader(open(path)))
+    hdr = None
+    times = {}
+    for r in rows:
+        if "Kernel Name" in r and "Metric Name" in r:
+            hdr = r
+            continue
+        if hdr is None or len(r) != len(hdr):
+            continue
+        d = dict(zip(hdr, r))
+        if d["Metric Name"] != "gpu__time_duration.sum":
+            continue
+        name = d["Kernel Name"]
+        if any(t in name for t in ("copy", "fill", "Random", "random", "astype", "normal")):
+            continue
+        val = float(d["Metric Value"].replace(",", ""))
+        unit = d.get("Metric Unit", "ns")
+        us = val / 1000 if unit in ("nsecond", "ns") else (val if unit in ("usecond", "us") else val * 1000)
+        key = f"{name[:90]} grid={d.get('Grid Size', '')} block={d.get('Block Size', '')}"
+        times.setdefault(key, []).append(us)
+    for name, ts in times.items():
+        print(f"{statistics.median(ts):9.2f} us  n={len(ts):3d}  {name}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--parse":
+        parse(sys.argv[2])
+    else:
+        run()

@@ -1,0 +1,305 @@
+"""Collect benchmarks/results/*.json into benchmarks/RESULTS.md tables and PNG plots.
+
+Understands the JSON written by `marlin-mlx bench`, `marlin-mlx memory`, `marlin-mlx perplexity`,
+benchmarks/kernels.py ({"meta", "rows"}) and benchmarks/cpu_decode.py; other files are listed
+as not understood. Plots need matplotlib (`pip install matplotlib`); without it the tables are
+still written and RESULTS.md says the plots were skipped.
+
+    python benchmarks/report.py                       # results/ -> RESULTS.md (+ plots/)
+    python benchmarks/report.py DIR --output FILE.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+GB = 1e9
+
+
+def _gb(n) -> str:
+    return "-" if n is None else f"{n / GB:.2f} GB"
+
+
+def _stat(s, scale=1.0, digits=1) -> str:
+    if not isinstance(s, dict):
+        return "-"
+    return (f"{s['median'] * scale:.{digits}f} "
+            f"({s['min'] * scale:.{digits}f}–{s['max'] * scale:.{digits}f})")
+
+
+def _machine_line(m: dict) -> str:
+    name = m.get("device_name") or "?"
+    gpus = m.get("nvidia_smi")
+    if gpus:
+        name = gpus[0]
+    return (f"{m.get('device', '?')}: {name}; MLX {m.get('mlx', '?')}, mlx-lm "
+            f"{m.get('mlx_lm', '?')}, {m.get('platform', '')}; {m.get('date', '?')}")
+
+
+def _command(report: dict) -> str:
+    cmd = report.get("command")
+    if not cmd:
+        return ""
+    args = list(cmd)
+    if args and args[0].endswith(("marlin-mlx", "__main__.py", "main.py")):
+        args[0] = "marlin-mlx"
+    return "`" + " ".join(args) + "`"
+
+
+# ---------------------------------------------------------------------------- sections
+
+def bench_section(name: str, r: dict) -> list:
+    s = r["settings"]
+    q = r.get("quantization")
+    qtext = f"{q['bits']}-bit {q['mode']}, group {q['group_size']}" if q else "as stored"
+    lines = [f"### {r['model']} ({qtext}) — `{name}`", "",
+             f"- machine: {_machine_line(r['machine'])}",
+             f"- workload: batch {s['batch_size']}, {s['gen_tokens']} decode tokens, median "
+             f"(min–max) of {s['trials']} trials after {s['warmup']} warm-up"
+             + ("; the runtimes' trials alternating" if s.get("interleave") else "")]
+    if _command(r):
+        lines.append(f"- command: {_command(r)}")
+    lines.append("")
+    runtimes = list(r["runtimes"])
+    head = "| prompt | runtime | prefill tok/s | decode tok/s | TTFT ms | peak memory | weights GB/s |"
+    lines += [head, "|---|---|---|---|---|---|---|"]
+    for i, row0 in enumerate(r["runtimes"][runtimes[0]]["results"]):
+        for rt in runtimes:
+            row = r["runtimes"][rt]["results"][i]
+            lines.append(f"| {row['prompt_tokens']} | {rt} | {_stat(row['prefill_tps'])} | "
+                         f"{_stat(row['decode_tps'])} | {_stat(row['ttft_s'], 1e3)} | "
+                         f"{_gb(row['peak_memory_bytes'])} | {row['weights_gbps']:.3g} |")
+    if "ratios" in r:
+        lines += ["", "| prompt | prefill ratio | decode ratio | TTFT ratio | peak memory ratio | "
+                      "greedy tokens agreeing |", "|---|---|---|---|---|---|"]
+        for x in r["ratios"]:
+            if "prompt_tokens" in x:
+                lines.append(f"| {x['prompt_tokens']} | {x['prefill_tps']:.2f}x | "
+                             f"{x['decode_tps']:.2f}x | {x['ttft_s']:.2f}x | "
+                             f"{x['peak_memory']:.2f}x | {x['greedy_prefix_agreement']:.0%} |")
+        lines.append("")
+        lines.append("Ratios are marlin-mlx / mlx-lm: above 1 is faster for tok/s; below 1 is "
+                     "better for TTFT and memory.")
+    lines += ["", "| runtime | load time | weights | load peak (MLX) | load RSS growth | "
+                  "RSS growth / weights |", "|---|---|---|---|---|---|"]
+    for rt in runtimes:
+        ld = r["runtimes"][rt]["load"]
+        ratio = ld.get("load_rss_over_weights")
+        lines.append(f"| {rt} | {ld['load_time_s']:.2f} s | {_gb(ld['weight_bytes'])} | "
+                     f"{_gb(ld['load_peak_memory_bytes'])} | {_gb(ld.get('load_rss_growth_bytes'))}"
+                     f" | {'-' if ratio is None else f'{ratio:.2f}x'} |")
+    return lines + [""]
+
+
+def memory_section(name: str, r: dict) -> list:
+    s = r["settings"]
+    lines = [f"### Memory: {r['model']} ({r['runtime']}) — `{name}`", "",
+             f"- machine: {_machine_line(r['machine'])}",
+             f"- context {s['context']} x batch {s['batch_size']}, {s['gen_tokens']} decode tokens"]
+    if _command(r):
+        lines.append(f"- command: {_command(r)}")
+    lines += ["", "| phase | peak | weights | KV cache | other |", "|---|---|---|---|---|"]
+    for phase in ("load", "prefill", "decode"):
+        p = r[phase]
+        lines.append(f"| {phase} | {_gb(p['peak_bytes'])} | {_gb(p['weights_bytes'])} | "
+                     f"{_gb(p['kv_cache_bytes'])} | {_gb(p['other_bytes'])} |")
+    lines.append(f"\nKV cache per token: {r['decode']['kv_bytes_per_token'] / 1024:.1f} KiB; "
+                 f"baseline before load {_gb(r['baseline_bytes'])}.")
+    return lines + [""]
+
+
+def perplexity_section(name: str, r: dict) -> list:
+    lines = [f"### Perplexity — `{name}`", "", f"- machine: {_machine_line(r['machine'])}"]
+    if _command(r):
+        lines.append(f"- command: {_command(r)}")
+    lines += ["", "| model | data | perplexity | tokens scored | context / stride | time |",
+              "|---|---|---|---|---|---|"]
+    for x in r["results"]:
+        lines.append(f"| {x['model']} | {x['data']} | {x['perplexity']:.4f} | {x['n_scored']} | "
+                     f"{x['context']} / {x['stride']} | {x['seconds']:.1f} s |")
+    if "delta" in r:
+        d = r["delta"]
+        lines.append(f"\nDelta vs baseline: {d['perplexity']:+.4f} ({d['relative']:+.2%}).")
+    return lines + [""]
+
+
+def kernels_section(name: str, r: dict) -> list:
+    m = r["meta"]
+    lines = [f"### Kernels — `{name}`", "",
+             f"- device: {m.get('device')} ({m.get('backend')}), MLX {m.get('mlx')}, "
+             f"{m.get('date')}; measured copy bandwidth {m.get('copy_GBs', 0):.0f} GB/s", "",
+             "| K→N | M | bits | ours µs | ours GB/s | MLX µs | MLX GB/s | fp16 µs | vs MLX | "
+             "vs fp16 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        lines.append(f"| {x['K']}→{x['N']} | {x['M']} | {x['bits']} | {x['ours_us']:.1f} | "
+                     f"{x['ours_GBs']:.0f} | {x['mlx_us']:.1f} | {x['mlx_GBs']:.0f} | "
+                     f"{x['fp16_us']:.1f} | {x['vs_mlx']:.2f}x | {x['vs_fp16']:.2f}x |")
+    return lines + [""]
+
+
+def cpu_decode_section(name: str, r: dict) -> list:
+    res = r["results"]
+    lines = [f"### {r['benchmark']} — `{name}`", "",
+             f"- {r['machine'].get('platform')}, {r['machine'].get('cpu_count')} CPUs; MLX "
+             f"{r['versions'].get('mlx')}, mlx-lm {r['versions'].get('mlx_lm')}; {r['date']}",
+             f"- model: {json.dumps(r.get('model'))}", f"- workload: {json.dumps(r.get('workload'))}",
+             "", "| runtime | prompt tok/s (median) | decode tok/s (median) |", "|---|---|---|"]
+    for rt, x in res.items():
+        lines.append(f"| {rt} | {x['prompt_tps_median']:.1f} | {x['decode_tps_median']:.1f} |")
+    return lines + [""]
+
+
+def kind_of(r: dict) -> str | None:
+    if not isinstance(r, dict):
+        return None
+    if r.get("kind") in ("bench", "memory", "perplexity"):
+        return r["kind"]
+    if "meta" in r and "rows" in r:
+        return "kernels"
+    if r.get("benchmark") == "cpu_decode":
+        return "cpu_decode"
+    return None
+
+
+SECTIONS = {"bench": bench_section, "memory": memory_section, "perplexity": perplexity_section,
+            "kernels": kernels_section, "cpu_decode": cpu_decode_section}
+TITLES = {"bench": "Throughput (marlin-mlx bench)", "kernels": "Kernels (benchmarks/kernels.py)",
+          "cpu_decode": "CPU decode (benchmarks/cpu_decode.py)",
+          "memory": "Memory (marlin-mlx memory)", "perplexity": "Perplexity (marlin-mlx perplexity)"}
+
+
+# ---------------------------------------------------------------------------- plots
+
+def plot_decode_vs_context(benches: list, out: Path, plt) -> Path | None:
+    runs = [(n, r) for n, r in benches if len(r["runtimes"][next(iter(r["runtimes"]))]["results"]) > 1]
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in runs:
+        for rt, run in r["runtimes"].items():
+            xs = [row["prompt_tokens"] for row in run["results"]]
+            ys = [row["decode_tps"]["median"] for row in run["results"]]
+            m = r["machine"]
+            dev = (m.get("nvidia_smi") or [m.get("device_name") or m.get("device")])[0]
+            model = str(r["model"]).replace("random:", "")
+            ax.plot(xs, ys, marker="o", label=f"{Path(model).stem} [{dev.split(',')[0]}] {rt}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (prompt tokens)")
+    ax.set_ylabel("decode tok/s (median)")
+    ax.set_title("Decode throughput vs context")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "decode_vs_context.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_kernel_gbps(kernels: list, out: Path, plt) -> list:
+    paths = []
+    for name, r in kernels:
+        shapes = sorted({(x["K"], x["N"], x["bits"]) for x in r["rows"]})
+        if not shapes:
+            continue
+        fig, axes = plt.subplots(1, len(shapes), figsize=(3.2 * len(shapes), 3.6), squeeze=False)
+        for ax, (K, N, bits) in zip(axes[0], shapes):
+            rows = sorted((x for x in r["rows"] if (x["K"], x["N"], x["bits"]) == (K, N, bits)),
+                          key=lambda x: x["M"])
+            Ms = [x["M"] for x in rows]
+            for key, label in (("ours_GBs", "marlin-mlx"), ("mlx_GBs", "MLX built-in"),
+                               ("fp16_GBs", "fp16 matmul")):
+                ax.plot(Ms, [x[key] for x in rows], marker="o", label=label)
+            if r["meta"].get("copy_GBs"):
+                ax.axhline(r["meta"]["copy_GBs"], color="gray", ls="--", lw=1, label="copy BW")
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{K}→{N}, {bits}-bit", fontsize=9)
+            ax.set_xlabel("M (tokens)")
+            ax.grid(True, alpha=0.3)
+        axes[0][0].set_ylabel("GB/s")
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"Kernel bandwidth vs M — {r['meta'].get('device')}", fontsize=10)
+        fig.tight_layout()
+        path = out / f"kernel_gbps_{Path(name).stem}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------- main
+
+def build(results_dir: Path, output: Path, plots: bool = True) -> str:
+    found = {k: [] for k in SECTIONS}
+    unknown = []
+    for f in sorted(results_dir.glob("*.json")):
+        try:
+            r = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            unknown.append(f"{f.name} (unreadable: {e})")
+            continue
+        k = kind_of(r)
+        if k is None:
+            unknown.append(f.name)
+        else:
+            found[k].append((f.name, r))
+
+    lines = ["# Benchmark results", "",
+             f"Generated by `python benchmarks/report.py` from `{results_dir.name}/*.json`; "
+             "how to reproduce: benchmarks/README.md. Every figure names its machine, MLX version "
+             "and date.", ""]
+    plot_dir = output.parent / "plots"
+    images = []
+    if plots and (found["bench"] or found["kernels"]):
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            lines += ["_Plots skipped: matplotlib is not installed (`pip install matplotlib`)._", ""]
+        else:
+            plot_dir.mkdir(parents=True, exist_ok=True)
+            p = plot_decode_vs_context(found["bench"], plot_dir, plt)
+            images += ([p] if p else []) + plot_kernel_gbps(found["kernels"], plot_dir, plt)
+    for kind in ("bench", "kernels", "cpu_decode", "memory", "perplexity"):
+        if not found[kind]:
+            continue
+        lines += [f"## {TITLES[kind]}", ""]
+        for name, r in found[kind]:
+            try:
+                lines += SECTIONS[kind](name, r)
+            except (KeyError, TypeError, ZeroDivisionError) as e:
+                lines += [f"_`{name}`: could not be read as {kind} results ({e!r})._", ""]
+    if images:
+        lines += ["## Plots", ""]
+        lines += [f"![{p.stem}]({p.relative_to(output.parent).as_posix()})" for p in images]
+        lines.append("")
+    if unknown:
+        lines += ["## Files not understood", ""] + [f"- {u}" for u in unknown] + [""]
+    text = "\n".join(lines)
+    output.write_text(text)
+    return text
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", nargs="?", default=str(HERE / "results"))
+    ap.add_argument("--output", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    results = Path(args.results)
+    if not results.is_dir():
+        print(f"error: {results}: no such results folder", file=sys.stderr)
+        return 1
+    build(results, Path(args.output), plots=not args.no_plots)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Measured selection between a custom kernel and MLX's built-in path (DESIGN.md).
+
+On first use of an (op, format, shape class) on a GPU backend the custom kernel is checked
+against the reference on fresh random data and timed against the built-in path; a kernel that
+disagrees is disabled with a warning, and the faster correct path is kept. Choices are cached
+in memory and in `<cache dir>/selection.json`, the cache dir being $MARLIN_MLX_CACHE_DIR,
+else $XDG_CACHE_HOME/marlin-mlx, else ~/.cache/marlin-mlx. The environment variable
+MARLIN_MLX_KERNELS=auto|custom|builtin forces a path (custom still falls back on failure of the
+self-test only in auto mode; `custom` skips both the test and the timing).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import mlx.core as mx
+
+from .launch import backend
+
+ENV_MODE = "MARLIN_MLX_KERNELS"
+MODES = ("auto", "custom", "builtin")
+_CHOICES: dict[str, dict] = {}
+_LOADED = False
+
+
+def mode() -> str:
+    m = os.environ.get(ENV_MODE, "auto").strip().lower() or "auto"
+    if m not in MODES:
+        raise ValueError(f"{ENV_MODE}={m!r}: expected one of {', '.join(MODES)}")
+    return m
+
+
+def cache_dir() -> Path:
+    if os.environ.get("MARLIN_MLX_CACHE_DIR"):
+        return Path(os.environ["MARLIN_MLX_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "marlin-mlx"
+
+
+@functools.lru_cache(maxsize=None)
+def _device_tag() -> str:
+    try:
+        info = mx.device_info()
+        name = info.get("device_name") or info.get("architecture") or ""
+    except Exception:  # noqa: BLE001 - the tag is informational
+        name = ""
+    return f"{backend()}|{name}|mlx{mx.__version__}"
+
+
+def _load():
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    try:
+        with open(cache_dir() / "selection.json", encoding="utf-8") as f:
+            data = json.load(f)
+        if isinstance(data, dict):
+            _CHOICES.update({k: v for k, v in data.items() if isinstance(v, dict)})
+    except (OSError, ValueError):
+        pass
+
+
+def _save():
+    try:
+        d = cache_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f"selection.json.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(_CHOICES, f, indent=1, sort_keys=True)
+        os.replace(tmp, d / "selection.json")
+    except OSError:
+        pass  # a read-only home only costs re-measuring next time
+
+
+def _time(fn, n: int = 8, rounds: int = 5) -> float:
+    mx.eval(fn())
+    ts = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        mx.eval([fn() for _ in range(n)])
+        ts.append((time.perf_counter() - t0) / n)
+    return statistics.median(ts)
+
+
+def rel_err(y, ref) -> float:
+    y = y.astype(mx.float32)
+    ref = ref.astype(mx.float32)
+    den = mx.linalg.norm(ref).item()
+    num = mx.linalg.norm(y - ref).item()
+    if num != num:  # NaN
+        return float("inf")
+    return num / max(den, 1e-30)
+
+
+def use_custom(op: str, fmt: str, shape_class: str, make_inputs, custom, builtin, reference,
+               tol: float) -> bool:
+    """True to run the custom kernel for this (op, format, shape class).
+
+    make_inputs() -> tuple of arrays; custom/builtin/reference(*inputs) -> array.
+    `reference` is the oracle (float32 dequantize + matmul); `builtin` is MLX's fast path."""
+    m = mode()
+    if m != "auto" or backend() is None:
+        return m == "custom" and backend() is not None
+    key = f"{_device_tag()}|{op}|{fmt}|{shape_class}"
+    _load()
+    hit = _CHOICES.get(key)
+    if hit is not None:
+        return hit.get("chosen_path") == "custom"
+    rec = measure(op, fmt, make_inputs, custom, builtin, reference, tol)
+    _CHOICES[key] = rec
+    _save()
+    return rec["chosen_path"] == "custom"
+
+
+def measure(op, fmt, make_inputs, custom, builtin, reference, tol) -> dict:
+    inputs = make_inputs()
+    mx.eval(*inputs)
+    try:
+        err = rel_err(custom(*inputs), reference(*inputs))
+    except Exception as e:  # noqa: BLE001 - a kernel that cannot build is disabled, not fatal
+        warnings.warn(f"marlin-mlx: custom {op} kernel for {fmt} failed ({e}); "
+                      f"using MLX's built-in path", RuntimeWarning, stacklevel=3)
+        return {"op": op, "format": fmt, "self_test": "error", "chosen_path": "builtin",
+                "detail": f"{type(e).__name__}: {e}"[:300]}
+    if not err <= tol:
+        warnings.warn(f"marlin-mlx: custom {op} kernel for {fmt} disagrees with the reference "
+                      f"(relative error {err:.2e} > {tol:.0e}); using MLX's built-in path",
+                      RuntimeWarning, stacklevel=3)
+        return {"op": op, "format": fmt, "self_test": "fail", "chosen_path": "builtin",
+                "detail": f"rel_err={err:.2e}"}
+    t_c = _time(lambda: custom(*inputs))
+    t_b = _time(lambda: builtin(*inputs))
+    return {"op": op, "format": fmt, "self_test": "pass",
+            "chosen_path": "custom" if t_c <= t_b else "builtin",
+            "detail": f"rel_err={err:.1e} custom={t_c * 1e6:.1f}us builtin={t_b * 1e6:.1f}us"}
+
+
+def choices() -> dict:
+    _load()
+    return dict(_CHOICES)
+
+
+def clear(memory_only: bool = False):
+    """Forget the cached choices (and the cache file unless memory_only)."""
+    global _LOADED
+    _CHOICES.clear()
+    _LOADED = memory_only
+    if not memory_only:
+        try:
+            os.remove(cache_dir() / "selection.json")
+        except OSError:
+            pass

@@ -1,0 +1,127 @@
+constexpr int KW = K * BITS / 32;      // words per weight row
+constexpr int NG = K / GS;             // groups per row
+constexpr int CH = K / 32;             // 32-value steps per row
+constexpr bool FAST = (BITS == 2 || BITS == 4 || BITS == 8);  // codes never straddle 16 bits
+constexpr uint32_t MASK = (1u << BITS) - 1u;
+constexpr float CENTER = float(1 << (BITS - 1));
+
+constexpr int RR = GATED ? 2 * R : R;  // rows read: gated reads R gate rows then R up rows
+const int row0 = int(tg_x) * R;
+const int mbase = int(tg_y) * M;
+
+float acc[RR][M];
+KUNROLL for (int r = 0; r < RR; ++r) {
+  KUNROLL for (int m = 0; m < M; ++m) acc[r][m] = 0.0f;
+}
+
+// Codes, scales and biases of step cc for all RR rows (rows past N clamp to N - 1: valid
+// loads, no writes).
+#define QMV_LOAD_STEP(cc, WV, SC, BC)                                                      \
+  {                                                                                        \
+    const int g_ = ((cc) * 32) / GS;                                                       \
+    KUNROLL for (int r = 0; r < RR; ++r) {                                                 \
+      const int rr_ = (r < R) ? r : r - R;                                                 \
+      const int row_ = (row0 + rr_ < N) ? (row0 + rr_) : (N - 1);                          \
+      const KDEV uint32_t* wp_ = ((r < R) ? w : QW2) + size_t(row_) * KW + size_t(cc) * BITS; \
+      K_LOAD_CODES(WV[r], wp_)                                                             \
+      SC[r] = float(((r < R) ? scales : QS2)[size_t(row_) * NG + g_]);                     \
+      BC[r] = float(((r < R) ? biases : QB2)[size_t(row_) * NG + g_]);                     \
+    }                                                                                      \
+  }
+
+// Software pipelining (PF = 1): the next step's loads are issued before this step's
+// arithmetic, so every warp keeps 16-byte loads in flight while it computes (more registers).
+uint32_t nwv[RR][BITS];
+float nsc[RR], nbc[RR];
+int c = int(simd_id) * 32 + int(lane);
+if (PF && c < CH) QMV_LOAD_STEP(c, nwv, nsc, nbc)
+for (; c < CH; c += 32 * SK) {
+  if (!PF) QMV_LOAD_STEP(c, nwv, nsc, nbc)
+  uint32_t wv[RR][BITS];
+  float sc[RR], bc[RR];
+  KUNROLL for (int r = 0; r < RR; ++r) {
+    KUNROLL for (int i = 0; i < BITS; ++i) wv[r][i] = nwv[r][i];
+    sc[r] = nsc[r];
+    bc[r] = nbc[r] + CENTER * nsc[r];
+  }
+  if (PF && c + 32 * SK < CH) QMV_LOAD_STEP(c + 32 * SK, nwv, nsc, nbc)
+
+  float part[RR][M];
+  float sx[M];
+  KUNROLL for (int m = 0; m < M; ++m) {
+    sx[m] = 0.0f;
+    KUNROLL for (int r = 0; r < RR; ++r) part[r][m] = 0.0f;
+  }
+
+  KUNROLL for (int j0 = 0; j0 < 32; j0 += 8) {
+    // x for 8 consecutive k: one 16-byte load per row of x (two for float32).
+    float xf[M][8];
+    KUNROLL for (int m = 0; m < M; ++m) {
+      const int mr = (mbase + m < MT) ? (mbase + m) : (MT - 1);
+      const KDEV uint4* xp = (const KDEV uint4*)(x + size_t(mr) * K + size_t(c) * 32 + j0);
+      if (XK == 0) {
+        const uint4 a = xp[0];
+        const uint4 b = xp[1];
+        xf[m][0] = k_as_float(a.x); xf[m][1] = k_as_float(a.y);
+        xf[m][2] = k_as_float(a.z); xf[m][3] = k_as_float(a.w);
+        xf[m][4] = k_as_float(b.x); xf[m][5] = k_as_float(b.y);
+        xf[m][6] = k_as_float(b.z); xf[m][7] = k_as_float(b.w);
+      } else {
+        const uint4 a = xp[0];
+        const uint32_t u[4] = {a.x, a.y, a.z, a.w};
+        KUNROLL for (int i = 0; i < 4; ++i) {
+          const float2 f = (XK == 1) ? k_f16x2(u[i]) : k_bf16x2(u[i]);
+          xf[m][2 * i] = f.x;
+          xf[m][2 * i + 1] = f.y;
+        }
+      }
+      KUNROLL for (int jj = 0; jj < 8; ++jj) sx[m] += xf[m][jj];
+    }
+    KUNROLL for (int r = 0; r < RR; ++r) {
+      KUNROLL for (int jj = 0; jj < 8; ++jj) {
+        const int p = (j0 + jj) * BITS;  // bit position in this step's words (compile time)
+        const int a = p >> 5;
+        const int s = p & 31;
+        float q;
+        if (FAST) {
+          const int hs = s & 15;
+          const uint32_t src = (s >= 16) ? (wv[r][a] >> 16) : wv[r][a];
+          // (2^23 + q * 2^hs) * 2^-hs - (2^(23-hs) + C) = q - C, exact, in one FMA
+          q = k_fma(k_as_float((src & (MASK << hs)) | 0x4B000000u), 1.0f / float(1u << hs),
+                    -(8388608.0f / float(1u << hs) + CENTER));
+        } else {
+          uint32_t v = wv[r][a] >> s;
+          if (s + BITS > 32) v |= wv[r][(a + 1 < BITS) ? a + 1 : a] << ((32 - s) & 31);
+          q = k_as_float((v & MASK) | 0x4B000000u) - (8388608.0f + CENTER);
+        }
+        KUNROLL for (int m = 0; m < M; ++m) part[r][m] = k_fma(xf[m][jj], q, part[r][m]);
+      }
+    }
+  }
+  KUNROLL for (int r = 0; r < RR; ++r) {
+    KUNROLL for (int m = 0; m < M; ++m) acc[r][m] += sc[r] * part[r][m] + bc[r] * sx[m];
+  }
+}
+
+KSHARED float red[SK][RR * M];
+KUNROLL for (int r = 0; r < RR; ++r) {
+  KUNROLL for (int m = 0; m < M; ++m) {
+    const float v = k_simd_sum(acc[r][m]);
+    if (lane == 0) red[simd_id][r * M + m] = v;
+  }
+}
+KBARRIER();
+if (simd_id == 0) {
+  for (int i = int(lane); i < R * M; i += 32) {
+    float v = 0.0f;
+    KUNROLL for (int k = 0; k < SK; ++k) v += red[k][i];
+    if (GATED) {  // silu(gate) * up
+      float u = 0.0f;
+      KUNROLL for (int k = 0; k < SK; ++k) u += red[k][R * M + i];
+      v = k_silu(v) * u;
+    }
+    const int row = row0 + i / M;
+    const int m = mbase + i % M;
+    if (row < N && m < MT) y[size_t(m) * N + row] = static_cast<T>(v);
+  }
+}
