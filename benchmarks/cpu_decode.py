@@ -129,7 +129,7 @@ def main() -> None:
     import mlx_lm
 
     import marlin_mlx
-    from marlin_mlx.generate import stream_generate
+    from marlin_mlx.generation import stream_generate
     from marlin_mlx.loader import load
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,7 +28,7 @@ from marlin_mlx.kernels.dequantize import dequantize_kernel
 from marlin_mlx.kernels.qmv import qmv_kernel
 
 SHAPES = [(4096, 12288), (12288, 4096), (4096, 4096), (8192, 28672), (28672, 8192)]  # K -> N
-MS = [1, 2, 4, 8, 16, 32, 64]
+MS = [1, 2, 4, 8, 16, 32, 64, 512, 4096]
 L2_BYTES = 60e6
 ROTATE_BYTES = 4 * L2_BYTES
 

@@ -65,8 +65,8 @@ def bench_section(name: str, r: dict) -> list:
         lines.append(f"- command: {_command(r)}")
     lines.append("")
     runtimes = list(r["runtimes"])
-    head = "| prompt | runtime | prefill tok/s | decode tok/s | TTFT ms | peak memory | weights GB/s |"
-    lines += [head, "|---|---|---|---|---|---|---|"]
+    lines += ["| prompt | runtime | prefill tok/s | decode tok/s | TTFT ms | peak memory | "
+              "weights GB/s |", "|---|---|---|---|---|---|---|"]
     for i, row0 in enumerate(r["runtimes"][runtimes[0]]["results"]):
         for rt in runtimes:
             row = r["runtimes"][rt]["results"][i]
@@ -146,7 +146,8 @@ def cpu_decode_section(name: str, r: dict) -> list:
     lines = [f"### {r['benchmark']} — `{name}`", "",
              f"- {r['machine'].get('platform')}, {r['machine'].get('cpu_count')} CPUs; MLX "
              f"{r['versions'].get('mlx')}, mlx-lm {r['versions'].get('mlx_lm')}; {r['date']}",
-             f"- model: {json.dumps(r.get('model'))}", f"- workload: {json.dumps(r.get('workload'))}",
+             f"- model: {json.dumps(r.get('model'))}",
+             f"- workload: {json.dumps(r.get('workload'))}",
              "", "| runtime | prompt tok/s (median) | decode tok/s (median) |", "|---|---|---|"]
     for rt, x in res.items():
         lines.append(f"| {rt} | {x['prompt_tps_median']:.1f} | {x['decode_tps_median']:.1f} |")
@@ -169,13 +170,15 @@ SECTIONS = {"bench": bench_section, "memory": memory_section, "perplexity": perp
             "kernels": kernels_section, "cpu_decode": cpu_decode_section}
 TITLES = {"bench": "Throughput (marlin-mlx bench)", "kernels": "Kernels (benchmarks/kernels.py)",
           "cpu_decode": "CPU decode (benchmarks/cpu_decode.py)",
-          "memory": "Memory (marlin-mlx memory)", "perplexity": "Perplexity (marlin-mlx perplexity)"}
+          "memory": "Memory (marlin-mlx memory)",
+          "perplexity": "Perplexity (marlin-mlx perplexity)"}
 
 
 # ---------------------------------------------------------------------------- plots
 
 def plot_decode_vs_context(benches: list, out: Path, plt) -> Path | None:
-    runs = [(n, r) for n, r in benches if len(r["runtimes"][next(iter(r["runtimes"]))]["results"]) > 1]
+    runs = [(n, r) for n, r in benches
+            if len(next(iter(r["runtimes"].values()))["results"]) > 1]
     if not runs:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -261,7 +264,8 @@ def build(results_dir: Path, output: Path, plots: bool = True) -> str:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
-            lines += ["_Plots skipped: matplotlib is not installed (`pip install matplotlib`)._", ""]
+            lines += ["_Plots skipped: matplotlib is not installed "
+                      "(`pip install matplotlib`)._", ""]
         else:
             plot_dir.mkdir(parents=True, exist_ok=True)
             p = plot_decode_vs_context(found["bench"], plot_dir, plt)

@@ -119,7 +119,8 @@ def bench(
         report = run_bench(model=model, random_weights=random_weights, settings=settings,
                            compare_with=compare, bits=bits, group_size=group_size, fmt=fmt,
                            dtype=dtype, save_random=str(save_random) if save_random else None,
-                           interleave=interleave, progress=progress, log=lambda s: typer.echo(s, err=True))
+                           interleave=interleave, progress=progress,
+                           log=lambda s: typer.echo(s, err=True))
         typer.echo(format_report(report))
         _write_json(json_out, report)
 

@@ -213,7 +213,7 @@ def generate(
         mdl, tokenizer = load(path, dtype=dtype)
         # imported after loading: it pulls in transformers, slow to import, and a bad model
         # path should fail fast
-        from marlin_mlx.generate import (
+        from marlin_mlx.generation import (
             chat_prompt,
             encode_prompt,
             format_stats,

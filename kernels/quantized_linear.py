@@ -10,6 +10,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import dequantize as _dq
 from . import qmv as _qmv
 from . import selection
 from .formats import reference_matmul
@@ -23,7 +24,12 @@ SELF_TEST_TOL = {mx.float32: 1e-4, mx.float16: 3e-3, mx.bfloat16: 1.5e-2}
 
 
 def _m_class(M: int) -> str:
+    if M > QMV_MAX_M:
+        return "M9-64" if M <= 64 else "M65+"
     return "M1" if M == 1 else ("M2-4" if M <= 4 else "M5-8")
+
+
+_M_REP = {"M1": 1, "M2-4": 4, "M5-8": 8, "M9-64": 32, "M65+": 512}
 
 
 def quantized_matmul(x, w, scales, biases=None, group_size: int = 64, bits: int = 4,
@@ -31,24 +37,32 @@ def quantized_matmul(x, w, scales, biases=None, group_size: int = 64, bits: int 
     """y = x @ dequant(w).T, choosing the op by M, format and backend.
 
     On the CPU backend this is MLX's own quantized_matmul (the reference path). On a GPU, rows
-    of x up to QMV_MAX_M go to the fused qmv kernel when the measured selection keeps it
-    (first use per shape class: self-test against the reference, timing against MLX's
-    built-in); everything else goes to MLX's built-in op."""
+    of x up to QMV_MAX_M go to the fused qmv kernel, larger M to the dequantize kernel followed
+    by MLX's native matmul, each only when the measured selection keeps it (first use per shape
+    class: self-test against the reference, timing against MLX's built-in); everything else
+    goes to MLX's built-in op."""
     M = math.prod(x.shape[:-1]) if x.ndim > 1 else 1
-    if mode == "affine" and M <= QMV_MAX_M and backend() is not None:
+    if mode == "affine" and backend() is not None:
         # the decision per shape class is cached here: the per-call host cost matters at decode
-        key = (M <= 1, M <= 4, x.dtype, scales.dtype, w.shape, bits, group_size,
-               selection.mode())
+        key = (_m_class(M), x.dtype, scales.dtype, w.shape, bits, group_size, selection.mode())
         use = _DECISIONS.get(key)
         if use is None:
             use = _DECISIONS[key] = _decide(x, w, scales, biases, group_size, bits, M)
         if use:
-            return _qmv.qmv_kernel(x, w, scales, biases, group_size, bits)
+            if M <= QMV_MAX_M:
+                return _qmv.qmv_kernel(x, w, scales, biases, group_size, bits)
+            return _dq_matmul(x, w, scales, biases, group_size, bits)
     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size,
                                bits=bits, mode=mode)
 
 
 _DECISIONS: dict = {}
+
+
+def _dq_matmul(x, w, scales, biases, group_size, bits):
+    """Large M: dequantize to x's dtype with the custom kernel, then MLX's tensor-core matmul."""
+    wd = _dq.dequantize_kernel(w, scales, biases, group_size, bits, x.dtype)
+    return x @ wd.T
 
 
 def _decide(x, w, scales, biases, group_size, bits, M) -> bool:
@@ -57,7 +71,8 @@ def _decide(x, w, scales, biases, group_size, bits, M) -> bool:
     N, K = w.shape[0], x.shape[-1]
     fmt = f"affine-b{bits}-g{group_size}"
     cls = f"{_m_class(M)}|{x.dtype}|{scales.dtype}|K{K}|N{N}"
-    Mt = {"M1": 1, "M2-4": 4, "M5-8": 8}[_m_class(M)]
+    Mt = _M_REP[_m_class(M)]
+    op = "qmv" if M <= QMV_MAX_M else "dq+mm"
     xdt, sdt = x.dtype, scales.dtype
 
     def make_inputs():
@@ -66,7 +81,9 @@ def _decide(x, w, scales, biases, group_size, bits, M) -> bool:
         return mx.random.normal((Mt, K)).astype(xdt), q, s, b
 
     def custom(xx, q, s, b):
-        return _qmv.qmv_kernel(xx, q, s, b, group_size, bits)
+        if op == "qmv":
+            return _qmv.qmv_kernel(xx, q, s, b, group_size, bits)
+        return _dq_matmul(xx, q, s, b, group_size, bits)
 
     def builtin(xx, q, s, b):
         return mx.quantized_matmul(xx, q, s, b, transpose=True, group_size=group_size,
@@ -75,7 +92,7 @@ def _decide(x, w, scales, biases, group_size, bits, M) -> bool:
     def reference(xx, q, s, b):
         return reference_matmul(xx, q, s, b, "affine", bits, group_size)
 
-    return selection.use_custom("qmv", fmt, cls, make_inputs, custom, builtin, reference,
+    return selection.use_custom(op, fmt, cls, make_inputs, custom, builtin, reference,
                                 SELF_TEST_TOL.get(x.dtype, 1e-2))
 
 
@@ -185,31 +202,31 @@ def doctor_report(shape=(4096, 4096)) -> list[dict]:
     be = backend()
     N, K = shape
     rows = []
-    for bits in (4, 8, 2):
-        for dtype in (mx.float16, mx.bfloat16):
-            fmt = f"affine-b{bits}-g64"
-            if be is None:
-                rows.append({"op": "qmv", "format": fmt, "dtype": str(dtype).split(".")[-1],
-                             "self_test": "skipped", "chosen_path": "reference",
-                             "detail": "CPU backend: MLX quantized_matmul"})
-                continue
-            x = mx.zeros((1, K), dtype)
+    cases = [("qmv", 1, bits, dt) for bits in (4, 8, 2) for dt in (mx.float16, mx.bfloat16)]
+    cases += [("dq+mm", 32, 4, mx.float16), ("dq+mm", 32, 4, mx.bfloat16)]
+    for op, M, bits, dtype in cases:
+        fmt = f"affine-b{bits}-g64"
+        row = {"op": op, "format": fmt, "dtype": str(dtype).split(".")[-1]}
+        if be is None:
+            rows.append({**row, "self_test": "skipped", "chosen_path": "reference",
+                         "detail": "CPU backend: MLX quantized_matmul"})
+            continue
+        try:
+            x = mx.zeros((M, K), dtype)
             q, s, b = mx.quantize(mx.zeros((N, K), dtype), group_size=64, bits=bits)
-            try:
-                quantized_matmul(x, q, s, b, 64, bits, "affine")
-                key = [k for k in selection.choices() if k.endswith(
-                    f"|qmv|{fmt}|M1|{x.dtype}|{s.dtype}|K{K}|N{N}")]
-                rec = selection.choices()[key[0]] if key else {}
-                forced = selection.mode()
-                rows.append({"op": "qmv", "format": fmt, "dtype": str(dtype).split(".")[-1],
-                             "self_test": rec.get("self_test", f"not run ({forced})"),
-                             "chosen_path": rec.get("chosen_path",
-                                                    "custom" if forced == "custom" else "builtin"),
-                             "detail": rec.get("detail", f"{selection.ENV_MODE}={forced}")})
-            except Exception as e:  # noqa: BLE001 - the report shows failures, it does not raise
-                rows.append({"op": "qmv", "format": fmt, "dtype": str(dtype).split(".")[-1],
-                             "self_test": "error", "chosen_path": "builtin",
-                             "detail": f"{type(e).__name__}: {e}"[:200]})
-    rows.append({"op": "qmm (M > 8)", "format": "all", "dtype": "all", "self_test": "n/a",
-                 "chosen_path": "builtin", "detail": "MLX quantized_matmul"})
+            quantized_matmul(x, q, s, b, 64, bits, "affine")
+            tail = f"|{op}|{fmt}|{_m_class(M)}|{x.dtype}|{s.dtype}|K{K}|N{N}"
+            recs = [v for k, v in selection.choices().items() if k.endswith(tail)]
+            forced = selection.mode()
+            rec = recs[0] if recs else {}
+            rows.append({**row, "self_test": rec.get("self_test", f"not run ({forced})"),
+                         "chosen_path": rec.get("chosen_path",
+                                                "custom" if forced == "custom" else "builtin"),
+                         "detail": rec.get("detail", f"{selection.ENV_MODE}={forced}")})
+        except Exception as e:  # noqa: BLE001 - the report shows failures, it does not raise
+            rows.append({**row, "self_test": "error", "chosen_path": "builtin",
+                         "detail": f"{type(e).__name__}: {e}"[:200]})
+    rows.append({"op": "qmm (mxfp4/nvfp4/int8)", "format": "fp formats", "dtype": "all",
+                 "self_test": "n/a", "chosen_path": "builtin" if be else "reference",
+                 "detail": "MLX quantized_matmul (no custom kernel yet)"})
     return rows

@@ -7,8 +7,9 @@ implementations and kernels, not two generation loops:
   is materialized, MLX's peak memory and the process's peak RSS during it (Linux resets the
   RSS high-water mark through /proc/self/clear_refs; elsewhere the peak is process-wide).
 - one trial: a random prompt of P tokens (batch B) is prefilled through the KV cache in chunks
-  of `prefill_step` tokens and the first token is picked (greedy); time to first token (TTFT)
-  is that wall time and prefill tok/s = B*P/TTFT. Then `gen_tokens` decode steps follow, each one
+  of `prefill_step` tokens (all but the last token, whose logits alone are computed, as the
+  generation loops do) and the first token is picked (greedy); time to first token (TTFT) is
+  that wall time and prefill tok/s = B*P/TTFT. Then `gen_tokens` decode steps follow, each one
   lazy graph (model, argmax) handed to `mx.async_eval` before the previous token is read back on
   the host, as a real generation loop does; decode tok/s = B*gen_tokens / decode time. Tokens are
   generated for real and EOS does not stop the loop.
@@ -263,13 +264,18 @@ def load_runtime(runtime: str, path, dtype=None) -> Loaded:
 # ----------------------------------------------------------------------------- timing
 
 def prefill(model, cache, prompt: mx.array, prefill_step: int) -> mx.array:
-    """Feed `prompt` (B, P) through the cache in chunks; return the greedy next token (B,)."""
+    """Feed `prompt` (B, P) through the cache; return the greedy next token (B,).
+
+    As mlx-lm's and marlin-mlx's generation loops do: all but the last token in chunks whose
+    logits are never computed (only the cache is evaluated), then the last token alone.
+    """
     P = prompt.shape[1]
     done = 0
-    while P - done > prefill_step:
-        model(prompt[:, done:done + prefill_step], cache=cache)
+    while P - done > 1:
+        n = min(prefill_step, P - done - 1)
+        model(prompt[:, done:done + n], cache=cache)
         mx.eval([c.state for c in cache])
-        done += prefill_step
+        done += n
     logits = model(prompt[:, done:], cache=cache)
     return mx.argmax(logits[:, -1, :], axis=-1)
 
@@ -410,7 +416,8 @@ def bench_runtimes(loadeds: list, settings: BenchSettings, interleave: bool = Fa
     return out
 
 
-def bench_loaded(loaded: Loaded, settings: BenchSettings, progress: Optional[Callable] = None) -> dict:
+def bench_loaded(loaded: Loaded, settings: BenchSettings,
+                 progress: Optional[Callable] = None) -> dict:
     """All prompt lengths on one loaded runtime."""
     return bench_runtimes([loaded], settings, progress=progress)[loaded.runtime]
 

@@ -99,7 +99,8 @@ def profile_memory(model_path, context: int = 4096, gen_tokens: int = 64, batch_
         "baseline_bytes": baseline,
         "load": {**split(load_peak, 0), "active_after_bytes": after_load_active,
                  "load_time_s": loaded.load["load_time_s"],
-                 "rss_growth_bytes": loaded.load["load_rss_growth_bytes"]},
+                 "rss_growth_bytes": loaded.load["load_rss_growth_bytes"],
+                 "rss_growth_over_weights": loaded.load.get("load_rss_over_weights")},
         "prefill": {**split(prefill_peak, kv_prefill), "active_after_bytes": after_prefill_active,
                     "seconds": prefill_s},
         "decode": {**split(decode_peak, kv_decode),
@@ -133,6 +134,11 @@ def format_memory(report: dict) -> str:
     lines.append(f"KV cache per token:       "
                  f"{report['decode']['kv_bytes_per_token'] / 1024:.1f} KiB")
     lines.append(f"peak usage:               {gb(report['peak_bytes'])}")
+    ld = report["load"]
+    if ld.get("rss_growth_bytes") is not None:
+        ratio = ld.get("rss_growth_over_weights")
+        lines.append(f"load RSS growth:          {gb(ld['rss_growth_bytes'])}"
+                     + (f" ({ratio:.2f}x the weights)" if ratio else ""))
     if report.get("rss_peak_bytes"):
         lines.append(f"host peak RSS:            {gb(report['rss_peak_bytes'])}")
     return "\n".join(lines)

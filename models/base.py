@@ -87,7 +87,8 @@ def yarn_attention_factor(p: dict, max_position_embeddings: Optional[int] = None
     return mscale(factor)
 
 
-def _yarn_inv_freq(dim: int, base: float, p: dict, max_position_embeddings: Optional[int]) -> mx.array:
+def _yarn_inv_freq(dim: int, base: float, p: dict,
+                   max_position_embeddings: Optional[int]) -> mx.array:
     orig = float(p["original_max_position_embeddings"])
     factor = _yarn_factor(p, max_position_embeddings)
     beta_fast = p.get("beta_fast") or 32

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Llama / Qwen3 checkpoints saved by transformers, with a real tokenizer.
+"""Shared fixtures: tiny random Llama / Qwen3 checkpoints saved by transformers, with a real
+tokenizer.
 
 `make_checkpoint(arch, *, old_spelling=False, max_shard_size=None, seed=0, save_dtype="float32",
 **config_overrides)`

@@ -21,7 +21,7 @@ def invoke(*args, input=None):
 
 
 def _api_text(path, prompt_ids_fn, **kw):
-    from marlin_mlx.generate import generate
+    from marlin_mlx.generation import generate
     from marlin_mlx.loader import load
 
     model, tokenizer = load(path)
@@ -103,7 +103,7 @@ def test_doctor_prints_the_kernel_table(monkeypatch):
 def test_generate_quiet_matches_the_api(tiny_qwen3_path):
     r = invoke("generate", "-m", str(tiny_qwen3_path), "-p", PROMPT, "--no-chat", "-n", "12", "-q")
     assert r.exit_code == 0, r.output
-    from marlin_mlx.generate import encode_prompt
+    from marlin_mlx.generation import encode_prompt
 
     expected = _api_text(tiny_qwen3_path, lambda t: encode_prompt(t, PROMPT), max_tokens=12)
     assert r.stdout == expected + "\n"
@@ -123,7 +123,7 @@ def test_generate_verbose_statistics(tiny_llama_path):
 
 
 def test_generate_chat_by_default_with_system(tiny_qwen3_path):
-    from marlin_mlx.generate import chat_prompt
+    from marlin_mlx.generation import chat_prompt
 
     expected = _api_text(tiny_qwen3_path, lambda t: chat_prompt(t, PROMPT, "Be brief."),
                          max_tokens=10)
@@ -137,7 +137,7 @@ def test_generate_chat_by_default_with_system(tiny_qwen3_path):
 
 
 def test_generate_sampling_options_and_stdin(tiny_qwen3_path):
-    from marlin_mlx.generate import encode_prompt
+    from marlin_mlx.generation import encode_prompt
 
     opts = ["--temp", "0.9", "--top-p", "0.9", "--top-k", "50", "--min-p", "0.01",
             "--repetition-penalty", "1.3", "--seed", "5"]

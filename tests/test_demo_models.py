@@ -56,7 +56,7 @@ def test_logits_match_transformers(pair):
 
 def test_greedy_tokens_match_transformers(pair):
     import torch
-    from marlin_mlx.generate import generate_step
+    from marlin_mlx.generation import generate_step
 
     import mlx.core as mx
 
@@ -86,7 +86,7 @@ def test_bundled_default_generates_offline(tmp_path):
         "import json\n"
         "from marlin_mlx.bundled import default_model_path\n"
         "from marlin_mlx.loader import load\n"
-        "from marlin_mlx.generate import generate\n"
+        "from marlin_mlx.generation import generate\n"
         "model, tok = load(default_model_path())\n"
         "q = json.load(open(default_model_path() / 'config.json'))['quantization']\n"
         "text = generate(model, tok, 'Once upon a time', max_tokens=24)\n"

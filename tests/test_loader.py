@@ -185,6 +185,17 @@ def test_quantization_config_in_mlx_lm_shape_is_read(make_checkpoint, tmp_path):
     assert isinstance(ours.lm_head, QuantizedLinear) and ours.lm_head.bits == 8
 
 
+def test_quantization_override_that_contradicts_the_weights(make_checkpoint, tmp_path):
+    src = make_checkpoint("llama")
+    model, config = load_model(src)
+    quantize_modules(model, group_size=32, bits=4)
+    quant = {"group_size": 32, "bits": 4, "lm_head": {"group_size": 64, "bits": 4}}
+    dst = _save_mlx_format(model, dict(config, quantization=quant), src, tmp_path / "q")
+    with pytest.raises(MarlinError, match=r"model\.safetensors: tensor 'lm_head\.(biases|scales)' "
+                                          r"has shape \(512, 2\), the config expects \(512, 1\)"):
+        load(dst)
+
+
 def test_foreign_quantization_method_is_refused(make_checkpoint, tmp_path):
     path = copy_ckpt(make_checkpoint("llama"), tmp_path / "m")
     edit_config(path, quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True})

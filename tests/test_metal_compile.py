@@ -37,6 +37,10 @@ def cases():
             t = dequantize.template_for(dt, bits, 64, 4096, 4096)
             out.append((f"dequant-b{bits}-{dt}".replace("mlx.core.", ""), dequantize.SPEC,
                         [U32, dt, dt], [1 << 20] * 3, [dt], t))
+    for bits in (4, 3):  # the software-pipelined variant
+        t = qmv.template_for(F16, F16, bits, 64, 4, 4, 4096, 12288, PF=1)
+        out.append((f"qmv-b{bits}-float16-M4-PF1", qmv.SPEC, [F16, U32, F16, F16],
+                    [1 << 20] * 4, [F16], t))
     for dt in (F16, BF16):
         for bits in (4, 8, 3):
             t = gated_mlp.template_for(dt, dt, bits, 64, 1, 1, 4096, 12288)

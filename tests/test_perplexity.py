@@ -6,7 +6,6 @@ import math
 import shutil
 
 import mlx.core as mx
-import numpy as np
 import pytest
 import typer
 from typer.testing import CliRunner

@@ -12,9 +12,7 @@ the statistics, the way `mlx_lm.generate` does).
 
 from __future__ import annotations
 
-import sys
 import time
-import types
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -333,14 +331,3 @@ def generate(
             print(format_stats(response))
     return text
 
-
-class _CallableModule(types.ModuleType):
-    """`marlin_mlx.generate` is both this module and, through the package's lazy attribute,
-    the function; once the module is imported the package attribute is the module, so the
-    module forwards calls to keep `marlin_mlx.generate(model, tokenizer, prompt)` working."""
-
-    def __call__(self, *args, **kwargs):
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
