@@ -157,6 +157,30 @@ def table(rows) -> str:
     return "\n".join(out)
 
 
+def plot(rows, path):
+    """Speed-up over MLX's built-in and over fp16 against M, one line per shape (optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (K, N, bits) in sorted({(r["K"], r["N"], r["bits"]) for r in rows}):
+        rs = [r for r in rows if (r["K"], r["N"], r["bits"]) == (K, N, bits)]
+        for ax, key in zip(axes, ("vs_mlx", "vs_fp16")):
+            ax.plot([r["M"] for r in rs], [r[key] for r in rs], marker="o",
+                    label=f"{K}->{N} {bits}-bit")
+    for ax, title in zip(axes, ("speed-up vs MLX quantized_matmul", "speed-up vs fp16 matmul")):
+        ax.set_xscale("log", base=2)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xlabel("M")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def parse_variants(spec: str | None):
     """'auto;R4SK2;R8' -> {'auto': {}, 'R4SK2': {'R': 4, 'SK': 2}, ...}"""
     if not spec:
@@ -203,11 +227,17 @@ def main(argv=None):
         for K, N in shapes:
             rows += bench_shape(K, N, Ms, bits=bits, variants=variants)
     result = {"meta": meta, "rows": rows}
+    md = (f"{meta['device']}, MLX {meta['mlx']} ({meta['backend']}), {meta['date']}; "
+          f"per-launch wall time, graph of n launches, weights rotated past L2\n\n" + table(rows))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-    print(table(rows))
+        stem = os.path.splitext(args.out)[0]
+        with open(stem + ".md", "w") as f:
+            f.write(md + "\n")
+        plot(rows, stem + ".png")
+    print(md)
     return 0
 
 

@@ -345,6 +345,38 @@ def bundle(args):
         print(f.name, f.stat().st_size)
 
 
+def plot(args):
+    """Loss curves (train and validation, per model) of a train_log.json as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    log = json.loads(args.log.read_text())
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    for (name, info), color in zip([kv for kv in log.items() if kv[0].startswith("demo-")],
+                                   ("tab:blue", "tab:orange")):
+        c = info["curve"]
+        tokens = [p["tokens"] / 1e6 for p in c]
+        label = f"{name} ({info['params'] / 1e6:.1f}M"
+        ax.plot(tokens, [p["train_loss"] for p in c], "--", color=color, alpha=0.7,
+                label=f"{label}) train")
+        ax.plot(tokens, [p["valid_loss"] for p in c], "-", color=color,
+                label=f"{label}) validation; test ppl {info['test_ppl']:.1f}")
+        best = min(c, key=lambda p: p["valid_loss"])
+        ax.plot([best["tokens"] / 1e6], [best["valid_loss"]], "o", color=color)
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylim(3.0, 7.5)
+    ax.grid(alpha=0.3)
+    ax.set_title("demo models: Austen + Melville, 0.86M training tokens (dot: kept checkpoint)",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out)
+    print(args.out, args.out.stat().st_size, "bytes")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -374,6 +406,9 @@ def main():
     b.add_argument("--out", type=Path, default=Path("marlin_mlx/demo_models/demo-base-4bit"))
     b.add_argument("--bits", type=int, default=4)
     b.add_argument("--group-size", type=int, default=64)
+    pl = sub.add_parser("plot")
+    pl.add_argument("--log", type=Path, required=True)
+    pl.add_argument("--out", type=Path, default=Path("benchmarks/results/demo_loss.png"))
     a = ap.parse_args()
     if a.cmd == "prepare":
         prepare(a.data, a.debs)
@@ -382,6 +417,8 @@ def main():
         train(a)
     elif a.cmd == "export":
         export(a)
+    elif a.cmd == "plot":
+        plot(a)
     else:
         bundle(a)
 

@@ -76,7 +76,7 @@ def _decide(x, w, scales, biases, group_size, bits, M) -> bool:
     xdt, sdt = x.dtype, scales.dtype
 
     def make_inputs():
-        wr = mx.random.normal((N, K)).astype(sdt)
+        wr = mx.random.normal((N, K), dtype=sdt)  # no float32 copy of a big layer
         q, s, b = mx.quantize(wr, group_size=group_size, bits=bits)
         return mx.random.normal((Mt, K)).astype(xdt), q, s, b
 
