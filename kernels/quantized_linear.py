@@ -169,12 +169,16 @@ def quantize_modules(model: nn.Module, group_size: int = 64, bits: int = 4, mode
                      class_predicate=None) -> nn.Module:
     """Swap Linear/Embedding layers for quantized ones, in place.
 
+    Model-specific layers (stacked experts, per-head matrices) quantize themselves through a
+    `to_quantized(group_size, bits, mode)` method, the hook mlx-lm's nn.quantize uses too.
     `class_predicate(path, module)` returns False to skip a layer, True to use the defaults, or a
     dict with `group_size`/`bits`/`mode` overrides (mlx-lm's per-layer quantization config).
+    Layers whose input dimension the group size does not divide stay as they are.
     """
     replacements = []
     for path, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Embedding)):
+        plain = isinstance(module, (nn.Linear, nn.Embedding))
+        if not plain and not (hasattr(module, "to_quantized") and "weight" in module):
             continue
         choice = True if class_predicate is None else class_predicate(path, module)
         if choice is False:
@@ -186,8 +190,10 @@ def quantize_modules(model: nn.Module, group_size: int = 64, bits: int = 4, mode
             continue
         if isinstance(module, nn.Linear):
             new = QuantizedLinear.from_linear(module, **opts)
-        else:
+        elif isinstance(module, nn.Embedding):
             new = QuantizedEmbedding.from_embedding(module, **opts)
+        else:
+            new = module.to_quantized(**opts)
         replacements.append((path, new))
     if replacements:
         model.update_modules(nn.utils.tree_unflatten(replacements))

@@ -17,7 +17,7 @@ from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from .errors import MarlinError
 from .kernels import quantize_modules
@@ -208,21 +208,6 @@ def quantize_for_checkpoint(model: nn.Module, quant: dict, weights: dict) -> Non
     defaults = {"group_size": quant["group_size"], "bits": quant["bits"],
                 "mode": quant.get("mode", "affine")}
     quantize_modules(model, class_predicate=predicate, **defaults)
-    # Model-specific layers (stacked experts, per-head matrices) quantize themselves through
-    # `to_quantized`, the hook mlx-lm's nn.quantize uses too.
-    swaps = []
-    for path, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)) or not hasattr(module, "to_quantized"):
-            continue
-        choice = predicate(path, module)
-        if choice is False:
-            continue
-        params = dict(defaults)
-        if isinstance(choice, dict):
-            params.update({k: v for k, v in choice.items() if k in params})
-        swaps.append((path, module.to_quantized(**params)))
-    if swaps:
-        model.update_modules(tree_unflatten(swaps))
 
 
 def compute_dtype(config: dict, dtype=None) -> Optional[mx.Dtype]:
