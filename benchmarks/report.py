@@ -1,8 +1,8 @@
 """Collect benchmarks/results/*.json into benchmarks/RESULTS.md tables and PNG plots.
 
 Understands the JSON written by `marlin-mlx bench`, `marlin-mlx memory`, `marlin-mlx perplexity`,
-benchmarks/kernels.py ({"meta", "rows"}) and benchmarks/cpu_decode.py; other files are listed
-as not understood. Plots need matplotlib (`pip install matplotlib`); without it the tables are
+benchmarks/kernels.py ({"meta", "rows"}) and benchmarks/cpu_decode.py; any other JSON object is
+shown by its short top-level fields and a table of its `results` records. Plots need matplotlib (`pip install matplotlib`); without it the tables are
 still written and RESULTS.md says the plots were skipped.
 
     python benchmarks/report.py                       # results/ -> RESULTS.md (+ plots/)
@@ -154,12 +154,42 @@ def cpu_decode_section(name: str, r: dict) -> list:
     return lines + [""]
 
 
+def _scalar(v) -> bool:
+    return isinstance(v, (str, int, float, bool)) or v is None
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def generic_section(name: str, r) -> list:
+    """Other JSON: its short top-level fields, and a table of a `results` list of records."""
+    lines = [f"### `{name}`", ""]
+    if not isinstance(r, dict):
+        return lines + ["_(not a JSON object)_", ""]
+    for k, v in r.items():
+        if _scalar(v) and len(str(v)) <= 300:
+            lines.append(f"- {k}: {_cell(v)}")
+        elif isinstance(v, list) and all(isinstance(x, str) for x in v) and len(v) <= 5:
+            lines += [f"- {k}:"] + [f"  - `{x}`" for x in v]
+    records = r.get("results")
+    if isinstance(records, list) and records and all(isinstance(x, dict) for x in records):
+        cols = [c for c in records[0] if _scalar(records[0][c])]
+        lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(_cell(x.get(c)) for c in cols) + " |" for x in records]
+    return lines + [""]
+
+
 def kind_of(r: dict) -> str | None:
     if not isinstance(r, dict):
         return None
     if r.get("kind") in ("bench", "memory", "perplexity"):
         return r["kind"]
-    if "meta" in r and "rows" in r:
+    rows = r.get("rows")
+    if isinstance(r.get("meta"), dict) and isinstance(rows, list) and rows \
+            and all(isinstance(x, dict) and "M" in x and "ours_GBs" in x for x in rows):
         return "kernels"
     if r.get("benchmark") == "cpu_decode":
         return "cpu_decode"
@@ -284,7 +314,12 @@ def build(results_dir: Path, output: Path, plots: bool = True) -> str:
         lines += [f"![{p.stem}]({p.relative_to(output.parent).as_posix()})" for p in images]
         lines.append("")
     if unknown:
-        lines += ["## Files not understood", ""] + [f"- {u}" for u in unknown] + [""]
+        lines += ["## Other results", ""]
+        for u in unknown:
+            if u.endswith(".json"):
+                lines += generic_section(u, json.loads((results_dir / u).read_text()))
+            else:
+                lines += [f"- {u}", ""]
     text = "\n".join(lines)
     output.write_text(text)
     return text

@@ -2,7 +2,8 @@
 
 A preset is a real Hugging Face `config.json` (numbers copied from the public model repos), or
 any config.json path. `save_random_checkpoint` builds the model lazily, quantizes it with
-`marlin_mlx.kernels.quantize_modules`, then materializes and writes it a few layers at a time,
+`marlin_mlx.kernels.quantize_modules` (and stacked MoE experts through their own
+`to_quantized`), then materializes and writes it a few layers at a time,
 so the full-precision weights of the whole model never exist at once (an 8B model in bf16 is
 16 GB). The result is a checkpoint directory in mlx-lm's layout (`config.json` with a
 `quantization` block, sharded `model-*.safetensors` and an index), which marlin-mlx and mlx-lm
@@ -22,7 +23,7 @@ from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from .errors import MarlinError
 
@@ -233,14 +234,6 @@ def build_lazy_model(config: dict, quantization: Optional[dict], dtype: mx.Dtype
 
         gs, bits, mode = quantization["group_size"], quantization["bits"], quantization["mode"]
         quantize_modules(model, group_size=gs, bits=bits, mode=mode)
-        # other quantizable layers (stacked MoE experts) bring their own `to_quantized`,
-        # which quantize_modules does not visit
-        extra = [(path, m.to_quantized(group_size=gs, bits=bits, mode=mode))
-                 for path, m in model.named_modules()
-                 if hasattr(m, "to_quantized") and not isinstance(m, (nn.Linear, nn.Embedding))
-                 and "weight" in m and m.weight.shape[-1] % gs == 0]
-        if extra:
-            model.update_modules(tree_unflatten(extra))
     return model
 
 

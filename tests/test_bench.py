@@ -81,22 +81,36 @@ def test_bench_compare_mlx_lm_json(tiny_qwen3_path, tmp_path):
     assert "decode tok/s" in text and "mlx-lm" in text and "ratio" in text
 
 
-def test_random_weights_identical_for_both_runtimes(tmp_path):
+MOE_TINY = dict(moe_intermediate_size=32, num_experts_per_tok=2, vocab_size=384)
+TINY_OF = {
+    "qwen3-8b": (TINY, "model.layers.0.mlp.up_proj"),
+    "qwen3-30b-a3b": ({**TINY, **MOE_TINY, "num_experts": 4},
+                      "model.layers.1.mlp.switch_mlp.up_proj"),
+    "glm-4.7-flash": ({**TINY, **MOE_TINY, "n_routed_experts": 4, "num_key_value_heads": 4,
+                       "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 32,
+                       "qk_rope_head_dim": 32, "v_head_dim": 32},
+                      "model.layers.1.mlp.switch_mlp.up_proj"),
+}
+
+
+@pytest.mark.parametrize("preset", list(TINY_OF))
+def test_random_weights_identical_for_both_runtimes(tmp_path, preset):
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
     from marlin_mlx.loader import load_model
 
-    path = save_random_checkpoint("qwen3-8b", tmp_path / "rw", bits=4, group_size=32,
-                                  dtype=mx.float32, config_overrides=TINY)
+    overrides, quantized_layer = TINY_OF[preset]
+    path = save_random_checkpoint(preset, tmp_path / "rw", bits=4, group_size=32,
+                                  dtype=mx.float32, config_overrides=overrides)
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["quantization"] == {"group_size": 32, "bits": 4, "mode": "affine"}
-    assert cfg["model_type"] == "qwen3" and cfg["intermediate_size"] == 128
+    assert cfg["model_type"] == PRESETS[preset]["model_type"] and cfg["hidden_size"] == 64
     ours, _ = load_model(path)
     theirs, _ = mlx_lm_load_model(path)
     a, b = dict(tree_flatten(ours.parameters())), dict(tree_flatten(theirs.parameters()))
     assert set(a) == set(b)
-    assert "model.layers.0.mlp.up_proj.scales" in a  # quantized, not dense
-    assert a["model.layers.0.mlp.up_proj.weight"].dtype == mx.uint32
+    assert f"{quantized_layer}.scales" in a  # quantized (stacked experts too), not dense
+    assert a[f"{quantized_layer}.weight"].dtype == mx.uint32
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
         assert np.array_equal(np.array(a[k]), np.array(b[k])), k
@@ -216,4 +230,4 @@ def test_report_tables_from_results(tiny_qwen3_path, tmp_path):
     assert len(rows) == 3  # one per runtime, one ratio row
     ratio = report["ratios"][0]["decode_tps"]
     assert f"{ratio:.2f}x" in rows[2]
-    assert "other.json" in text.split("## Files not understood")[1]
+    assert "- something: 1" in text.split("## Other results")[1]
