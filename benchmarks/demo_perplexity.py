@@ -1,8 +1,9 @@
 """Held-out perplexity of the demo models through marlin-mlx (sliding window, context 512, stride 256).
 
-    python benchmarks/demo_perplexity.py --data .demo \
+    python benchmarks/demo_perplexity.py --backend torch --data .demo \
         benchmarks/demo_models/demo-small benchmarks/demo_models/demo-base \
         marlin_mlx/demo_models/demo-base-4bit --out benchmarks/results/demo_perplexity.json
+    python benchmarks/demo_perplexity.py --backend mlx --max-tokens 5000 --data .demo ...
 
 `--backend torch` computes the same windows with transformers (the 4-bit model dequantized),
 a reference for marlin-mlx's numbers and much faster on a small CPU than MLX's CPU backend.
