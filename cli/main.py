@@ -155,21 +155,28 @@ def generate(
     max_tokens: int = typer.Option(
         256, "--max-tokens", "-n", min=1, metavar="N", help="Most tokens to generate."
     ),
-    temp: float = typer.Option(
-        0.0, "--temp", min=0.0, help="Sampling temperature; 0 is greedy."
+    temp: Optional[float] = typer.Option(
+        None, "--temp", min=0.0, show_default=False,
+        help="Sampling temperature; 0 is greedy. [default: 0, or the model's generation_config]",
     ),
-    top_p: float = typer.Option(
-        1.0, "--top-p", max=1.0, callback=lambda v: _positive(v, "--top-p"),
-        help="Nucleus sampling: keep the most likely tokens up to this probability mass.",
+    top_p: Optional[float] = typer.Option(
+        None, "--top-p", max=1.0, callback=lambda v: _positive(v, "--top-p"), show_default=False,
+        help="Nucleus sampling: keep the most likely tokens up to this probability mass. "
+        "[default: 1 (off), or the model's generation_config]",
     ),
-    top_k: int = typer.Option(0, "--top-k", min=0, help="Keep only the k most likely tokens (0: off)."),
-    min_p: float = typer.Option(
-        0.0, "--min-p", min=0.0, callback=lambda v: _below_one(v, "--min-p"),
-        help="Drop tokens less likely than min-p times the most likely one (0: off).",
+    top_k: Optional[int] = typer.Option(
+        None, "--top-k", min=0, show_default=False,
+        help="Keep only the k most likely tokens. [default: 0 (off), or the model's]",
+    ),
+    min_p: Optional[float] = typer.Option(
+        None, "--min-p", min=0.0, callback=lambda v: _below_one(v, "--min-p"), show_default=False,
+        help="Drop tokens less likely than min-p times the most likely one. "
+        "[default: 0 (off), or the model's]",
     ),
     repetition_penalty: Optional[float] = typer.Option(
         None, "--repetition-penalty", callback=lambda v: _positive(v, "--repetition-penalty"),
-        help="Penalty (>1 discourages) for tokens in the recent context.",
+        help="Penalty (>1 discourages) for tokens in the recent context. "
+        "[default: the model's generation_config, else off]",
     ),
     repetition_context_size: int = typer.Option(
         20, "--repetition-context-size", min=1, help="How many recent tokens the penalty sees."
@@ -208,9 +215,17 @@ def generate(
         text = _read_prompt(prompt)
         path = _resolve_model(model)
 
-        from marlin_mlx.loader import load
+        from marlin_mlx.loader import load, sampling_defaults
 
         mdl, tokenizer = load(path, dtype=dtype)
+        # options left unset take the checkpoint's recommendation (generation_config.json),
+        # as transformers does; the bundled demo model asks for a repetition penalty there
+        given = {"temperature": temp, "top_p": top_p, "top_k": top_k, "min_p": min_p,
+                 "repetition_penalty": repetition_penalty}
+        sampling = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+                    "repetition_penalty": None}
+        sampling.update(sampling_defaults(path))
+        sampling.update({k: v for k, v in given.items() if v is not None})
         # imported after loading: it pulls in transformers, slow to import, and a bad model
         # path should fail fast
         from marlin_mlx.generation import (
@@ -234,8 +249,7 @@ def generate(
         response = None
         out = sys.stdout
         for response in stream_generate(
-            mdl, tokenizer, ids, max_tokens, temperature=temp, top_p=top_p, top_k=top_k,
-            min_p=min_p, repetition_penalty=repetition_penalty,
+            mdl, tokenizer, ids, max_tokens, **sampling,
             repetition_context_size=repetition_context_size, seed=seed, stop=stop or None,
         ):
             if response.text:

@@ -332,3 +332,24 @@ def load(path_or_hf_id: Union[str, Path], dtype=None) -> tuple:
     model, config = load_model(path, dtype=dtype)
     tokenizer = load_tokenizer(path, config.get("eos_token_id"))
     return model, tokenizer
+
+
+def sampling_defaults(path_or_hf_id: Union[str, Path]) -> dict:
+    """The sampling settings a checkpoint's `generation_config.json` recommends, in our names.
+
+    As in transformers, temperature/top-p/top-k/min-p apply only with `do_sample: true`; the
+    repetition penalty applies either way. Keys the file does not set are left out.
+    """
+    file = resolve_path(path_or_hf_id) / "generation_config.json"
+    if not file.is_file():
+        return {}
+    cfg = _read_json(file)
+    out = {}
+    if cfg.get("do_sample"):
+        for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"),
+                             ("top_k", "top_k"), ("min_p", "min_p")):
+            if cfg.get(theirs) is not None:
+                out[ours] = cfg[theirs]
+    if cfg.get("repetition_penalty") not in (None, 1.0):
+        out["repetition_penalty"] = cfg["repetition_penalty"]
+    return out

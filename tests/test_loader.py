@@ -322,3 +322,18 @@ def test_missing_tokenizer(make_checkpoint, tmp_path):
     model, _ = load_model(path)  # the weights alone still load
     with pytest.raises(MarlinError, match="no tokenizer files"):
         load(path)
+
+
+def test_sampling_defaults_follow_generation_config(tmp_path):
+    import json
+
+    from marlin_mlx.loader import sampling_defaults
+
+    assert sampling_defaults(tmp_path) == {}
+    cfg = {"do_sample": False, "temperature": 0.6, "top_k": 20, "repetition_penalty": 1.3}
+    (tmp_path / "generation_config.json").write_text(json.dumps(cfg))
+    # greedy checkpoints keep greedy decoding; the penalty applies either way (transformers' rule)
+    assert sampling_defaults(tmp_path) == {"repetition_penalty": 1.3}
+    cfg.update(do_sample=True, top_p=0.95, repetition_penalty=1.0)
+    (tmp_path / "generation_config.json").write_text(json.dumps(cfg))
+    assert sampling_defaults(tmp_path) == {"temperature": 0.6, "top_k": 20, "top_p": 0.95}
