@@ -602,6 +602,6 @@ def format_report(report: dict) -> str:
         lines.append(text)
     if "ratios" in report:
         agree = [r["greedy_prefix_agreement"] for r in report["ratios"] if "prompt_tokens" in r]
-        lines.append(f"\ngreedy tokens agreeing with mlx-lm (prefix, first trial): "
+        lines.append("\ngreedy tokens agreeing with mlx-lm (prefix, first trial): "
                      + ", ".join(f"{a:.0%}" for a in agree))
     return "\n".join(lines)

@@ -14,6 +14,8 @@ import mlx.nn as nn
 
 from marlin_mlx.kernels import Linear
 
+from .cache import KVCache
+
 DEFAULT_ROPE_THETA = 10000.0
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -203,3 +205,52 @@ def drop_unused(weights: dict, tie_word_embeddings: bool) -> dict:
     if tie_word_embeddings:
         out = {k: v for k, v in out.items() if not k.startswith("lm_head.")}
     return out
+
+
+class DecoderStack(nn.Module):
+    """Token embedding, the decoder layers and the final norm: the body every model here shares
+    (HF names: `model.embed_tokens`, `model.layers.N`, `model.norm`)."""
+
+    def __init__(self, args, layers: list):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = layers
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+        h = self.embed_tokens(inputs)
+        cache = cache or [None] * len(self.layers)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, c)
+        return self.norm(h)
+
+
+class CausalLM(nn.Module):
+    """A decoder stack with its output head (tied to the embedding or `lm_head`) and the model
+    contract the runtime relies on: `__call__(inputs, cache)`, `layers`, `make_cache`, `sanitize`."""
+
+    cache_class = KVCache
+
+    def __init__(self, args, layers: list):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = DecoderStack(args, layers)
+        if not args.tie_word_embeddings:
+            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+        h = self.model(inputs, cache)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def make_cache(self) -> list:
+        return [self.cache_class() for _ in self.layers]
+
+    def sanitize(self, weights: dict) -> dict:
+        return drop_unused(weights, self.args.tie_word_embeddings)

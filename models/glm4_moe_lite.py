@@ -30,7 +30,7 @@ import mlx.nn as nn
 
 from marlin_mlx.kernels import Linear
 
-from .base import MLP, RMSNorm, RoPE, attention, check_activation, rope_parameters
+from .base import MLP, CausalLM, RMSNorm, RoPE, attention, check_activation, rope_parameters
 from .mla_cache import MLACache
 from .moe import SparseMoE, stack_experts
 
@@ -279,42 +279,11 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class Glm4MoeLiteModel(nn.Module):
+class Model(CausalLM):
+    cache_class = MLACache
+
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, t) for t in args.mlp_layer_types]
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-
-    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
-        h = self.embed_tokens(inputs)
-        cache = cache or [None] * len(self.layers)
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, c)
-        return self.norm(h)
-
-
-class Model(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.model = Glm4MoeLiteModel(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
-        h = self.model(inputs, cache)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    @property
-    def layers(self):
-        return self.model.layers
-
-    def make_cache(self) -> list:
-        return [MLACache() for _ in self.layers]
+        super().__init__(args, [DecoderLayer(args, t) for t in args.mlp_layer_types])
 
     @property
     def cast_predicate(self):

@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from marlin_mlx.kernels import Linear
 
-from .base import MLP, RMSNorm, RoPE, attention, check_activation, drop_unused, rope_parameters
+from .base import MLP, CausalLM, RMSNorm, RoPE, attention, check_activation, rope_parameters
 from .cache import KVCache
 
 
@@ -112,43 +112,7 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class Qwen3Model(nn.Module):
+class Model(CausalLM):
     def __init__(self, args: ModelArgs):
-        super().__init__()
         windows = args.layer_windows or [None] * args.num_hidden_layers
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, windows[i]) for i in range(args.num_hidden_layers)]
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-
-    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
-        h = self.embed_tokens(inputs)
-        cache = cache or [None] * len(self.layers)
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, c)
-        return self.norm(h)
-
-
-class Model(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.model = Qwen3Model(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
-        h = self.model(inputs, cache)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    @property
-    def layers(self):
-        return self.model.layers
-
-    def make_cache(self) -> list:
-        return [KVCache() for _ in self.layers]
-
-    def sanitize(self, weights: dict) -> dict:
-        return drop_unused(weights, self.args.tie_word_embeddings)
+        super().__init__(args, [DecoderLayer(args, w) for w in windows])

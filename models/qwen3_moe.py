@@ -13,9 +13,8 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from marlin_mlx.kernels import Linear
 
-from .base import MLP, RMSNorm, check_activation, drop_unused, rope_parameters
+from .base import MLP, CausalLM, RMSNorm, check_activation, drop_unused, rope_parameters
 from .cache import KVCache
 from .moe import SparseMoE, stack_experts
 from .qwen3 import Attention
@@ -95,42 +94,9 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class Qwen3MoeModel(nn.Module):
+class Model(CausalLM):
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, s) for s in args.sparse_layers]
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-
-    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
-        h = self.embed_tokens(inputs)
-        cache = cache or [None] * len(self.layers)
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, c)
-        return self.norm(h)
-
-
-class Model(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.model = Qwen3MoeModel(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
-        h = self.model(inputs, cache)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    @property
-    def layers(self):
-        return self.model.layers
-
-    def make_cache(self) -> list:
-        return [KVCache() for _ in self.layers]
+        super().__init__(args, [DecoderLayer(args, s) for s in args.sparse_layers])
 
     def sanitize(self, weights: dict) -> dict:
         """HF per-expert or fused experts -> stacked `switch_mlp`; mlx-lm's layout passes."""
