@@ -7,51 +7,28 @@ inside the commands; user errors print one `error: ...` line and exit with statu
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from .common import UserErrors, fail
+
 MODEL_HELP = "Model folder or Hugging Face repo id."
 RANDOM_HELP = ("Random weights of a real model's shapes instead of --model: qwen3-8b, qwen3-4b, "
                "llama-3.1-8b, glm-4.7-flash, qwen3-30b-a3b, or a config.json path.")
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
-
-
-class _Errors:
-    """One line for a user error (MarlinError/ValueError), the traceback with MARLIN_MLX_DEBUG."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc is None or isinstance(exc, (typer.Exit, typer.Abort, SystemExit)):
-            return False
-        if isinstance(exc, KeyboardInterrupt):
-            raise typer.Exit(130)
-        if os.environ.get("MARLIN_MLX_DEBUG"):
-            return False
-        from marlin_mlx.errors import MarlinError
-
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        if not isinstance(exc, (MarlinError, ValueError)):
-            text = f"{type(exc).__name__}: {text} (set MARLIN_MLX_DEBUG=1 for a traceback)"
-        _fail(text)
 
 
 def _int_list(text: str, option: str) -> list:
     try:
         values = [int(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
-        _fail(f"{option} {text!r}: expected comma-separated integers, e.g. 512,2048")
+        fail(f"{option} {text!r}: expected comma-separated integers, e.g. 512,2048")
     if not values or min(values) < 1:
-        _fail(f"{option} {text!r}: expected positive integers, e.g. 512,2048")
+        fail(f"{option} {text!r}: expected positive integers, e.g. 512,2048")
     return values
 
 
@@ -103,7 +80,7 @@ def bench(
       marlin-mlx bench --random-weights qwen3-8b --bits 4 --prompt-tokens 512,2048 \\
           --compare mlx-lm --json benchmarks/results/qwen3-8b-4bit.json
     """
-    with _Errors():
+    with UserErrors():
         from marlin_mlx.bench import BenchSettings, format_report, run_bench
 
         settings = BenchSettings(prompt_tokens=_int_list(prompt_tokens, "--prompt-tokens"),
@@ -146,7 +123,7 @@ def perplexity(
     Example:
       marlin-mlx perplexity -m ./Qwen3-8B-4bit --data wiki.test.raw --baseline ./Qwen3-8B
     """
-    with _Errors():
+    with UserErrors():
         from marlin_mlx.bench import machine_info
         from marlin_mlx.perplexity import evaluate_file
 
@@ -195,7 +172,7 @@ def memory(
     Example:
       marlin-mlx memory -m ./Qwen3-8B-4bit --context 4096
     """
-    with _Errors():
+    with UserErrors():
         from marlin_mlx.memory import format_memory, profile_memory_for
 
         kw = dict(context=context, gen_tokens=gen_tokens, batch_size=batch_size,

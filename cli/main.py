@@ -8,11 +8,12 @@ Set MARLIN_MLX_DEBUG=1 to get the full traceback of an unexpected error instead.
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import List, Optional
 
 import typer
+
+from .common import UserErrors, fail, one_line
 
 app = typer.Typer(
     name="marlin-mlx",
@@ -33,41 +34,6 @@ app = typer.Typer(
 )
 
 
-def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-class _UserErrors:
-    """Turn errors into one `error:` line and exit status 1 (no traceback).
-
-    MarlinError and ValueError carry messages written for the user. Anything else is a bug or
-    an environment problem: still one line, with its type. MARLIN_MLX_DEBUG=1 lets every
-    error through with its traceback.
-    """
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc is None or isinstance(exc, (typer.Exit, typer.Abort, SystemExit)):
-            return False
-        if isinstance(exc, KeyboardInterrupt):
-            typer.echo("", err=True)
-            raise typer.Exit(130)
-        if isinstance(exc, BrokenPipeError):  # e.g. `marlin-mlx generate ... | head -1`
-            raise typer.Exit(0)
-        if os.environ.get("MARLIN_MLX_DEBUG"):
-            return False
-        from marlin_mlx.errors import MarlinError
-
-        if isinstance(exc, (MarlinError, ValueError)):
-            _fail(_one_line(exc))
-        _fail(f"{type(exc).__name__}: {_one_line(exc)} (set MARLIN_MLX_DEBUG=1 for a traceback)")
 
 
 def _version_text() -> str:
@@ -106,7 +72,7 @@ def _read_prompt(prompt: str) -> str:
         if prompt.endswith("\n"):  # `echo ... |` adds one
             prompt = prompt[:-1]
     if not prompt.strip():
-        _fail("the prompt is empty")
+        fail("the prompt is empty")
     return prompt
 
 
@@ -117,7 +83,7 @@ def _resolve_model(model: Optional[str]) -> str:
 
     path = default_model_path()
     if path is None:
-        _fail("no bundled default model in this build; pass --model PATH_OR_HF_REPO")
+        fail("no bundled default model in this build; pass --model PATH_OR_HF_REPO")
     return str(path)
 
 
@@ -209,9 +175,9 @@ def generate(
       marlin-mlx generate -m ./my-qwen3 -p "Write a haiku" --temp 0.7 --top-p 0.9 --seed 1
       echo "Summarize: ..." | marlin-mlx generate -m ./my-llama -p - --no-chat -q
     """
-    with _UserErrors():
+    with UserErrors():
         if system is not None and chat is False:
-            _fail("--system needs chat mode; drop --no-chat")
+            fail("--system needs chat mode; drop --no-chat")
         text = _read_prompt(prompt)
         path = _resolve_model(model)
 
@@ -237,11 +203,11 @@ def generate(
         )
         templated = has_chat_template(tokenizer)
         if chat and not templated:
-            _fail(f"--chat: the tokenizer of {path} has no chat template")
+            fail(f"--chat: the tokenizer of {path} has no chat template")
         if chat is None:
             chat = templated
         if system is not None and not chat:
-            _fail(f"--system: the tokenizer of {path} has no chat template")
+            fail(f"--system: the tokenizer of {path} has no chat template")
         ids = chat_prompt(tokenizer, text, system) if chat else encode_prompt(tokenizer, text)
 
         if verbose:
@@ -311,7 +277,7 @@ def doctor() -> None:
     the bundled default model, and the table of kernel self-tests (op, format, self_test,
     chosen_path, detail) when the kernels provide one. Exits with 1 when a self-test failed.
     """
-    with _UserErrors():
+    with UserErrors():
         import platform
 
         rows = [("marlin-mlx", _version_text().split(" ", 2)[1]),
@@ -336,7 +302,7 @@ def doctor() -> None:
         try:
             report = list(report_fn())
         except Exception as exc:
-            _fail(f"kernel self-test report failed: {type(exc).__name__}: {_one_line(exc)}")
+            fail(f"kernel self-test report failed: {type(exc).__name__}: {one_line(exc)}")
         if not report:
             typer.echo("kernels: the self-test report is empty")
             return
@@ -344,7 +310,7 @@ def doctor() -> None:
         typer.echo(_table(report, columns))
         failed = [r for r in report if str(r.get("self_test", "")).lower() in ("fail", "failed", "false")]
         if failed:
-            _fail(f"{len(failed)} kernel self-test(s) failed")
+            fail(f"{len(failed)} kernel self-test(s) failed")
 
 
 @app.command()
