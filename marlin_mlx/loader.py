@@ -284,8 +284,11 @@ def load_model(path_or_hf_id: Union[str, Path], dtype=None) -> tuple:
 
     if target is not None:
         # no reference to the uncast arrays may survive, or both copies stay in memory
-        weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v
-                   for k, v in weights.items()}
+        # a model may keep some tensors in their own precision (GLM's router selection bias:
+        # in bf16 it would change which experts are chosen)
+        castable = getattr(model, "cast_predicate", lambda k: True)
+        weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) and castable(k)
+                   else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
 

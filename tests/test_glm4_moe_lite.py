@@ -372,3 +372,11 @@ def test_bad_configs_are_refused():
         glm.ModelArgs.from_config({**base, "mlp_layer_types": ["dense", "moe", "sparse"]})
     with pytest.raises(ValueError, match="n_group"):
         glm.Model(glm.ModelArgs.from_config({**base, "n_group": 3}))
+
+
+def test_router_stays_float32_when_loading_in_bfloat16(ckpt):
+    # a bf16 selection bias would change which experts are chosen; the loader keeps it as stored
+    model, _ = load_model(ckpt[0], dtype="bfloat16")
+    gate = model.layers[1].mlp.gate
+    assert gate.weight.dtype == mx.float32 and gate.e_score_correction_bias.dtype == mx.float32
+    assert model.layers[1].self_attn.o_proj.weight.dtype == mx.bfloat16
