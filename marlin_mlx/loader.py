@@ -179,6 +179,21 @@ def quantization_of(config: dict, config_file: Path) -> Optional[dict]:
     return q
 
 
+def _imported_format(path: Path, config: dict) -> Optional[dict]:
+    """The GPTQ/AWQ quantization config of a checkpoint to import, else None. AutoGPTQ keeps it
+    in `quantize_config.json`, transformers-style checkpoints in config's `quantization_config`."""
+    from .importers import detect_quantized_format
+
+    if config.get("quantization") is not None:
+        return None  # mlx-lm's own format
+    for candidate in (config.get("quantization_config"), path / "quantize_config.json"):
+        if isinstance(candidate, Path):
+            candidate = _read_json(candidate) if candidate.is_file() else None
+        if isinstance(candidate, dict) and detect_quantized_format(candidate):
+            return candidate
+    return None
+
+
 def _infer_quant_params(path: str, module: nn.Module, weights: dict) -> dict:
     """bits / group size / mode a layer was packed with, read off the stored shapes."""
     in_dims = module.weight.shape[-1]
@@ -268,6 +283,16 @@ def load_model(path_or_hf_id: Union[str, Path], dtype=None) -> tuple:
     target = compute_dtype(config, dtype)
 
     weights, source = load_weights_lazily(weight_files(path))
+    imported = _imported_format(path, config)
+    if imported is not None:
+        # GPTQ/AWQ tensors become exact affine ones (scales and biases in float32: no second
+        # rounding); act-order layers come with the input permutation they need
+        from .importers import import_quantized
+
+        try:
+            weights, quant = import_quantized(weights, imported)
+        except ValueError as e:
+            raise MarlinError(f"{path}: cannot import this quantized checkpoint ({e})") from None
     try:
         weights = model.sanitize(weights)
     except (KeyError, ValueError, IndexError) as e:
@@ -277,18 +302,30 @@ def load_model(path_or_hf_id: Union[str, Path], dtype=None) -> tuple:
     # keep the file of origin for names sanitize passed through unchanged
     source = {k: source[k] for k in weights if k in source}
 
-    quant = quantization_of(config, config_file)
+    if imported is None:
+        quant = quantization_of(config, config_file)
     if quant is not None:
         quantize_for_checkpoint(model, quant, weights)
+    if imported is not None:
+        from .importers import apply_input_perms
+
+        apply_input_perms(model, weights)
     _check_against_model(model, weights, source, path)
 
     if target is not None:
         # no reference to the uncast arrays may survive, or both copies stay in memory
         # a model may keep some tensors in their own precision (GLM's router selection bias:
-        # in bf16 it would change which experts are chosen)
+        # in bf16 it would change which experts are chosen); imported GPTQ/AWQ layers keep
+        # their exact float32 scales and biases
         castable = getattr(model, "cast_predicate", lambda k: True)
-        weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) and castable(k)
-                   else v for k, v in weights.items()}
+        exact = (".scales", ".biases") if imported is not None else ()
+
+        def cast(k, v):
+            if not mx.issubdtype(v.dtype, mx.floating) or not castable(k) or k.endswith(exact):
+                return v
+            return v.astype(target)
+
+        weights = {k: cast(k, v) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
 
