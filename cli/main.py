@@ -232,6 +232,9 @@ def generate(
 # `marlin-mlx --help` lists them after generate.
 from .bench import bench, memory, perplexity  # noqa: E402  (light: heavy imports are inside)
 
+from .convert import convert  # noqa: E402
+
+app.command(name="convert")(convert)
 app.command(name="bench")(bench)
 app.command(name="perplexity")(perplexity)
 app.command(name="memory")(memory)
