@@ -70,8 +70,8 @@ def convert(
             raise ValueError(f"--num-samples {num_samples}: must be positive")
         if seq_len < 2:
             raise ValueError(f"--seq-len {seq_len}: must be at least 2")
-        if calibration is not None and method != "gptq":
-            raise ValueError("--calibration is only used with --method gptq")
+        if calibration is not None and method != "gptq" and target_bpw is None:
+            raise ValueError("--calibration is only used with --method gptq or --target-bpw")
         from marlin_mlx.convert import convert as run
 
         result = run(src, out, fmt=fmt, bits=bits, group_size=group_size, dtype=dtype,

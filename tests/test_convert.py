@@ -335,6 +335,15 @@ def test_cli(tiny_llama_path, tmp_path):
     _no_leftovers(tmp_path / "r")
     r = runner.invoke(app, ["convert", str(tiny_llama_path), str(out)])
     assert r.exit_code == 1 and "not empty" in r.output
+    # --target-bpw takes its calibration text from the command line too
+    cal = tmp_path / "cal.txt"
+    cal.write_text("It is a truth universally acknowledged, that a single man in possession "
+                   "of a good fortune, must be in want of a wife. " * 20)
+    r = runner.invoke(app, ["convert", str(tiny_llama_path), str(tmp_path / "t"), "--bits", "4",
+                            "--group-size", "32", "--target-bpw", "4.5", "--calibration", str(cal),
+                            "--num-samples", "2", "--seq-len", "64", "-q"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "t" / "config.json").is_file()
     r = runner.invoke(app, ["convert", "--help"])
     text = " ".join(r.output.split())
     for name in conv.PRESETS:  # the help text describes every preset
