@@ -39,9 +39,8 @@ import numpy as np
 from .calibration import allocate_bits, calibrate
 from .errors import MarlinError
 from .kernels import formats
-from .loader import (INDEX_FILE, load_weights_lazily, quantization_of, quantize_for_checkpoint,
-                     read_config, resolve_path, weight_files)
-from .models import SUPPORTED_MODEL_TYPES, get_model_class
+from .loader import (INDEX_FILE, build_model, load_weights_lazily, quantization_of,
+                     quantize_for_checkpoint, read_config, resolve_path, weight_files)
 
 DEFAULT_SHARD_GB = 5.0
 ROLES = ("attn", "ffn_gate", "ffn_up", "ffn_down", "lm_head", "embed", "default")
@@ -122,24 +121,6 @@ def _quantizable(module: nn.Module) -> bool:
     if isinstance(module, (nn.Linear, nn.Embedding)):
         return True
     return hasattr(module, "to_quantized") and "weight" in module
-
-
-def _build_skeleton(path: Path, config: dict):
-    config_file = path / "config.json"
-    model_type = config.get("model_type")
-    if not model_type:
-        raise MarlinError(f"{config_file}: no model_type")
-    try:
-        model_class, args_class = get_model_class(model_type)
-    except ValueError:
-        raise MarlinError(f"{config_file}: model_type {model_type!r} is not supported "
-                          f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})") from None
-    try:
-        return model_class(args_class.from_config(config))
-    except KeyError as e:
-        raise MarlinError(f"{config_file}: missing field {e.args[0]!r}") from None
-    except (ValueError, TypeError, ZeroDivisionError) as e:
-        raise MarlinError(f"{config_file}: {e}") from None
 
 
 def _plan(model: nn.Module, weights: dict, fmt: str, group_size: int, roles: dict):
@@ -432,7 +413,7 @@ def convert(src: Union[str, Path], out: Union[str, Path], *, fmt: str = "affine"
     if out.exists() and out.resolve() == path.resolve():
         raise MarlinError(f"{out}: the output folder is the source folder")
     config = read_config(path)
-    model = _build_skeleton(path, config)
+    model = build_model(path, config)
     weights, _ = load_weights_lazily(weight_files(path))
     quant_src = quantization_of(config, path / "config.json")
     if quant_src is not None and not dequantize:

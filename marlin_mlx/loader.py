@@ -260,10 +260,8 @@ def _check_against_model(model: nn.Module, weights: dict, source: dict, path: Pa
         raise MarlinError(f"{path}: weights missing from the checkpoint: {missing[0]!r}{more}")
 
 
-def load_model(path_or_hf_id: Union[str, Path], dtype=None) -> tuple:
-    """Build the model a folder describes and load its weights: `(model, config)`."""
-    path = resolve_path(path_or_hf_id)
-    config = read_config(path)
+def build_model(path: Path, config: dict) -> nn.Module:
+    """The model (random-initialized, lazily) that a folder's config describes."""
     config_file = path / "config.json"
     model_type = config.get("model_type")
     if not model_type:
@@ -274,12 +272,20 @@ def load_model(path_or_hf_id: Union[str, Path], dtype=None) -> tuple:
         raise MarlinError(f"{config_file}: model_type {model_type!r} is not supported "
                           f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})") from None
     try:
-        args = args_class.from_config(config)
-        model = model_class(args)
+        return model_class(args_class.from_config(config))
     except KeyError as e:
         raise MarlinError(f"{config_file}: missing field {e.args[0]!r}") from None
     except (ValueError, TypeError, ZeroDivisionError) as e:
         raise MarlinError(f"{config_file}: {e}") from None
+
+
+def load_model(path_or_hf_id: Union[str, Path], dtype=None) -> tuple:
+    """Build the model a folder describes and load its weights: `(model, config)`."""
+    path = resolve_path(path_or_hf_id)
+    config = read_config(path)
+    config_file = path / "config.json"
+    model_type = config.get("model_type")
+    model = build_model(path, config)
     target = compute_dtype(config, dtype)
 
     weights, source = load_weights_lazily(weight_files(path))
