@@ -17,6 +17,7 @@ from marlin_mlx.loader import load_model
 from marlin_mlx.models import glm4_moe_lite as glm
 from marlin_mlx.models import moe
 from marlin_mlx.models.mla_cache import MLACache
+from parity import cosine, hf_logits, rel_err
 
 TOL = 1e-4
 CONFIG = dict(
@@ -58,21 +59,10 @@ def ckpt(tmp_path_factory):
     return path, hf, model
 
 
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def cosine(a, b) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-def hf_logits(hf, ids) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return hf(torch.tensor(np.asarray(ids), dtype=torch.long)).logits.numpy()
 
 
 def ids_of(shape, seed=1):

@@ -13,13 +13,11 @@ from mlx.utils import tree_flatten
 from marlin_mlx.errors import MarlinError
 from marlin_mlx.kernels import QuantizedEmbedding, QuantizedLinear, quantize_modules
 from marlin_mlx.loader import compute_dtype, load, load_model
+from parity import rel_err
 
 IDS = mx.array([[5, 17, 99, 250, 3, 42, 7, 300, 11, 64, 128, 1]])
 
 
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def copy_ckpt(src: Path, dst: Path) -> Path:

@@ -13,6 +13,7 @@ from marlin_mlx.loader import load
 from marlin_mlx.models import SUPPORTED_MODEL_TYPES, get_model_class
 from marlin_mlx.models.base import rope_parameters
 from marlin_mlx.models.cache import KVCache
+from parity import rel_err
 
 TOL = 1e-4
 PROMPTS = [
@@ -54,9 +55,6 @@ CASES = {
 }
 
 
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def hf_logits(path, ids: np.ndarray) -> np.ndarray:

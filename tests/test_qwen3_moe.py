@@ -18,6 +18,7 @@ from marlin_mlx.loader import load_model
 from marlin_mlx.models import moe
 from marlin_mlx.models import qwen3_moe as q3m
 from marlin_mlx.models.cache import KVCache
+from parity import cosine, hf_logits, rel_err
 
 TOL = 1e-4
 CONFIG = dict(
@@ -52,21 +53,10 @@ def ckpt(tmp_path_factory):
     return path, hf, model
 
 
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def cosine(a, b) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-def hf_logits(hf, ids) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return hf(torch.tensor(np.asarray(ids), dtype=torch.long)).logits.numpy()
 
 
 def ids_of(shape, seed=1):
