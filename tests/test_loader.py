@@ -18,8 +18,6 @@ from parity import rel_err
 IDS = mx.array([[5, 17, 99, 250, 3, 42, 7, 300, 11, 64, 128, 1]])
 
 
-
-
 def copy_ckpt(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

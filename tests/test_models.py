@@ -55,8 +55,6 @@ CASES = {
 }
 
 
-
-
 def hf_logits(path, ids: np.ndarray) -> np.ndarray:
     import torch
     from transformers import AutoModelForCausalLM

@@ -53,12 +53,6 @@ def ckpt(tmp_path_factory):
     return path, hf, model
 
 
-
-
-
-
-
-
 def ids_of(shape, seed=1):
     return np.random.RandomState(seed).randint(0, CONFIG["vocab_size"], shape).astype(np.int32)
 
