@@ -8,7 +8,9 @@ Metal types and functions the kernels use. The same is done for the CUDA renderi
 when it is on PATH (with MLX's CUDA device headers from `MLX_CUDA_INCLUDE`).
 """
 
+import importlib
 import os
+import pkgutil
 import shutil
 import subprocess
 
@@ -16,6 +18,7 @@ import pytest
 
 import mlx.core as mx
 
+import marlin_mlx.kernels
 from marlin_mlx.kernels import dequantize, gated_mlp, launch, qmv
 
 SHIM = os.path.join(os.path.dirname(__file__), "metal_shim")
@@ -46,6 +49,18 @@ def cases():
             t = gated_mlp.template_for(dt, dt, bits, 64, 1, 1, 4096, 12288)
             out.append((f"gated-b{bits}-{dt}".replace("mlx.core.", ""), gated_mlp.SPEC,
                         [dt, U32, dt, dt, U32, dt, dt], [1 << 20] * 7, [dt], t))
+    return out + module_cases()
+
+
+def module_cases():
+    """Cases declared by the op modules themselves: a module with a `compile_cases()` function
+    returns (id, spec, input dtypes, input sizes, output dtypes, template) tuples, so a new op
+    family joins the compile check without editing this file."""
+    out = []
+    for info in pkgutil.iter_modules(marlin_mlx.kernels.__path__):
+        mod = importlib.import_module(f"marlin_mlx.kernels.{info.name}")
+        if callable(getattr(mod, "compile_cases", None)):
+            out.extend(mod.compile_cases())
     return out
 
 
