@@ -1,0 +1,1 @@
+"""Serving: a continuous-batching engine over a paged KV cache, and an OpenAI-compatible ASGI server."""
