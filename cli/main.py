@@ -166,6 +166,12 @@ def generate(
         help="Print separators and statistics (prompt and generation tok/s, peak memory), "
         "or only the generated text.",
     ),
+    distributed: bool = typer.Option(
+        False, "--distributed",
+        help="Tensor-parallel across the processes started by `mlx.launch` (each loads its "
+        "shard; rank 0 prints), e.g. `mlx.launch --backend ring -n 2 -- marlin-mlx generate "
+        "... --distributed`.",
+    ),
 ) -> None:
     """Generate text from a prompt, streaming it to stdout, then print statistics.
 
@@ -183,7 +189,22 @@ def generate(
 
         from marlin_mlx.loader import load, sampling_defaults
 
-        mdl, tokenizer = load(path, dtype=dtype)
+        group = None
+        if distributed:
+            import os
+
+            from marlin_mlx.distributed import broadcast_int, init
+
+            group = init()
+            if group.size() == 1:
+                typer.echo("note: --distributed in a single process (start it with mlx.launch)",
+                           err=True)
+            # every rank must sample the same token: one seed, rank 0's
+            own = seed if seed is not None else int.from_bytes(os.urandom(3), "little")
+            seed = broadcast_int(own, group)
+            if group.rank() > 0:
+                verbose = False
+        mdl, tokenizer = load(path, dtype=dtype, group=group)
         # options left unset take the checkpoint's recommendation (generation_config.json),
         # as transformers does; the bundled demo model asks for a repetition penalty there
         given = {"temperature": temp, "top_p": top_p, "top_k": top_k, "min_p": min_p,
@@ -214,6 +235,8 @@ def generate(
             typer.echo("=" * 10)
         response = None
         out = sys.stdout
+        if group is not None and group.rank() > 0:
+            out = open(os.devnull, "w")  # the other ranks compute in step, silently
         for response in stream_generate(
             mdl, tokenizer, ids, max_tokens, **sampling,
             repetition_context_size=repetition_context_size, seed=seed, stop=stop or None,
@@ -238,6 +261,10 @@ app.command(name="convert")(convert)
 app.command(name="bench")(bench)
 app.command(name="perplexity")(perplexity)
 app.command(name="memory")(memory)
+
+from .serve import serve  # noqa: E402  (light: starlette/uvicorn are imported inside)
+
+app.command(name="serve", short_help="Serve a model over an OpenAI-compatible HTTP API.")(serve)
 
 
 def _device_lines() -> List[tuple]:

@@ -7,6 +7,9 @@
   exactly when the checkpoint has its `scales`; its bits and group size come from the override
   or, failing that, from the stored shapes.
 - Everything a user can get wrong raises `MarlinError` with one line naming the file.
+- Tensor parallel (`load(path, group=...)`, marlin_mlx.distributed): the model's layers become
+  the rank's parallel ones and each split tensor is read as the rank's part only (one byte
+  range, or a memory map for parts along a later axis); whole tensors stay lazy as above.
 """
 
 import json
@@ -119,8 +122,10 @@ def weight_files(path: Path) -> list:
     return files
 
 
-def check_safetensors(file: Path) -> None:
-    """Cheap structural check (header parses, data not truncated) before handing it to MLX."""
+def check_safetensors(file: Path) -> tuple:
+    """Cheap structural check (header parses, data not truncated) before handing it to MLX.
+
+    Returns `(header, data_start)`: the parsed header and the file offset of its data."""
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
@@ -144,6 +149,7 @@ def check_safetensors(file: Path) -> None:
     if 8 + n + end > size:
         raise MarlinError(f"{file}: truncated safetensors file ({size} bytes, its header "
                           f"describes {8 + n + end})")
+    return header, 8 + n
 
 
 def load_weights_lazily(files: list) -> tuple:
@@ -158,6 +164,89 @@ def load_weights_lazily(files: list) -> tuple:
         for k, v in shard.items():
             weights[k] = v
             source[k] = f
+    return weights, source
+
+
+# numpy types safetensors dtypes are read as (bfloat16 as its bits, viewed by MLX afterwards)
+_NP_TYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "uint16",
+             "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64",
+             "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool"}
+
+
+def read_tensor_slice(file: Path, info: dict, data_start: int, spec=None) -> mx.array:
+    """One tensor, or only its part `spec = (axis, start, stop)`, read from a safetensors file.
+
+    A part along the first axis is one contiguous byte range (one read); along a later axis
+    it is read through a memory map, so only the pages that hold the part are touched. Either
+    way the process never holds more than the part. Dtypes numpy cannot hold (fp8) fall back
+    to MLX's reader, which reads the whole tensor."""
+    import numpy as np
+
+    shape, dtype = tuple(info["shape"]), info["dtype"]
+    begin = data_start + int(info["data_offsets"][0])
+    if dtype not in _NP_TYPES:
+        full = mx.load(str(file))[_name_of(info)]
+        if spec is None:
+            return full
+        index = [slice(None)] * full.ndim
+        index[spec[0]] = slice(spec[1], spec[2])
+        return mx.contiguous(full[tuple(index)])
+    np_type = np.dtype(_NP_TYPES[dtype])
+    if spec is None:
+        spec = (0, 0, shape[0]) if shape else None
+    if spec is None:  # a scalar
+        arr = np.fromfile(file, dtype=np_type, count=1, offset=begin).reshape(())
+    else:
+        axis, start, stop = spec
+        inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
+        if all(s == 1 for s in shape[:axis]):  # the part is one contiguous byte range
+            count = (stop - start) * inner
+            arr = np.fromfile(file, dtype=np_type, count=count,
+                              offset=begin + start * inner * np_type.itemsize)
+            arr = arr.reshape(*shape[:axis], stop - start, *shape[axis + 1:])
+        else:
+            mm = np.memmap(file, dtype=np_type, mode="r", offset=begin, shape=shape)
+            index = [slice(None)] * len(shape)
+            index[axis] = slice(start, stop)
+            arr = np.ascontiguousarray(mm[tuple(index)])
+            del mm
+    out = mx.array(arr)
+    return out.view(mx.bfloat16) if dtype == "BF16" else out
+
+
+def _name_of(info: dict) -> str:
+    return info["__name__"]
+
+
+def load_weights_sharded(files: list, plan) -> tuple:
+    """Like `load_weights_lazily`, but each tensor is read as the part `plan` (a
+    `marlin_mlx.distributed.ShardPlan`) assigns to this rank, under its local name; tensors
+    of other ranks only (experts) are not read at all. Split tensors are read at once (only
+    their part), whole ones stay lazy until the caller evaluates them."""
+    weights, source = {}, {}
+    for f in files:
+        header, data_start = check_safetensors(f)
+        whole = None  # MLX's lazy reader for the tensors every rank holds entirely
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            got = plan.local_name(name, tuple(info["shape"]), where=f)
+            if got is None:
+                continue
+            local, spec = got
+            try:
+                if spec is None:
+                    # read later, straight into MLX's memory (no NumPy copy next to it)
+                    whole = whole if whole is not None else mx.load(str(f))
+                    arr = whole[name]
+                else:
+                    arr = read_tensor_slice(f, {**info, "__name__": name}, data_start, spec)
+            except MarlinError:
+                raise
+            except Exception as e:
+                raise MarlinError(f"{f}: cannot read tensor {name!r} ({e})") from None
+            weights[local] = arr
+            source[local] = f
     return weights, source
 
 
@@ -279,8 +368,12 @@ def build_model(path: Path, config: dict) -> nn.Module:
         raise MarlinError(f"{config_file}: {e}") from None
 
 
-def load_model(path_or_hf_id: Union[str, Path], dtype=None) -> tuple:
-    """Build the model a folder describes and load its weights: `(model, config)`."""
+def load_model(path_or_hf_id: Union[str, Path], dtype=None, group=None) -> tuple:
+    """Build the model a folder describes and load its weights: `(model, config)`.
+
+    With `group` (an `mx.distributed` group of more than one process) the model is this
+    rank's tensor-parallel shard (marlin_mlx.distributed) and only the rank's part of each
+    tensor is read from the files."""
     path = resolve_path(path_or_hf_id)
     config = read_config(path)
     config_file = path / "config.json"
@@ -288,8 +381,20 @@ def load_model(path_or_hf_id: Union[str, Path], dtype=None) -> tuple:
     model = build_model(path, config)
     target = compute_dtype(config, dtype)
 
-    weights, source = load_weights_lazily(weight_files(path))
     imported = _imported_format(path, config)
+    sharded = group is not None and group.size() > 1
+    if sharded:
+        from .distributed import shard_modules
+
+        if imported is not None:
+            raise MarlinError(f"{path}: distributed loading of GPTQ/AWQ checkpoints is not "
+                              "supported; convert it first (`marlin-mlx convert`)")
+        # the model's layers become the rank's parallel ones and model.args the rank's counts
+        # (heads, experts), which is what sanitize must see for the slices read here
+        plan = shard_modules(model, group)
+        weights, source = load_weights_sharded(weight_files(path), plan)
+    else:
+        weights, source = load_weights_lazily(weight_files(path))
     if imported is not None:
         # GPTQ/AWQ tensors become exact affine ones (scales and biases in float32: no second
         # rounding); act-order layers come with the input permutation they need
@@ -372,10 +477,11 @@ def load_tokenizer(path: Path, eos_token_ids=None):
         raise MarlinError(f"{path}: cannot load the tokenizer ({first})") from None
 
 
-def load(path_or_hf_id: Union[str, Path], dtype=None) -> tuple:
-    """`(model, tokenizer)` from a local folder or a Hugging Face repo id."""
+def load(path_or_hf_id: Union[str, Path], dtype=None, group=None) -> tuple:
+    """`(model, tokenizer)` from a local folder or a Hugging Face repo id; with `group`, this
+    rank's tensor-parallel shard of the model (see `load_model`)."""
     path = resolve_path(path_or_hf_id)
-    model, config = load_model(path, dtype=dtype)
+    model, config = load_model(path, dtype=dtype, group=group)
     tokenizer = load_tokenizer(path, config.get("eos_token_id"))
     return model, tokenizer
 

@@ -163,13 +163,19 @@ class RMSNorm(nn.Module):
         return mx.fast.rms_norm(x, self.weight, self.eps)
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, window: Optional[int] = None):
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, window: Optional[int] = None,
+              cache=None):
     """Causal attention of q (B, H, L, D) over k/v (B, KV, S, D) with S >= L (cache in front).
 
     The queries are the last L positions; MLX's "causal" mask aligns the last query with the
     last key, which is what a prefill after cached tokens needs. GQA is handled by the kernel.
     `window` limits each query to the last `window` keys (sliding-window layers).
+    A cache with an `attend(q, k, v, scale, window)` method (the serving engine's paged
+    caches) computes the attention itself over its own storage; other caches change nothing.
     """
+    attend = getattr(cache, "attend", None)
+    if attend is not None:
+        return attend(q, k, v, scale, window)
     L, S = q.shape[2], k.shape[2]
     if window is not None and S > window:
         qpos = mx.arange(S - L, S)[:, None]
@@ -181,7 +187,11 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, window: Optio
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). For quantized gate/up at decode,
+    kernels.swiglu runs both projections and the activation as one fused launch."""
+
+    from marlin_mlx.kernels import swiglu as _swiglu
+    _swiglu = staticmethod(_swiglu)
 
     def __init__(self, dims: int, hidden_dims: int, bias: bool = False):
         super().__init__()
@@ -190,7 +200,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(hidden_dims, dims, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self._swiglu(x, self.gate_proj, self.up_proj))
 
 
 def check_activation(config: dict) -> None:

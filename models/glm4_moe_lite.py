@@ -235,26 +235,26 @@ class Attention(nn.Module):
             entries = mx.concatenate([latent, k_pe], axis=-1)
         form = self.form or ("absorbed" if L == 1 else "expanded")
         if form == "absorbed":
-            out = self._absorbed(q_nope, q_pe, entries)
+            out = self._absorbed(q_nope, q_pe, entries, cache)
         elif form == "expanded":
-            out = self._expanded(q_nope, q_pe, entries)
+            out = self._expanded(q_nope, q_pe, entries, cache)
         else:
             raise ValueError(f"attention form {form!r} is not one of 'absorbed', 'expanded'")
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
-    def _expanded(self, q_nope, q_pe, entries):
+    def _expanded(self, q_nope, q_pe, entries, cache=None):
         latent, k_pe = entries[..., : self.rank], entries[..., self.rank :]
         k_nope = self.embed_q(latent, transpose=False)  # (B, H, S, nope)
         v = self.unembed_out(latent)  # (B, H, S, v)
         k_pe = mx.broadcast_to(k_pe, (*k_nope.shape[:-1], self.rope_dim))
         k = mx.concatenate([k_nope, k_pe], axis=-1)
         q = mx.concatenate([q_nope, q_pe], axis=-1)
-        return attention(q, k, v, self.scale)
+        return attention(q, k, v, self.scale, cache=cache)
 
-    def _absorbed(self, q_nope, q_pe, entries):
+    def _absorbed(self, q_nope, q_pe, entries, cache=None):
         # q_nope . (W_k latent) == (W_k^T q_nope) . latent: score against the latent directly
         q = mx.concatenate([self.embed_q(q_nope), q_pe], axis=-1)  # (B, H, L, rank + rope)
-        out = attention(q, entries, entries[..., : self.rank], self.scale)  # (B, H, L, rank)
+        out = attention(q, entries, entries[..., : self.rank], self.scale, cache=cache)  # (B, H, L, rank)
         return self.unembed_out(out)  # (B, H, L, v)
 
 

@@ -95,7 +95,7 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = attention(q, k, v, self.scale, window=self.window)
+        out = attention(q, k, v, self.scale, window=self.window, cache=cache)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

@@ -1,0 +1,282 @@
+"""The paged KV cache and the one place where the serving engine runs the model.
+
+Storage: per layer a pool of fixed-size blocks, `keys[layer]` (num_blocks, kv_heads, block_size,
+k_dim) and `values[layer]` (num_blocks, kv_heads, block_size, v_dim), or `values[layer] = None`
+for GLM's latent attention (MLA), whose keys are the rows (latent | rope key) and whose values are
+their first `kv_lora_rank` columns. Token position p of a sequence lives in slot
+`block_table[p // block_size] * block_size + p % block_size`.
+
+The boundary: `ModelRunner.forward(StepInputs)`. A `StepInputs` holds only plain integer numpy
+arrays (token ids, positions, block tables, slot mapping, context lengths) and the kind of step;
+everything a model forward needs beyond the weights and the pools is in it, so a distributed
+engine can broadcast exactly these from rank 0 and run the same forward on every rank.
+
+How a model uses the pools: the engine passes one `PagedKVCache` / `PagedLatentCache` per layer
+as the model's `cache`. Its `offset` is an array of per-sequence start positions (RoPE takes an
+array offset), `update_and_fetch` writes the new entries into the pool and
+- in a prefill step (one sequence, inputs (1, L)) returns the sequence's whole context gathered
+  from its blocks, so the model's own causal attention runs unchanged;
+- in a decode step (B sequences of different lengths, inputs (B, 1)) returns the inputs, and
+  `attend(q, k, v, scale, window)`, which models/base.py `attention` calls when present,
+  computes paged attention over the pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import mlx.core as mx
+import numpy as np
+
+try:  # the paged-attention op family (kernels/paged_attention.py); plain MLX below until it lands
+    from marlin_mlx.kernels import paged_attention as _ops
+except ImportError:  # pragma: no cover - depends on the tree's state
+    _ops = None
+
+PREFILL, DECODE = "prefill", "decode"
+
+
+@dataclass
+class StepInputs:
+    """One model forward, as plain int32 numpy arrays.
+
+    kind: "prefill" (one sequence, B == 1, L new tokens) or "decode" (B sequences, L == 1).
+    token_ids: (B, L) the new tokens.
+    positions: (B,) position of each row's first new token (= tokens already cached).
+    block_tables: (B, max_blocks) each row's blocks in order, padded with 0 (never read: masked).
+    slot_mapping: (B * L,) pool slot of each new token, row-major.
+    context_lens: (B,) tokens cached for each row after this step (positions + L).
+    prev_rows: None, or (B,) for a decode step pipelined behind the previous one: row i's token
+      is row prev_rows[i] of the previous decode step's sampled tokens (not read back yet);
+      -1 takes token_ids[i]. (A distributed engine that broadcasts token ids reads the previous
+      tokens back first and leaves this None.)
+    """
+
+    kind: str
+    token_ids: np.ndarray
+    positions: np.ndarray
+    block_tables: np.ndarray
+    slot_mapping: np.ndarray
+    context_lens: np.ndarray
+    prev_rows: Optional[np.ndarray] = None
+
+
+# --- plain-MLX paged ops (the reference semantics of kernels/paged_attention.py) ---
+
+def write_paged_ref(cache: mx.array, entries: mx.array, slot_mapping: mx.array) -> mx.array:
+    """cache (num_blocks, kv_heads, block_size, dim) with entries (T, kv_heads, dim) at slots."""
+    bs, heads = cache.shape[2], cache.shape[1]
+    blocks = (slot_mapping // bs)[:, None]
+    pos = (slot_mapping % bs)[:, None]
+    cache[blocks, mx.arange(heads)[None, :], pos] = entries.astype(cache.dtype)
+    return cache
+
+
+def gather_paged_ref(cache: mx.array, block_table: mx.array, length: int) -> mx.array:
+    """(1, kv_heads, length, dim): the first `length` tokens of the sequence with `block_table`."""
+    _, heads, bs, dim = cache.shape
+    n = -(-length // bs)
+    blocks = cache[block_table[:n]]  # (n, heads, bs, dim)
+    return blocks.transpose(1, 0, 2, 3).reshape(1, heads, n * bs, dim)[:, :, :length]
+
+
+def paged_attention_ref(queries, key_cache, value_cache, block_tables, context_lens, scale, *,
+                        v_dim=None, window=None):
+    """queries (B, H, k_dim) -> (B, H, v_dim): one query per sequence over its cached tokens.
+
+    `value_cache=None`: values are the first `v_dim` columns of the keys (MLA's latent rows).
+    `window`: only the last `window` tokens of each sequence are attended (sliding window).
+    """
+    B, M = block_tables.shape
+    _, heads, bs, k_dim = key_cache.shape
+    S = M * bs
+
+    def rows(cache):
+        g = cache[block_tables]  # (B, M, heads, bs, dim)
+        return g.transpose(0, 2, 1, 3, 4).reshape(B, heads, S, cache.shape[-1])
+
+    k = rows(key_cache)
+    v = k[..., :v_dim] if value_cache is None else rows(value_cache)
+    pos = mx.arange(S)[None, :]
+    lens = context_lens[:, None]
+    mask = pos < lens
+    if window is not None:
+        mask = mask & (pos >= lens - window)
+    out = mx.fast.scaled_dot_product_attention(queries[:, :, None, :], k, v, scale=scale,
+                                               mask=mask[:, None, None, :])
+    return out[:, :, 0, :]
+
+
+def _write(cache, entries, slots):
+    return (_ops.write_paged if _ops is not None else write_paged_ref)(cache, entries, slots)
+
+
+def _gather(cache, table, length):
+    return (_ops.gather_paged if _ops is not None else gather_paged_ref)(cache, table, length)
+
+
+def _paged_attention(q, kc, vc, tables, lens, scale, v_dim, window):
+    if _ops is not None and window is None:
+        return _ops.paged_attention(q, kc, vc, tables, lens, scale, v_dim=v_dim)
+    return paged_attention_ref(q, kc, vc, tables, lens, scale, v_dim=v_dim, window=window)
+
+
+# --- pools and the per-layer cache views a model sees ---
+
+@dataclass
+class CacheSpec:
+    """What one layer stores per token: `kv_heads` rows of `k_dim` keys and `v_dim` values, or
+    (latent) one row of `k_dim` = kv_lora_rank + rope_dim whose first `v_dim` columns are values."""
+
+    num_layers: int
+    kv_heads: int
+    k_dim: int
+    v_dim: int
+    latent: bool
+    dtype: mx.Dtype
+
+    def bytes_per_block(self, block_size: int) -> int:
+        per_token = self.kv_heads * (self.k_dim + (0 if self.latent else self.v_dim))
+        return self.num_layers * block_size * per_token * self.dtype.size
+
+
+def cache_spec(model) -> CacheSpec:
+    """Read the per-layer cache shape from the model's attention modules."""
+    attn = model.layers[0].self_attn
+    dtype = _compute_dtype(model)
+    if hasattr(attn, "rank") and hasattr(attn, "rope_dim"):  # MLA (glm4_moe_lite)
+        return CacheSpec(len(model.layers), 1, attn.rank + attn.rope_dim, attn.rank, True, dtype)
+    return CacheSpec(len(model.layers), attn.n_kv_heads, attn.head_dim, attn.head_dim, False, dtype)
+
+
+def _compute_dtype(model) -> mx.Dtype:
+    # a norm weight is never quantized, so its dtype is the compute dtype
+    w = model.layers[0].input_layernorm.weight
+    return w.dtype
+
+
+class KVPool:
+    """The block pools of every layer (created zeroed; blocks are handed out by BlockManager)."""
+
+    def __init__(self, spec: CacheSpec, num_blocks: int, block_size: int):
+        self.spec, self.num_blocks, self.block_size = spec, num_blocks, block_size
+        shape_k = (num_blocks, spec.kv_heads, block_size, spec.k_dim)
+        shape_v = (num_blocks, spec.kv_heads, block_size, spec.v_dim)
+        self.keys: List[mx.array] = [mx.zeros(shape_k, spec.dtype) for _ in range(spec.num_layers)]
+        self.values: List[Optional[mx.array]] = [
+            None if spec.latent else mx.zeros(shape_v, spec.dtype) for _ in range(spec.num_layers)
+        ]
+        mx.eval(self.keys, [v for v in self.values if v is not None])
+
+    @property
+    def nbytes(self) -> int:
+        return self.spec.bytes_per_block(self.block_size) * self.num_blocks
+
+    def arrays(self) -> list:
+        return self.keys + [v for v in self.values if v is not None]
+
+
+class _StepArrays:
+    """The step's inputs as MLX arrays, shared by every layer's cache view."""
+
+    def __init__(self, inputs: StepInputs):
+        self.kind = inputs.kind
+        self.positions = mx.array(inputs.positions, mx.int32)
+        self.block_tables = mx.array(inputs.block_tables, mx.int32)
+        self.slots = mx.array(inputs.slot_mapping, mx.int32)
+        self.context_lens = mx.array(inputs.context_lens, mx.int32)
+        self.prefill_len = int(inputs.context_lens[0]) if inputs.kind == PREFILL else None
+
+
+class PagedKVCache:
+    """Layer `layer` of a KVPool, seen by a model as its cache for one step (Llama/Qwen3 layout)."""
+
+    def __init__(self, pool: KVPool, layer: int, step: _StepArrays):
+        self.pool, self.layer, self.step = pool, layer, step
+        self.offset = step.positions  # (B,) start positions: RoPE accepts an array offset
+
+    def _store(self, which: list, new: mx.array) -> mx.array:
+        B, heads, L, dim = new.shape
+        flat = new.transpose(0, 2, 1, 3).reshape(B * L, heads, dim)
+        which[self.layer] = _write(which[self.layer], flat, self.step.slots)
+        if self.step.kind == PREFILL:
+            return _gather(which[self.layer], self.step.block_tables[0], self.step.prefill_len)
+        return new
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        return self._store(self.pool.keys, keys), self._store(self.pool.values, values)
+
+    def __getattr__(self, name):
+        # `attend` exists only in decode steps: a prefill attends with the model's own code
+        if name == "attend" and self.step.kind == DECODE:
+            return self._attend
+        raise AttributeError(name)
+
+    def _attend(self, q, k, v, scale, window=None):
+        if q.shape[2] != 1:
+            raise ValueError(f"a paged decode step takes one query per sequence, got {q.shape[2]}")
+        out = _paged_attention(q[:, :, 0, :], self.pool.keys[self.layer],
+                               self.pool.values[self.layer], self.step.block_tables,
+                               self.step.context_lens, scale, v.shape[-1], window)
+        return out[:, :, None, :]
+
+
+class PagedLatentCache(PagedKVCache):
+    """MLA's latent cache over a KVPool with `values = None` (GLM-4.7-Flash)."""
+
+    def update_and_fetch(self, latent: mx.array, rope_keys: mx.array) -> mx.array:
+        self.rank = latent.shape[-1]
+        entries = mx.concatenate([latent, rope_keys.astype(latent.dtype)], axis=-1)
+        return self._store(self.pool.keys, entries)
+
+    def _attend(self, q, k, v, scale, window=None):
+        dim = self.pool.keys[self.layer].shape[-1]
+        if q.shape[-1] != dim:
+            raise ValueError("a paged MLA decode step needs the absorbed attention form "
+                             f"(query width {q.shape[-1]} != latent row width {dim})")
+        if q.shape[2] != 1:
+            raise ValueError(f"a paged decode step takes one query per sequence, got {q.shape[2]}")
+        out = _paged_attention(q[:, :, 0, :], self.pool.keys[self.layer], None,
+                               self.step.block_tables, self.step.context_lens, scale,
+                               self.rank, window)
+        return out[:, :, None, :]
+
+
+def _head(model, h: mx.array) -> mx.array:
+    """The output head of a CausalLM (tied embedding or lm_head)."""
+    if model.args.tie_word_embeddings:
+        return model.model.embed_tokens.as_linear(h)
+    return model.lm_head(h)
+
+
+class ModelRunner:
+    """Every model invocation of the serving engine goes through `forward`.
+
+    forward(StepInputs, prev_tokens=None) -> logits (B, vocab) float32 of each row's last new
+    token for a decode step, None for a prefill step (its tokens only fill the cache: the engine
+    always feeds a prompt's last token through a decode step). The pools are updated lazily;
+    `pool.arrays()` must be evaluated with the step's results.
+    """
+
+    def __init__(self, model, num_blocks: int, block_size: int):
+        self.model = model
+        self.spec = cache_spec(model)
+        self.pool = KVPool(self.spec, num_blocks, block_size)
+        self._cache_class = PagedLatentCache if self.spec.latent else PagedKVCache
+
+    def forward(self, inputs: StepInputs,
+                prev_tokens: Optional[mx.array] = None) -> Optional[mx.array]:
+        step = _StepArrays(inputs)
+        caches = [self._cache_class(self.pool, i, step) for i in range(self.spec.num_layers)]
+        tokens = mx.array(inputs.token_ids, mx.int32)
+        if inputs.prev_rows is not None:
+            if prev_tokens is None:
+                raise ValueError("prev_rows given without the previous step's tokens")
+            rows = mx.array(np.maximum(inputs.prev_rows, 0), mx.int32)
+            take = mx.array(inputs.prev_rows >= 0)[:, None]
+            tokens = mx.where(take, prev_tokens[rows].astype(mx.int32)[:, None], tokens)
+        h = self.model.model(tokens, caches)
+        if inputs.kind == PREFILL:
+            return None
+        return _head(self.model, h[:, -1, :]).astype(mx.float32)
