@@ -6,7 +6,13 @@ weights from memory; the median round time over `n` is the per-launch time. The 
 device-copy bandwidth is the roofline. Writes JSON (and prints a markdown table).
 
     python benchmarks/kernels.py --out benchmarks/results/kernels_h200.json
-    python benchmarks/kernels.py --quick            # fewer shapes / M values
+    python benchmarks/kernels.py --quick            # M = 1, 4, 8 only
+    python benchmarks/kernels.py --formats affine-4,mxfp4 --ms 1,2,4,8,16   # a slice
+
+Formats: affine 4-bit and 8-bit (group 64) and mxfp4 (group 32); ours is the fused qmv kernel
+(affine: `qmv`, mxfp4: `fp4_qmv`) for M <= 16 and, for affine, dequantize + MLX's matmul from
+M = 16 on (the faster of the two is reported); where we have no kernel, MLX's built-in path is
+what runs and is reported as such. The fp16 matmul is timed once per shape and M.
 """
 
 from __future__ import annotations
@@ -25,12 +31,16 @@ import mlx.core as mx
 
 from marlin_mlx.kernels import launch
 from marlin_mlx.kernels.dequantize import dequantize_kernel
+from marlin_mlx.kernels.fp4_qmv import fp4_qmv_kernel
 from marlin_mlx.kernels.qmv import qmv_kernel
 
 SHAPES = [(4096, 12288), (12288, 4096), (4096, 4096), (8192, 28672), (28672, 8192)]  # K -> N
 MS = [1, 2, 4, 8, 16, 32, 64, 512, 4096]
+# format label -> (mode, bits, group size)
+FORMATS = {"affine-4": ("affine", 4, 64), "affine-8": ("affine", 8, 64), "mxfp4": ("mxfp4", 4, 32)}
+QMV_MAX_M = 16  # rows of x up to which the fused GEMV kernels are timed
 L2_BYTES = 60e6
-ROTATE_BYTES = 4 * L2_BYTES
+ROTATE_BYTES = 2.5 * L2_BYTES  # every launch still reads its weights from HBM
 
 
 def device_name() -> str:
@@ -41,7 +51,7 @@ def device_name() -> str:
         return "unknown"
 
 
-def timeit(make_outputs, n: int, rounds: int = 15, warmup: int = 3) -> float:
+def timeit(make_outputs, n: int, rounds: int = 7, warmup: int = 1) -> float:
     """Median seconds per launch: each round evaluates one graph of `n` launches.
 
     The graph is built before the clock starts (in a decode loop graph building overlaps the
@@ -75,14 +85,17 @@ def launch_floor(n: int) -> float:
     return timeit(lambda: [qmv_kernel(x, q, s, b, 64, 4) for x in xs], n)
 
 
-def weight_sets(N, K, bits, gs, dtype, copies):
+def weight_sets(N, K, fmt, dtype, copies):
+    """`copies` independent weight sets: (w,) dense, (w, scales[, biases]) quantized."""
     sets = []
     for _ in range(copies):
         w = mx.random.normal((N, K)).astype(dtype) * 0.02
-        if bits is None:
+        if fmt is None:
             sets.append((w,))
         else:
-            sets.append(tuple(mx.quantize(w, group_size=gs, bits=bits)))
+            mode, bits, gs = FORMATS[fmt]
+            q = mx.quantize(w, group_size=gs, bits=bits, mode=mode)
+            sets.append(tuple(q) if mode == "affine" else tuple(q[:2]))
         mx.eval(*sets[-1])
     return sets
 
@@ -91,68 +104,95 @@ def nbytes(arrs) -> int:
     return sum(a.nbytes for a in arrs)
 
 
-def bench_shape(K, N, Ms, bits=4, gs=64, dtype=mx.float16, variants=None, check=True):
-    """Rows of results for one weight shape."""
-    qbytes = N * K * bits // 8 + 2 * N * (K // gs) * 2
-    copies_q = max(2, math.ceil(ROTATE_BYTES / qbytes))
-    copies_f = max(2, math.ceil(ROTATE_BYTES / (2 * N * K)))
-    qsets = weight_sets(N, K, bits, gs, dtype, copies_q)
-    fsets = weight_sets(N, K, None, gs, dtype, copies_f)
+def fp16_times(K, N, Ms, dtype=mx.float16) -> dict:
+    """Seconds per fp16 matmul launch for each M (shared by every format of the shape)."""
+    fsets = weight_sets(N, K, None, dtype, max(2, math.ceil(ROTATE_BYTES / (2 * N * K))))
+    out = {}
+    for M in Ms:
+        x = mx.random.normal((M, K)).astype(dtype)
+        mx.eval(x)
+        out[M] = timeit(lambda: [x @ w.T for (w,) in fsets], len(fsets))
+    del fsets
+    mx.clear_cache()
+    return out
+
+
+def bench_shape(K, N, Ms, fmt="affine-4", dtype=mx.float16, variants=None, check=True,
+                fp16=None):
+    """Rows of results for one weight shape and format (`fp16`: fp16_times of the shape)."""
+    mode, bits, gs = FORMATS[fmt]
+    fp16 = fp16 or fp16_times(K, N, Ms, dtype)
+    fp16_gemv_GBs = None
+    # codes + per-group scales (and biases: affine, in the weights' dtype; fp formats: 1 byte)
+    qbytes = N * K * bits // 8 + (2 * 2 * N * (K // gs) if mode == "affine" else N * (K // gs))
+    qsets = weight_sets(N, K, fmt, dtype, max(2, math.ceil(ROTATE_BYTES / qbytes)))
+
+    def builtin(x, s):
+        return mx.quantized_matmul(x, *s, transpose=True, group_size=gs, bits=bits, mode=mode)
+
+    def ours_qmv(x, s, kw):
+        if mode == "affine":
+            return qmv_kernel(x, *s, gs, bits, **kw)
+        return fp4_qmv_kernel(x, *s, mode)
+
+    def ours_dq_mm(x, s):
+        if mode == "affine":
+            return x @ dequantize_kernel(*s, gs, bits, dtype).T
+        return None
+
     rows = []
     for M in Ms:
         x = mx.random.normal((M, K)).astype(dtype)
         mx.eval(x)
         io = x.nbytes + M * N * 2
-        row = {"K": K, "N": N, "M": M, "bits": bits, "group_size": gs, "dtype": str(dtype),
-               "weight_bytes": qbytes, "fp16_bytes": 2 * N * K}
-        t_f = timeit(lambda: [x @ w.T for (w,) in fsets], len(fsets))
-        t_b = timeit(lambda: [mx.quantized_matmul(x, *s, transpose=True, group_size=gs,
-                                                  bits=bits) for s in qsets], len(qsets))
+        row = {"K": K, "N": N, "M": M, "bits": fmt, "format": mode, "code_bits": bits,
+               "group_size": gs, "dtype": str(dtype), "weight_bytes": qbytes, "fp16_bytes": 2 * N * K}
+        t_f = fp16[M]
+        t_b = timeit(lambda: [builtin(x, s) for s in qsets], len(qsets))
         row.update(fp16_us=t_f * 1e6, fp16_GBs=(2 * N * K + io) / t_f / 1e9,
                    mlx_us=t_b * 1e6, mlx_GBs=(qbytes + io) / t_b / 1e9)
+        if M == 1:
+            fp16_gemv_GBs = row["fp16_GBs"]
         best = None
-        if M >= 16:
-            t = timeit(lambda: [x @ dequantize_kernel(*s, gs, bits, dtype).T for s in qsets],
-                       len(qsets))
+        if M >= QMV_MAX_M and mode == "affine":
+            t = timeit(lambda: [ours_dq_mm(x, s) for s in qsets], len(qsets))
             row["ours_dq+mm_us"] = t * 1e6
             best = ("dq+mm", t)
-        for name, kw in ((variants or {"auto": {}}) if M <= 16 else {}).items():
+        qmv_variants = (variants or {"auto": {}}) if mode == "affine" else {"auto": {}}
+        for name, kw in (qmv_variants if M <= QMV_MAX_M else {}).items():
             if check:
-                y = qmv_kernel(x, *qsets[0], gs, bits, **kw)
-                ref = mx.quantized_matmul(x, *qsets[0], transpose=True, group_size=gs, bits=bits)
+                y = ours_qmv(x, qsets[0], kw)
+                ref = builtin(x, qsets[0])
                 err = (mx.linalg.norm((y - ref).astype(mx.float32)) /
                        mx.linalg.norm(ref.astype(mx.float32))).item()
                 row[f"err_{name}"] = err
-            t = timeit(lambda: [qmv_kernel(x, *s, gs, bits, **kw) for s in qsets], len(qsets))
+            t = timeit(lambda: [ours_qmv(x, s, kw) for s in qsets], len(qsets))
             row[f"ours_{name}_us"] = t * 1e6
             if best is None or t < best[1]:
                 best = (name, t)
-        kw = (variants or {}).get(best[0], {})
-        t0 = time.perf_counter()
-        for s in qsets * 4:
-            qmv_kernel(x, *s, gs, bits, **kw) if M <= 16 else None
-        row["host_us_ours"] = (time.perf_counter() - t0) / (4 * len(qsets)) * 1e6
-        t0 = time.perf_counter()
-        for s in qsets * 4:
-            mx.quantized_matmul(x, *s, transpose=True, group_size=gs, bits=bits)
-        row["host_us_mlx"] = (time.perf_counter() - t0) / (4 * len(qsets)) * 1e6
+        if best is None:  # no kernel of ours for this case: MLX's path is what runs
+            best = ("builtin", t_b)
         t = best[1]
         row.update(best=best[0], ours_us=t * 1e6, ours_GBs=(qbytes + io) / t / 1e9,
                    vs_mlx=t_b / t, vs_fp16=t_f / t)
+        if fp16_gemv_GBs:
+            row["ours_frac_fp16_gemv_bw"] = row["ours_GBs"] / fp16_gemv_GBs
         rows.append(row)
-        print(f"K={K:6d} N={N:6d} M={M:3d}: ours {t*1e6:7.1f} us ({row['ours_GBs']:6.0f} GB/s, "
-              f"{best[0]}) mlx {t_b*1e6:7.1f} us fp16 {t_f*1e6:7.1f} us  x{t_b/t:4.2f} vs mlx "
+        print(f"{fmt:>8} K={K:6d} N={N:6d} M={M:4d}: ours {t*1e6:8.1f} us ({row['ours_GBs']:6.0f} GB/s,"
+              f" {best[0]}) mlx {t_b*1e6:8.1f} us fp16 {t_f*1e6:8.1f} us  x{t_b/t:4.2f} vs mlx "
               f"x{t_f/t:4.2f} vs fp16", flush=True)
-    del qsets, fsets
+    del qsets
     return rows
 
 
 def table(rows) -> str:
-    out = ["| K→N | M | bits | ours µs | GB/s | MLX µs | fp16 µs | vs MLX | vs fp16 | variant |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| K→N | M | format | ours µs | GB/s | of fp16 GEMV GB/s | MLX µs | fp16 µs | vs MLX | "
+           "vs fp16 | path |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        frac = r.get("ours_frac_fp16_gemv_bw")
         out.append(f"| {r['K']}→{r['N']} | {r['M']} | {r['bits']} | {r['ours_us']:.1f} | "
-                   f"{r['ours_GBs']:.0f} | {r['mlx_us']:.1f} | {r['fp16_us']:.1f} | "
+                   f"{r['ours_GBs']:.0f} | {'-' if frac is None else f'{frac:.2f}'} | "
+                   f"{r['mlx_us']:.1f} | {r['fp16_us']:.1f} | "
                    f"{r['vs_mlx']:.2f}x | {r['vs_fp16']:.2f}x | {r['best']} |")
     return "\n".join(out)
 
@@ -166,11 +206,11 @@ def plot(rows, path):
     except ImportError:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for (K, N, bits) in sorted({(r["K"], r["N"], r["bits"]) for r in rows}):
-        rs = [r for r in rows if (r["K"], r["N"], r["bits"]) == (K, N, bits)]
+    for (K, N, fmt) in sorted({(r["K"], r["N"], r["bits"]) for r in rows}):
+        rs = [r for r in rows if (r["K"], r["N"], r["bits"]) == (K, N, fmt)]
         for ax, key in zip(axes, ("vs_mlx", "vs_fp16")):
             ax.plot([r["M"] for r in rs], [r[key] for r in rs], marker="o",
-                    label=f"{K}->{N} {bits}-bit")
+                    label=f"{K}->{N} {fmt}")
     for ax, title in zip(axes, ("speed-up vs MLX quantized_matmul", "speed-up vs fp16 matmul")):
         ax.set_xscale("log", base=2)
         ax.axhline(1.0, color="gray", lw=0.8)
@@ -203,7 +243,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--bits", default="4,8")
+    ap.add_argument("--formats", default=",".join(FORMATS),
+                    help=f"comma-separated, of {', '.join(FORMATS)}")
     ap.add_argument("--ms", default=None)
     ap.add_argument("--shapes", default=None, help="K:N,K:N")
     ap.add_argument("--variants", default=None)
@@ -223,9 +264,21 @@ def main(argv=None):
     meta["launch_floor_us"] = launch_floor(64) * 1e6
     print(f"{meta}", flush=True)
     rows = []
-    for bits in [int(b) for b in args.bits.split(",")]:
+    for fmt in args.formats.split(","):
+        if fmt not in FORMATS:
+            print(f"unknown format {fmt!r} (expected {', '.join(FORMATS)})", file=sys.stderr)
+            return 2
+    fp16 = {}
+    for K, N in shapes:
+        fp16[(K, N)] = fp16_times(K, N, Ms)
+    for fmt in args.formats.split(","):
         for K, N in shapes:
-            rows += bench_shape(K, N, Ms, bits=bits, variants=variants)
+            rows += bench_shape(K, N, Ms, fmt=fmt, variants=variants, fp16=fp16[(K, N)])
+            mx.clear_cache()
+            if args.out:  # partial results survive a timeout
+                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+                with open(args.out, "w") as f:
+                    json.dump({"meta": meta, "rows": rows}, f, indent=1)
     result = {"meta": meta, "rows": rows}
     md = (f"{meta['device']}, MLX {meta['mlx']} ({meta['backend']}), {meta['date']}; "
           f"per-launch wall time, graph of n launches, weights rotated past L2\n\n" + table(rows))

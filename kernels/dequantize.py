@@ -14,6 +14,12 @@ from .launch import KernelSpec, backend, cdiv, launch
 from .qmv import BITS, DTYPES, XKIND
 
 SPEC = KernelSpec("marlin_dequant", "dequantize.h", ("w", "scales", "biases"), ("out",))
+# The same kernel with one more, unread input: an element of the activations the result is
+# multiplied with, so the dequantization is scheduled after them. Without it, every layer's
+# dequantize is a graph root and MLX may run many of them ahead of their matmuls (a Qwen3-8B
+# prefill peaked at 20 GB instead of 12).
+SPEC_AFTER = KernelSpec("marlin_dequant_after", "dequantize.h",
+                        ("w", "scales", "biases", "after"), ("out",))
 THREADS = 256
 
 
@@ -34,7 +40,8 @@ def dequantize(w, scales, biases, group_size: int = 64, bits: int = 4, dtype=Non
     return dequantize_kernel(w, scales, biases, group_size, bits, dtype)
 
 
-def dequantize_kernel(w, scales, biases, group_size, bits, dtype):
+def dequantize_kernel(w, scales, biases, group_size, bits, dtype, after=None):
+    """`after`: an array the launch must wait for (its first element is passed, unread)."""
     N = w.shape[0]
     K = w.shape[1] * 32 // bits
     nch = N * K // 32
@@ -42,7 +49,10 @@ def dequantize_kernel(w, scales, biases, group_size, bits, dtype):
         biases = biases.astype(scales.dtype)
     template = [("T", dtype), ("XK", XKIND[dtype]), ("BITS", bits), ("GS", group_size),
                 ("K", K), ("NCH", nch)]
-    (out,) = launch(SPEC, [w, scales, biases], template, grid=(cdiv(nch, THREADS) * THREADS, 1, 1),
+    spec, inputs = SPEC, [w, scales, biases]
+    if after is not None:
+        spec, inputs = SPEC_AFTER, inputs + [after.reshape(-1)[:1]]
+    (out,) = launch(spec, inputs, template, grid=(cdiv(nch, THREADS) * THREADS, 1, 1),
                     threadgroup=(THREADS, 1, 1), output_shapes=[(N, K)], output_dtypes=[dtype])
     return out
 
@@ -50,3 +60,11 @@ def dequantize_kernel(w, scales, biases, group_size, bits, dtype):
 def template_for(dtype, bits, group_size, N, K):
     return [("T", dtype), ("XK", XKIND[dtype]), ("BITS", bits), ("GS", group_size), ("K", K),
             ("NCH", N * K // 32)]
+
+
+def compile_cases():
+    """The dependency-carrying variant (the plain one is in tests/test_metal_compile.py)."""
+    import mlx.core as _mx
+    return [(f"dequant-after-{dt}".replace("mlx.core.", ""), SPEC_AFTER,
+             [_mx.uint32, dt, dt, dt], [1 << 20, 1 << 16, 1 << 16, 1], [dt],
+             template_for(dt, 4, 64, 4096, 4096)) for dt in (_mx.float16, _mx.bfloat16)]

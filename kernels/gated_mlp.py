@@ -10,7 +10,9 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .formats import validate_quantized
-from .launch import KernelSpec, backend, cdiv, launch
+from . import launch as _launch
+from .launch import KernelSpec, backend, cdiv, cuda_plan_kernel, launch, prod
+from . import qmv as _qmv
 from .qmv import M_TILE, XKIND, config, supported
 
 SPEC = KernelSpec("marlin_gated_mlp", "gated_mlp.h",
@@ -38,29 +40,45 @@ def gated_mlp(x, gate, up, group_size: int = 64, bits: int = 4, *, R=None, SK=No
     return gated_mlp_kernel(x, gate, up, group_size, bits, R=R, SK=SK)
 
 
-def gated_mlp_kernel(x, gate, up, group_size, bits, *, R=None, SK=None):
+_PLANS: dict = {}
+
+
+def _plan(xdt, sdt, bits, group_size, xshape, N, R, SK, PF):
+    """As qmv._plan: cached per x shape; x and y keep their leading dims (no reshapes)."""
+    PF = _qmv.PREFETCH if PF is None else PF
+    key = (xdt, sdt, bits, group_size, xshape, N, R, SK, PF)
+    plan = _PLANS.get(key)
+    if plan is None:
+        K, lead = xshape[-1], tuple(xshape[:-1])
+        MT = prod(lead)
+        M = min(MT, M_TILE)
+        R, SK = config(M, 2 * N, K, bits, R, SK)
+        R = max(1, R // 2)  # each simdgroup reads R gate rows and R up rows
+        template = [("T", xdt), ("S", sdt), ("XK", XKIND[xdt]), ("BITS", bits),
+                    ("GS", group_size), ("R", R), ("SK", SK), ("PF", PF), ("M", M), ("MT", MT),
+                    ("K", K), ("N", N)]
+        be = backend()
+        kern, ktemplate = cuda_plan_kernel(SPEC, template) if be == "cuda" else (None, None)
+        plan = _PLANS[key] = (template, (32 * SK * cdiv(N, R), cdiv(MT, M), 1), (32 * SK, 1, 1),
+                              [(*lead, N)], [xdt], kern, ktemplate)
+    return plan
+
+
+def gated_mlp_kernel(x, gate, up, group_size, bits, *, R=None, SK=None, PF=None):
     w, s, b = gate
     w2, s2, b2 = up
-    K = x.shape[-1]
-    N = w.shape[0]
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    MT = x2.shape[0]
-    M = min(MT, M_TILE)
-    R, SK = config(M, 2 * N, K, bits, R, SK)
-    R = max(1, R // 2)  # each simdgroup reads R gate rows and R up rows
-    b, s2, b2 = (a.astype(s.dtype) if a.dtype != s.dtype else a for a in (b, s2, b2))
-    template = [("T", x.dtype), ("S", s.dtype), ("XK", XKIND[x.dtype]), ("BITS", bits),
-                ("GS", group_size), ("R", R), ("SK", SK), ("PF", 0), ("M", M), ("MT", MT),
-                ("K", K), ("N", N)]
-    (y,) = launch(SPEC, [x2, w, s, b, w2, s2, b2], template,
-                  grid=(32 * SK * cdiv(N, R), cdiv(MT, M), 1), threadgroup=(32 * SK, 1, 1),
-                  output_shapes=[(MT, N)], output_dtypes=[x.dtype])
-    return y.reshape(*lead, N)
+    sdt = s.dtype
+    if b.dtype != sdt or s2.dtype != sdt or b2.dtype != sdt:
+        b, s2, b2 = (a.astype(sdt) for a in (b, s2, b2))
+    template, grid, tg, oshape, odt, kern, ktemplate = _plan(x.dtype, sdt, bits, group_size,
+                                                             x.shape, w.shape[0], R, SK, PF)
+    inputs = [x, w, s, b, w2, s2, b2]
+    if kern is not None:
+        return kern(inputs=inputs, template=ktemplate, grid=grid, threadgroup=tg,
+                    output_shapes=oshape, output_dtypes=odt,
+                    init_value=float("nan") if _launch.POISON_OUTPUTS else None)[0]
+    return launch(SPEC, inputs, template, grid, tg, oshape, odt)[0]
 
 
-def template_for(x_dtype, s_dtype, bits, group_size, M, MT, K, N):
-    R, SK = config(M, 2 * N, K, bits)
-    return [("T", x_dtype), ("S", s_dtype), ("XK", XKIND[x_dtype]), ("BITS", bits),
-            ("GS", group_size), ("R", max(1, R // 2)), ("SK", SK), ("PF", 0), ("M", M),
-            ("MT", MT), ("K", K), ("N", N)]
+def template_for(x_dtype, s_dtype, bits, group_size, M, MT, K, N, PF=None):
+    return _plan(x_dtype, s_dtype, bits, group_size, (MT, K), N, None, None, PF)[0]

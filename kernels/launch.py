@@ -220,3 +220,41 @@ def cdiv(a: int, b: int) -> int:
 
 def prod(shape) -> int:
     return math.prod(shape) if shape else 1
+
+
+# On CUDA, MLX writes template constants as `constexpr` / `using` lines at the top of the kernel
+# body, and it converts and formats the template on every call. A kernel object per template
+# with those lines already in its source compiles to the same code and skips that per-call work
+# (host time at decode: one launch per linear layer per token). MARLIN_MLX_BAKE=0 turns it off.
+BAKE = os.environ.get("MARLIN_MLX_BAKE", "1").strip() != "0"
+_BAKED: dict = {}
+
+
+def baked_cuda_source(spec: KernelSpec, template) -> tuple[str, str, str]:
+    """(name, header, source) of the CUDA kernel object with the template's constants written
+    into the source: the same lines MLX writes at the top of a templated body."""
+    header, source = parts(spec, "cuda")
+    consts = []
+    for n, v in template:
+        if isinstance(v, bool):
+            consts.append(f"  constexpr bool {n} = {_template_value(v, CUDA_TYPES)};\n")
+        elif isinstance(v, int):
+            consts.append(f"  constexpr int {n} = {v};\n")
+        else:
+            consts.append(f"  using {n} = {CUDA_TYPES[v]};\n")
+    name = spec.name + "".join("_" + _template_value(v, CUDA_TYPES) for _, v in template)
+    return name, header, "".join(consts) + "\n" + source
+
+
+def cuda_plan_kernel(spec: KernelSpec, template):
+    """(kernel object, template argument) for CUDA launches of a cached plan."""
+    if not BAKE:
+        return kernel_object(spec, "cuda"), template
+    key = (spec, tuple(template))
+    kern = _BAKED.get(key)
+    if kern is None:
+        name, header, source = baked_cuda_source(spec, template)
+        kern = _BAKED[key] = mx.fast.cuda_kernel(
+            name=name, input_names=list(spec.inputs), output_names=list(spec.outputs),
+            source=source, header=header, ensure_row_contiguous=True)
+    return kern, None

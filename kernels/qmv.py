@@ -7,10 +7,13 @@ y = x @ dequant(w).T with w in MLX's affine layout (uint32 words packed along K,
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 
 from .formats import validate_quantized
-from .launch import KernelSpec, backend, cdiv, launch
+from . import launch as _launch
+from .launch import KernelSpec, backend, cdiv, cuda_plan_kernel, launch, prod
 
 SPEC = KernelSpec("marlin_qmv", "qmv.h", ("x", "w", "scales", "biases"), ("y",))
 
@@ -18,7 +21,9 @@ BITS = (2, 3, 4, 5, 6, 8)
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 XKIND = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
 M_TILE = 8          # rows of x one threadgroup handles; larger M tiles the grid's y axis
-TARGET_WARPS = 132 * 32  # enough simdgroups in flight to cover memory latency on a big GPU
+# Enough simdgroups in flight to cover memory latency on a big GPU (H200: 132 SMs).
+TARGET_WARPS = int(132 * 32 * float(os.environ.get("MARLIN_MLX_QMV_TW", "1")))
+R_DECODE = 4        # output rows per simdgroup for M <= 4
 
 
 def reference(x, w, scales, biases, group_size=64, bits=4):
@@ -37,7 +42,7 @@ def config(M: int, N: int, K: int, bits: int, R: int | None = None, SK: int | No
     """(rows per simdgroup, simdgroups splitting K) for a launch (measured on an H200 with
     Nsight Compute: R=4 with split-K to ~4k simdgroups was best at M=1)."""
     if R is None:
-        R = 4 if M <= 4 else 2
+        R = R_DECODE if M <= 4 else 2
     steps = cdiv(K // 32, 32)  # 32-lane steps along K
     if SK is None:
         SK = max(1, min(8, steps, cdiv(TARGET_WARPS, cdiv(N, R))))
@@ -54,46 +59,51 @@ def qmv(x, w, scales, biases, group_size: int = 64, bits: int = 4, *, R: int | N
     return qmv_kernel(x, w, scales, biases, group_size, bits, R=R, SK=SK)
 
 
+# PF=1: software pipelining (next step's loads before this step's arithmetic)
+PREFETCH = int(os.environ.get("MARLIN_MLX_QMV_PF", "0"))
 _PLANS: dict = {}
 
 
-PREFETCH = 0  # PF=1 (software pipelining) compiles but is not yet measured or GPU-tested
-_PLANS: dict = {}
-
-
-def _plan(xdt, sdt, bits, group_size, MT, K, N, R, SK, PF=None):
-    """(template, grid, threadgroup) for a launch; cached, the host cost counts at decode."""
+def _plan(xdt, sdt, bits, group_size, xshape, N, R, SK, PF=None):
+    """(template, grid, threadgroup, output shapes, output dtypes, kernel object, its template)
+    for x of shape `xshape`; cached, since the host cost of a launch counts at decode. x goes
+    to the kernel with its leading dims as they are (it reads x as rows of K) and y comes back
+    in its final shape: no reshape nodes around the launch. On CUDA the launch calls the kernel
+    object directly (launch.cuda_plan_kernel); Metal goes through `launch.launch`, which pads
+    tiny inputs."""
     PF = PREFETCH if PF is None else PF
-    key = (xdt, sdt, bits, group_size, MT, K, N, R, SK, PF)
+    key = (xdt, sdt, bits, group_size, xshape, N, R, SK, PF)
     plan = _PLANS.get(key)
     if plan is None:
+        K, lead = xshape[-1], tuple(xshape[:-1])
+        MT = prod(lead)
         M = min(MT, M_TILE)
         R, SK = config(M, N, K, bits, R, SK)
         template = [("T", xdt), ("S", sdt), ("XK", XKIND[xdt]), ("BITS", bits),
                     ("GS", group_size), ("R", R), ("SK", SK), ("PF", PF), ("M", M), ("MT", MT),
                     ("K", K), ("N", N)]
+        be = backend()
+        kern, ktemplate = cuda_plan_kernel(SPEC, template) if be == "cuda" else (None, None)
         plan = _PLANS[key] = (template, (32 * SK * cdiv(N, R), cdiv(MT, M), 1), (32 * SK, 1, 1),
-                              [(MT, N)], [xdt])
+                              [(*lead, N)], [xdt], kern, ktemplate)
     return plan
 
 
 def qmv_kernel(x, w, scales, biases, group_size, bits, *, R=None, SK=None, PF=None):
     """The custom kernel alone (no validation, no fallback). Kept lean: at decode the host
     cost of this call is paid for every linear layer of every token."""
-    shape = x.shape
-    K = shape[-1]
-    N = w.shape[0]
-    flat = len(shape) != 2
-    x2 = x.reshape(-1, K) if flat else x
-    MT = x2.shape[0] if flat else shape[0]
     sdt = scales.dtype
-    template, grid, tg, oshape, odt = _plan(x.dtype, sdt, bits, group_size, MT, K, N, R, SK, PF)
+    template, grid, tg, oshape, odt, kern, ktemplate = _plan(x.dtype, sdt, bits, group_size,
+                                                             x.shape, w.shape[0], R, SK, PF)
     if biases.dtype != sdt:
         biases = biases.astype(sdt)
-    y = launch(SPEC, [x2, w, scales, biases], template, grid, tg, oshape, odt)[0]
-    return y.reshape(*shape[:-1], N) if flat else y
+    if kern is not None:
+        return kern(inputs=[x, w, scales, biases], template=ktemplate, grid=grid, threadgroup=tg,
+                    output_shapes=oshape, output_dtypes=odt,
+                    init_value=float("nan") if _launch.POISON_OUTPUTS else None)[0]
+    return launch(SPEC, [x, w, scales, biases], template, grid, tg, oshape, odt)[0]
 
 
 def template_for(x_dtype, s_dtype, bits, group_size, M, MT, K, N, R=None, SK=None, PF=None):
     """The template list a launch would use (for the compile checks)."""
-    return _plan(x_dtype, s_dtype, bits, group_size, MT, K, N, R, SK, PF)[0]
+    return _plan(x_dtype, s_dtype, bits, group_size, (MT, K), N, R, SK, PF)[0]

@@ -6,11 +6,14 @@ mlx-community checkpoints load unchanged.
 """
 
 import math
+import os
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from . import dequantize as _dq
+from . import fp4_qmv as _fp4
+from . import gated_mlp as _gated
 from . import qmv as _qmv
 from . import selection
 from .formats import reference_matmul
@@ -37,23 +40,58 @@ def quantized_matmul(x, w, scales, biases=None, group_size: int = 64, bits: int 
     """y = x @ dequant(w).T, choosing the op by M, format and backend.
 
     On the CPU backend this is MLX's own quantized_matmul (the reference path). On a GPU, rows
-    of x up to QMV_MAX_M go to the fused qmv kernel, larger M to the dequantize kernel followed
-    by MLX's native matmul, each only when the measured selection keeps it (first use per shape
-    class: self-test against the reference, timing against MLX's built-in); everything else
-    goes to MLX's built-in op."""
+    of x up to QMV_MAX_M go to the fused qmv kernel (affine, mxfp4, nvfp4), larger M (affine)
+    to the dequantize kernel followed by MLX's native matmul, each only when the measured
+    selection keeps it (first use per shape class: self-test against the reference, timing
+    against MLX's built-in); everything else goes to MLX's built-in op."""
+    if backend() is not None:
+        # one dict lookup per call at decode: the host cost of this function is paid for every
+        # linear layer of every token (the choice itself is cached per shape class)
+        key = (x.shape, x.dtype, w.shape, scales.dtype, bits, group_size, mode, _env_mode())
+        path = _PATHS.get(key)
+        if path is None:
+            if len(_PATHS) > 4096:  # prompt lengths vary; keep the cache bounded
+                _PATHS.clear()
+            path = _PATHS[key] = _choose(x, w, scales, biases, group_size, bits, mode)
+        if path == _QMV:
+            return _qmv.qmv_kernel(x, w, scales, biases, group_size, bits)
+        if path == _FP4:
+            return _fp4.fp4_qmv_kernel(x, w, scales, mode)
+        if path == _DQMM:
+            return _dq_matmul(x, w, scales, biases, group_size, bits)
+    return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size,
+                               bits=bits, mode=mode)
+
+
+_BUILTIN, _QMV, _FP4, _DQMM = range(4)
+# os.environ.get costs ~1 µs (key encoding); its backing dict answers in ~50 ns
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = selection.ENV_MODE.encode() if isinstance(_ENV_DATA, dict) else None
+
+
+def _env_mode():
+    if _ENV_KEY is not None:
+        return _ENV_DATA.get(_ENV_KEY)
+    return os.environ.get(selection.ENV_MODE)
+_PATHS: dict = {}
+
+
+def _choose(x, w, scales, biases, group_size, bits, mode) -> int:
     M = math.prod(x.shape[:-1]) if x.ndim > 1 else 1
-    if mode == "affine" and backend() is not None:
-        # the decision per shape class is cached here: the per-call host cost matters at decode
+    if mode in _fp4.FORMATS and M <= QMV_MAX_M:
+        key = (_m_class(M), x.dtype, w.shape, mode, selection.mode())
+        use = _DECISIONS.get(key)
+        if use is None:
+            use = _DECISIONS[key] = _decide_fp4(x, w, scales, mode, M)
+        return _FP4 if use else _BUILTIN
+    if mode == "affine":
         key = (_m_class(M), x.dtype, scales.dtype, w.shape, bits, group_size, selection.mode())
         use = _DECISIONS.get(key)
         if use is None:
             use = _DECISIONS[key] = _decide(x, w, scales, biases, group_size, bits, M)
         if use:
-            if M <= QMV_MAX_M:
-                return _qmv.qmv_kernel(x, w, scales, biases, group_size, bits)
-            return _dq_matmul(x, w, scales, biases, group_size, bits)
-    return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size,
-                               bits=bits, mode=mode)
+            return _QMV if M <= QMV_MAX_M else _DQMM
+    return _BUILTIN
 
 
 _DECISIONS: dict = {}
@@ -61,7 +99,7 @@ _DECISIONS: dict = {}
 
 def _dq_matmul(x, w, scales, biases, group_size, bits):
     """Large M: dequantize to x's dtype with the custom kernel, then MLX's tensor-core matmul."""
-    wd = _dq.dequantize_kernel(w, scales, biases, group_size, bits, x.dtype)
+    wd = _dq.dequantize_kernel(w, scales, biases, group_size, bits, x.dtype, after=x)
     return x @ wd.T
 
 
@@ -96,6 +134,26 @@ def _decide(x, w, scales, biases, group_size, bits, M) -> bool:
                                 SELF_TEST_TOL.get(x.dtype, 1e-2))
 
 
+def _decide_fp4(x, w, scales, mode, M) -> bool:
+    if not _fp4.supported(x, w, scales, mode):
+        return False
+    N, K = w.shape[0], x.shape[-1]
+    gs = _fp4.FORMATS[mode][1]
+    Mt, xdt = _M_REP[_m_class(M)], x.dtype
+
+    def make_inputs():
+        q, s = mx.quantize(mx.random.normal((N, K), dtype=mx.bfloat16), group_size=gs, bits=4,
+                           mode=mode)[:2]
+        return mx.random.normal((Mt, K)).astype(xdt), q, s
+
+    return selection.use_custom(
+        "qmv", mode, f"{_m_class(M)}|{xdt}|K{K}|N{N}", make_inputs,
+        lambda xx, q, s: _fp4.fp4_qmv_kernel(xx, q, s, mode),
+        lambda xx, q, s: _fp4.reference(xx, q, s, mode),
+        lambda xx, q, s: reference_matmul(xx, q, s, None, mode, 4, gs),
+        SELF_TEST_TOL.get(xdt, 1e-2))
+
+
 class QuantizedLinear(nn.Module):
     def __init__(self, input_dims: int, output_dims: int, bias: bool = False,
                  group_size: int = 64, bits: int = 4, mode: str = "affine"):
@@ -124,11 +182,74 @@ class QuantizedLinear(nn.Module):
         return ql
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = quantized_matmul(x, self.weight, self.scales, self.get("biases"), self.group_size,
-                             self.bits, self.mode)
+        # item access, not attributes: a Module's parameters live in its dict, and attribute
+        # lookups that fall through to __getattr__ cost host time at every decode step
+        y = quantized_matmul(x, self["weight"], self["scales"], self.get("biases"),
+                             self.group_size, self.bits, self.mode)
         if "bias" in self:
-            y = y + self.bias
+            y = y + self["bias"]
         return y
+
+
+# Fused gate/up (one launch over both weights, SiLU·mul in the epilogue) for quantized MLPs at
+# decode; MARLIN_MLX_FUSE_MLP=0 turns it off (the probe and benchmarks compare both).
+FUSE_GATE_UP = os.environ.get("MARLIN_MLX_FUSE_MLP", "1").strip() != "0"
+_GATED: dict = {}
+
+
+def swiglu(x, gate, up):
+    """silu(gate(x)) * up(x) for two Linear or QuantizedLinear layers.
+
+    Quantized affine gate/up without biases, M <= QMV_MAX_M, on a GPU: the fused gated-MLP
+    kernel, when the measured selection keeps it (self-test against the reference, timing
+    against two built-in quantized matmuls); otherwise the two projections and the activation."""
+    if (FUSE_GATE_UP and type(gate) is QuantizedLinear and type(up) is QuantizedLinear
+            and backend() is not None):
+        gs, bits = gate.group_size, gate.bits
+        M = math.prod(x.shape[:-1]) if x.ndim > 1 else 1
+        if M <= QMV_MAX_M:
+            key = (_m_class(M), x.dtype, gate.scales.dtype, gate.weight.shape, bits, gs,
+                   selection.mode())
+            use = _GATED.get(key)
+            if use is None:
+                use = _GATED[key] = _decide_gated(x, gate, up, M)
+            if use:
+                return _gated.gated_mlp_kernel(x, (gate.weight, gate.scales, gate.biases),
+                                               (up.weight, up.scales, up.biases), gs, bits)
+    return nn.silu(gate(x)) * up(x)
+
+
+def _decide_gated(x, gate, up, M) -> bool:
+    gs, bits = gate.group_size, gate.bits
+    if (gate.mode != "affine" or up.mode != "affine" or (up.group_size, up.bits) != (gs, bits)
+            or "bias" in gate or "bias" in up or gate.weight.shape != up.weight.shape
+            or gate.scales.dtype != up.scales.dtype
+            or not _qmv.supported(x, gate.weight, gate.scales, gate.biases, gs, bits)):
+        return False
+    N, K = gate.weight.shape[0], x.shape[-1]
+    Mt = _M_REP[_m_class(M)]
+    xdt, sdt = x.dtype, gate.scales.dtype
+    fmt = f"affine-b{bits}-g{gs}"
+    cls = f"{_m_class(M)}|{xdt}|{sdt}|K{K}|N{N}"
+
+    def make_inputs():
+        ws = [mx.quantize(mx.random.normal((N, K), dtype=sdt), group_size=gs, bits=bits)
+              for _ in range(2)]
+        return (mx.random.normal((Mt, K)).astype(xdt), *ws[0], *ws[1])
+
+    def custom(xx, q, s, b, q2, s2, b2):
+        return _gated.gated_mlp_kernel(xx, (q, s, b), (q2, s2, b2), gs, bits)
+
+    def builtin(xx, q, s, b, q2, s2, b2):
+        return _gated.reference(xx, (q, s, b), (q2, s2, b2), gs, bits)
+
+    def reference(xx, q, s, b, q2, s2, b2):
+        g = reference_matmul(xx, q, s, b, "affine", bits, gs)
+        u = reference_matmul(xx, q2, s2, b2, "affine", bits, gs)
+        return g * mx.sigmoid(g) * u
+
+    return selection.use_custom("gated_mlp", fmt, cls, make_inputs, custom, builtin, reference,
+                                SELF_TEST_TOL.get(xdt, 1e-2))
 
 
 class QuantizedEmbedding(nn.Module):
@@ -232,7 +353,28 @@ def doctor_report(shape=(4096, 4096)) -> list[dict]:
         except Exception as e:  # noqa: BLE001 - the report shows failures, it does not raise
             rows.append({**row, "self_test": "error", "chosen_path": "builtin",
                          "detail": f"{type(e).__name__}: {e}"[:200]})
-    rows.append({"op": "qmm (mxfp4/nvfp4/int8)", "format": "fp formats", "dtype": "all",
+    for mode in _fp4.FORMATS:
+        row = {"op": "qmv", "format": mode, "dtype": "bfloat16"}
+        if be is None:
+            rows.append({**row, "self_test": "skipped", "chosen_path": "reference",
+                         "detail": "CPU backend: MLX quantized_matmul"})
+            continue
+        try:
+            gs = _fp4.FORMATS[mode][1]
+            x = mx.zeros((1, K), mx.bfloat16)
+            q, s = mx.quantize(mx.zeros((N, K), mx.bfloat16), group_size=gs, bits=4, mode=mode)[:2]
+            quantized_matmul(x, q, s, None, gs, 4, mode)
+            tail = f"|qmv|{mode}|M1|{x.dtype}|K{K}|N{N}"
+            recs = [v for k, v in selection.choices().items() if k.endswith(tail)]
+            rec = recs[0] if recs else {}
+            rows.append({**row, "self_test": rec.get("self_test", f"not run ({selection.mode()})"),
+                         "chosen_path": rec.get("chosen_path", "custom"
+                                                if selection.mode() == "custom" else "builtin"),
+                         "detail": rec.get("detail", f"{selection.ENV_MODE}={selection.mode()}")})
+        except Exception as e:  # noqa: BLE001 - the report shows failures, it does not raise
+            rows.append({**row, "self_test": "error", "chosen_path": "builtin",
+                         "detail": f"{type(e).__name__}: {e}"[:200]})
+    rows.append({"op": "qmm (mxfp4/nvfp4/int8, M > 8)", "format": "fp formats", "dtype": "all",
                  "self_test": "n/a", "chosen_path": "builtin" if be else "reference",
                  "detail": "MLX quantized_matmul (no custom kernel yet)"})
     return rows

@@ -88,6 +88,9 @@ def machine_info() -> dict:
         "mlx_lm": _version("mlx-lm"),
         "marlin_mlx": _version("marlin-mlx"),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        # settings that change the numbers (MLX's graph batching, our kernel paths)
+        "environment": {k: v for k, v in os.environ.items()
+                        if k.startswith(("MLX_", "MARLIN_MLX_"))},
     }
 
 

@@ -121,3 +121,37 @@ def test_launch_sources_split_into_header_and_body():
                               [mx.float16], qmv_mod.template_for(mx.float16, mx.float16, 4, 64,
                                                                  1, 1, 512, 64))
     assert "__global__ void custom_kernel_marlin_qmv" in cuda and "constexpr int BITS = 4;" in cuda
+
+
+def test_baked_cuda_source_is_mlx_template_rendering():
+    # The CUDA fast path writes the template constants into the source itself; the body must be
+    # exactly what MLX generates for the templated launch (render_cuda), so it compiles the same.
+    t = qmv_mod.template_for(mx.bfloat16, mx.bfloat16, 4, 64, 1, 1, 4096, 12288)
+    name, header, source = launch.baked_cuda_source(qmv_mod.SPEC, t)
+    full = launch.render_cuda(qmv_mod.SPEC, [mx.bfloat16, mx.uint32, mx.bfloat16, mx.bfloat16],
+                              [mx.bfloat16], t)
+    sig = "custom_kernel_" + name + "("
+    assert sig in full
+    assert full.split(sig, 1)[1].split(") {\n", 1)[1].startswith(source)
+    assert header in full
+
+
+@pytest.mark.parametrize("mode,dtype,MT", [("mxfp4", mx.bfloat16, 1), ("nvfp4", mx.float16, 3)])
+def test_fp4_qmv_body_on_cpu_emulator(mode, dtype, MT, tmp_path):
+    # The FP4 kernel's Metal rendering run by g++ with a CPU thread per GPU thread
+    # (tests/kernel_emu.py): decoding, split-K and the row/M tails against the float32 oracle.
+    kernel_emu = pytest.importorskip("kernel_emu")
+    from marlin_mlx.kernels import fp4_qmv, formats
+    if getattr(kernel_emu, "GXX", None) is None or not hasattr(kernel_emu, "emulate"):
+        pytest.skip("no g++ / CPU kernel emulator")
+    N, K = 9, 32 * 5
+    gs = fp4_qmv.FORMATS[mode][1]
+    q, s = mx.quantize(mx.random.normal((N, K)), group_size=gs, bits=4, mode=mode)[:2]
+    x = mx.random.normal((MT, K)).astype(dtype)
+    t, grid, tg, osh, odt, _, _ = fp4_qmv._plan(dtype, mode, (MT, K), N, R=2, SK=2)
+    y = kernel_emu.emulate([dict(spec=fp4_qmv.SPEC, inputs=[x, q, s], template=t, grid=grid,
+                                 threadgroup=tg, output_shapes=osh, output_dtypes=odt)], tmp_path)[0]
+    ref = np.array(formats.reference_matmul(x, q, s, None, mode, 4, gs), np.float64)
+    y = np.array(y.astype(mx.float32), np.float64)
+    assert np.isfinite(y).all()
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < {mx.bfloat16: 1e-2, mx.float16: 2e-3}[dtype]

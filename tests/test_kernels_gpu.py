@@ -144,16 +144,72 @@ def test_quantized_linear_dispatch_and_selection(tmp_path, monkeypatch):
         _check(lin(x), ref, mx.float16, (1, 512))
 
 
-@pytest.mark.parametrize("bits,dtype,M", [(4, mx.float16, 1), (4, mx.bfloat16, 3), (8, mx.float16, 8),
-                                          (3, mx.float32, 2)])
-def test_gated_mlp_kernel(bits, dtype, M):
+@pytest.mark.parametrize("bits,dtype,M,PF", [(4, mx.float16, 1, 0), (4, mx.bfloat16, 3, 0),
+                                             (8, mx.float16, 8, 0), (3, mx.float32, 2, 0),
+                                             (4, mx.bfloat16, 1, 1)])
+def test_gated_mlp_kernel(bits, dtype, M, PF):
     from marlin_mlx.kernels.gated_mlp import gated_mlp_kernel
     seed = np.random.randint(1 << 30)
     N, K, gs = 200, 32 * 40, 64
     gate = _weights(N, K, bits, gs, dtype, seed)
     up = _weights(N, K, bits, gs, dtype, seed + 1)
     x = mx.random.normal((M, K)).astype(dtype)
-    y = gated_mlp_kernel(x, gate, up, gs, bits)
+    y = gated_mlp_kernel(x, gate, up, gs, bits, PF=PF)
     g = _ref64(x, *gate, bits, gs)
     u = _ref64(x, *up, bits, gs)
     _check(y, g / (1 + np.exp(-g)) * u, dtype, (M, N))
+
+
+@pytest.mark.parametrize("bake", [True, False])
+def test_swiglu_quantized_layers(bake, monkeypatch):
+    # The MLP's gate/up through kernels.swiglu with the fused kernel forced, through both CUDA
+    # launch paths (per-template kernel objects, MLX's template path).
+    from marlin_mlx.kernels import QuantizedLinear, gated_mlp, qmv, selection, swiglu
+    monkeypatch.setenv(selection.ENV_MODE, "custom")
+    monkeypatch.setattr(launch, "BAKE", bake)
+    monkeypatch.setattr(qmv, "_PLANS", {})
+    monkeypatch.setattr(gated_mlp, "_PLANS", {})
+    seed = np.random.randint(1 << 30)
+    N, K = 96, 640
+    layers = []
+    for i in range(2):
+        lin = QuantizedLinear(K, N, False, 64, 4)
+        lin.weight, lin.scales, lin.biases = _weights(N, K, 4, 64, mx.bfloat16, seed + i)
+        layers.append(lin)
+    for shape in ((1, 1, K), (1, 2, K)):
+        x = mx.random.normal(shape).astype(mx.bfloat16)
+        y = swiglu(x, *layers)
+        g = _ref64(x, layers[0].weight, layers[0].scales, layers[0].biases, 4, 64)
+        u = _ref64(x, layers[1].weight, layers[1].scales, layers[1].biases, 4, 64)
+        _check(y, g / (1 + np.exp(-g)) * u, mx.bfloat16, (*shape[:-1], N))
+
+
+@pytest.mark.parametrize("mode,dtype,M", [("mxfp4", mx.bfloat16, 1), ("mxfp4", mx.float16, 5),
+                                          ("nvfp4", mx.bfloat16, 1), ("nvfp4", mx.float32, 3),
+                                          ("mxfp4", mx.bfloat16, 17)])
+def test_fp4_qmv_kernel(mode, dtype, M):
+    from marlin_mlx.kernels.fp4_qmv import FORMATS, fp4_qmv_kernel
+    seed = np.random.randint(1 << 30)
+    mx.random.seed(seed)
+    gs = FORMATS[mode][1]
+    N, K = 301, 32 * 37
+    q, s = mx.quantize(mx.random.normal((N, K)).astype(dtype), group_size=gs, bits=4,
+                       mode=mode)[:2]
+    x = mx.random.normal((M, K)).astype(dtype)
+    y = fp4_qmv_kernel(x, q, s, mode)
+    ref = np.array(formats.reference_matmul(x, q, s, None, mode, 4, gs), dtype=np.float64)
+    _check(y, ref, dtype, (M, N))
+
+
+def test_dequantize_kernel_after_input():
+    # The variant that waits for the activations computes the same matrix, and the large-M
+    # path through it (dequantize + matmul) matches the float64 reference.
+    from marlin_mlx.kernels.dequantize import dequantize_kernel
+    from marlin_mlx.kernels.quantized_linear import _dq_matmul
+    seed = np.random.randint(1 << 30)
+    q, s, b = _weights(96, 640, 4, 64, mx.bfloat16, seed)
+    x = mx.random.normal((70, 640)).astype(mx.bfloat16)
+    a = dequantize_kernel(q, s, b, 64, 4, mx.bfloat16)
+    c = dequantize_kernel(q, s, b, 64, 4, mx.bfloat16, after=x)
+    assert mx.array_equal(a, c).item()
+    _check(_dq_matmul(x, q, s, b, 64, 4), _ref64(x, q, s, b, 4, 64), mx.bfloat16, (70, 96))

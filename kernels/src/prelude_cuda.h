@@ -39,3 +39,22 @@ KINLINE uint32_t k_pack_f16x2(float a, float b) {
 }
 
 KINLINE uint4 k_uint4(uint32_t a, uint32_t b, uint32_t c, uint32_t d) { return make_uint4(a, b, c, d); }
+
+// Lane exchange within a warp (xor butterfly), exp, and MLX's own sigmoid formula on this
+// backend (mlx/backend/cuda/device/unary_ops.cuh), so a kernel's scores match mx.sigmoid's.
+KINLINE float k_simd_xor(float v, uint32_t m) { return __shfl_xor_sync(0xFFFFFFFFu, v, m); }
+KINLINE uint32_t k_simd_xor_u(uint32_t v, uint32_t m) { return __shfl_xor_sync(0xFFFFFFFFu, v, m); }
+KINLINE float k_exp(float v) { return expf(v); }
+KINLINE float k_sigmoid(float v) {
+  const float y = 1.0f / (1.0f + expf(fabsf(v)));
+  return (v < 0.0f) ? y : 1.0f - y;
+}
+
+// Maximum over the 32 lanes of a warp; every lane gets it.
+KINLINE float k_simd_max(float v) {
+  KUNROLL
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
+  return v;
+}
+KINLINE float k_exp2(float v) { return exp2f(v); }
+KINLINE float4 k_float4(float a, float b, float c, float d) { return make_float4(a, b, c, d); }

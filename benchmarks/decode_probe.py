@@ -1,0 +1,384 @@
+"""Where one batch-1 decode step of a quantized model spends its time, path by path.
+
+Builds a model of a preset's shapes with random weights in memory (no checkpoint), prefills a
+random prompt, then for each variant (kernel path and fusion switches) measures:
+- decode tok/s with the generation loop's pipelining (step n+1 built while n runs);
+- host time per step: building the lazy graph (Python + MLX) and, separately, a synchronous
+  evaluation of the built graph (MLX's encoding + the GPU);
+- with --profile, GPU time per kernel category from CUPTI (PyTorch's profiler traces every CUDA
+  kernel of the process, MLX's included), in a subprocess so a tracing failure costs nothing.
+Also the host cost of building one quantized-matmul node (ours vs MLX's).
+
+    python benchmarks/decode_probe.py --preset qwen3-8b --json out.json --profile
+Variants: builtin (MLX's quantized_matmul everywhere), custom (our kernels forced), auto (the
+measured selection), with suffixes -nofuse (separate gate/up), -pf1 (software-pipelined qmv),
+-qkv (q/k/v as one launch, patched in here for measurement only), -nobake (CUDA launches
+through MLX's template path instead of per-template kernel objects), -rN (N rows per simdgroup
+at M <= 4), -twN (N times the split-K warp target).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from marlin_mlx.kernels import QuantizedLinear, quantized_linear, qmv
+
+
+def build(preset: str, bits: int, group_size: int, dtype=mx.bfloat16, layers: int | None = None):
+    from marlin_mlx.random_weights import build_lazy_model, quantization_settings, resolve_config
+
+    config = resolve_config(preset)
+    if layers:
+        config["num_hidden_layers"] = layers
+    quant = quantization_settings(bits, group_size, "affine")
+    model = build_lazy_model(config, quant, dtype)
+    for layer in model.layers:  # a layer at a time: the float weights never all exist at once
+        mx.eval(layer.parameters())
+    mx.eval(model.parameters())
+    model.eval()
+    return model, config
+
+
+# --------------------------------------------------------------------------- fused q/k/v
+
+def _fuse_qkv(model):
+    """Give every attention block a `_qkv` QuantizedLinear holding q, k and v stacked."""
+    for layer in model.layers:
+        a = layer.self_attn
+        if hasattr(a, "_qkv") or type(a.q_proj) is not QuantizedLinear:
+            continue
+        parts = [a.q_proj, a.k_proj, a.v_proj]
+        ql = QuantizedLinear(a.q_proj.group_size, 1, False, a.q_proj.group_size, a.q_proj.bits)
+        ql.weight = mx.concatenate([p.weight for p in parts])
+        ql.scales = mx.concatenate([p.scales for p in parts])
+        ql.biases = mx.concatenate([p.biases for p in parts])
+        mx.eval(ql.weight, ql.scales, ql.biases)
+        object.__setattr__(a, "_qkv", ql)
+
+
+def _qkv_call(self, x, cache=None):
+    from marlin_mlx.models.base import attention
+
+    B, L, _ = x.shape
+    nq, nk = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+    qkv = self._qkv(x)
+    q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
+    q = self.q_norm(q.reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
+    k = self.k_norm(k.reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
+    v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    offset = cache.offset if cache is not None else 0
+    q, k = self.rope(q, offset), self.rope(k, offset)
+    if cache is not None:
+        k, v = cache.update_and_fetch(k, v)
+    out = attention(q, k, v, self.scale, window=self.window)
+    return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+_ORIG_CALL = {}
+
+
+def apply_variant(model, variant: str):
+    parts = variant.split("-")
+    os.environ["MARLIN_MLX_KERNELS"] = parts[0]
+    quantized_linear.FUSE_GATE_UP = "nofuse" not in parts
+    qmv.PREFETCH = 1 if "pf1" in parts else 0
+    from marlin_mlx.kernels import gated_mlp, launch
+    # rN: N rows per simdgroup at M <= 4; twN: N times the default split-K warp target
+    r = next((int(x[1:]) for x in parts if x[:1] == "r" and x[1:].isdigit()), 4)
+    tw = next((float(x[2:]) for x in parts if x[:2] == "tw"), 1.0)
+    knobs = ("nobake" not in parts, r, int(132 * 32 * tw))
+    if knobs != (launch.BAKE, qmv.R_DECODE, qmv.TARGET_WARPS):
+        launch.BAKE, qmv.R_DECODE, qmv.TARGET_WARPS = knobs
+        qmv._PLANS.clear()
+        gated_mlp._PLANS.clear()
+    cls = type(model.layers[0].self_attn)
+    _ORIG_CALL.setdefault(cls, cls.__call__)
+    if "qkv" in parts:
+        _fuse_qkv(model)
+        cls.__call__ = _qkv_call
+    else:
+        cls.__call__ = _ORIG_CALL[cls]
+
+
+# --------------------------------------------------------------------------- timing
+
+_LAST_LOGITS = []
+
+
+def prefill(model, prompt):
+    cache = model.make_cache()
+    logits = model(prompt[:, :-1], cache=cache)
+    mx.eval([c.state for c in cache])
+    logits = model(prompt[:, -1:], cache=cache)  # M = 1: the decode path
+    y = mx.argmax(logits[:, -1, :], axis=-1)
+    mx.eval(y, logits)
+    _LAST_LOGITS[:] = [logits.astype(mx.float32)]
+    return cache, y
+
+
+def rel_err(a, b) -> float:
+    return (mx.linalg.norm(a - b) / mx.linalg.norm(b)).item()
+
+
+def step(model, cache, tok):
+    logits = model(tok[:, None], cache=cache)
+    return mx.argmax(logits[:, -1, :], axis=-1)
+
+
+def decode_tps(model, prompt, steps: int) -> float:
+    cache, y = prefill(model, prompt)
+    for _ in range(4):  # warm: kernels compiled, selection measured
+        y = step(model, cache, y)
+        mx.eval(y)
+    mx.synchronize()
+    t0 = time.perf_counter()
+    nxt = step(model, cache, y)
+    mx.async_eval(nxt)
+    for _ in range(steps - 1):
+        y = nxt
+        nxt = step(model, cache, y)
+        mx.async_eval(nxt)
+        y.tolist()
+    nxt.tolist()
+    return steps / (time.perf_counter() - t0)
+
+
+def host_split(model, prompt, steps: int = 16) -> dict:
+    """Per step, unpipelined: graph building alone, then a synchronous eval of that graph."""
+    cache, y = prefill(model, prompt)
+    y = step(model, cache, y)
+    mx.eval(y)
+    builds, evals = [], []
+    for _ in range(steps):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        y = step(model, cache, y)
+        t1 = time.perf_counter()
+        mx.eval(y)
+        t2 = time.perf_counter()
+        builds.append(t1 - t0)
+        evals.append(t2 - t1)
+    return {"build_ms": 1e3 * statistics.median(builds), "eval_sync_ms": 1e3 * statistics.median(evals)}
+
+
+def node_host_cost(n: int = 2000) -> dict:
+    """µs to build one quantized-matmul graph node (no evaluation): ours vs MLX's."""
+    from marlin_mlx.kernels.gated_mlp import gated_mlp_kernel
+
+    K, N = 4096, 4096
+    q, s, b = mx.quantize(mx.random.normal((N, K)).astype(mx.bfloat16), group_size=64, bits=4)
+    x = mx.random.normal((1, K)).astype(mx.bfloat16)
+    mx.eval(q, s, b, x)
+    mx.eval(qmv.qmv_kernel(x, q, s, b, 64, 4), gated_mlp_kernel(x, (q, s, b), (q, s, b), 64, 4))
+    lin = QuantizedLinear(K, N, False, 64, 4)
+    lin.weight, lin.scales, lin.biases = q, s, b
+    x3 = x.reshape(1, 1, K)
+    mx.eval(lin(x3))
+    out = {}
+    for name, fn in (
+            ("builtin_quantized_matmul", lambda: mx.quantized_matmul(x, q, s, b, True, 64, 4)),
+            ("QuantizedLinear_call", lambda: lin(x3)),
+            ("qmv_kernel", lambda: qmv.qmv_kernel(x, q, s, b, 64, 4)),
+            ("gated_mlp_kernel", lambda: gated_mlp_kernel(x, (q, s, b), (q, s, b), 64, 4)),
+            ("elementwise_add", lambda: x + x)):
+        for _ in range(50):
+            fn()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        out[name] = 1e6 * (time.perf_counter() - t0) / n
+    return out
+
+
+# --------------------------------------------------------------------------- GPU profile
+
+CATEGORIES = [("ours: gated gate/up", ("marlin_gated",)), ("ours: qmv", ("marlin_qmv",)),
+              ("ours: dequantize", ("marlin_dequant",)),
+              ("mlx quantized matmul", ("qmv", "qmm", "quantiz", "affine", "gemv_quant")),
+              ("attention (sdpa)", ("sdpa", "attention", "flash")),
+              ("rms norm", ("rms",)), ("rope", ("rope",)),
+              ("copy / slice update", ("copy", "slice", "scatter", "gather", "concat")),
+              ("dense matmul", ("gemm", "gemv", "nvjet", "cutlass", "matmul", "xmma")),
+              ("argmax / reduce", ("arg", "reduce", "Reduce")),
+              ("elementwise / fused", ("binary", "unary", "ternary", "Compiled", "compiled",
+                                       "fused", "sigmoid", "multiply", "add"))]
+
+
+def categorize(name: str) -> str:
+    for cat, keys in CATEGORIES:
+        if any(k in name for k in keys):
+            if cat.startswith("ours: qmv") and "151936" in name:
+                return "ours: qmv (lm_head)"
+            return cat
+    return "other"
+
+
+def profile(model, prompt, steps: int = 8) -> dict:
+    import torch  # noqa: F401 - CUPTI through PyTorch's profiler
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    cache, y = prefill(model, prompt)
+    for _ in range(3):
+        y = step(model, cache, y)
+        mx.eval(y)
+    mx.synchronize()
+    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        nxt = step(model, cache, y)
+        mx.async_eval(nxt)
+        for _ in range(steps - 1):
+            y = nxt
+            nxt = step(model, cache, y)
+            mx.async_eval(nxt)
+            y.tolist()
+        nxt.tolist()
+        mx.synchronize()
+        wall = time.perf_counter() - t0
+    kernels, starts, ends = {}, [], []
+    for e in prof.events():
+        dev = str(getattr(e, "device_type", ""))
+        if "CUDA" not in dev:
+            continue
+        tr = e.time_range
+        kernels.setdefault(e.name, [0.0, 0])
+        kernels[e.name][0] += tr.end - tr.start  # µs
+        kernels[e.name][1] += 1
+        starts.append(tr.start)
+        ends.append(tr.end)
+    cats: dict = {}
+    for name, (us, cnt) in kernels.items():
+        c = cats.setdefault(categorize(name), [0.0, 0])
+        c[0] += us / steps
+        c[1] += cnt / steps
+    busy = sum(v[0] for v in cats.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:30]
+    return {
+        "steps": steps, "wall_ms_per_step": 1e3 * wall / steps,
+        "gpu_kernel_ms_per_step": busy / 1e3,
+        "gpu_span_ms_per_step": (max(ends) - min(starts)) / 1e3 / steps if starts else None,
+        "kernels_per_step": sum(v[1] for v in cats.values()),
+        "categories_us_per_step": {k: {"us": round(v[0], 1), "launches": round(v[1], 1)}
+                                   for k, v in sorted(cats.items(), key=lambda kv: -kv[1][0])},
+        "top_kernels": [{"name": n[:160], "us_per_step": round(us / steps, 2),
+                         "launches_per_step": cnt / steps} for n, (us, cnt) in top],
+    }
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="qwen3-8b")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--layers", type=int, default=None, help="fewer layers (quick checks)")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--variants", default="builtin,custom,custom-nofuse,auto,custom-pf1,custom-qkv")
+    p.add_argument("--profile", default="", help="comma-separated variants to profile (CUPTI)")
+    p.add_argument("--buffer-sweep", default="",
+                   help="MLX_MAX_OPS_PER_BUFFER values to time (subprocesses), e.g. 60,200")
+    p.add_argument("--sweep-variants", default="custom")
+    p.add_argument("--profile-only", default="", help=argparse.SUPPRESS)
+    p.add_argument("--tps-only", default="", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+
+    t0 = time.perf_counter()
+    model, config = build(a.preset, a.bits, a.group_size, getattr(mx, a.dtype), a.layers)
+    prompt = mx.random.randint(0, config["vocab_size"], (1, a.prompt)).astype(mx.int32)
+    built_s = time.perf_counter() - t0
+
+    if a.profile_only:
+        apply_variant(model, a.profile_only)
+        res = profile(model, prompt)
+        print(json.dumps(res))
+        return
+    if a.tps_only:
+        res = {}
+        for v in a.tps_only.split(","):
+            apply_variant(model, v)
+            res[v] = decode_tps(model, prompt, a.steps)
+        print(json.dumps(res))
+        return
+
+    report = {"preset": a.preset, "bits": a.bits, "group_size": a.group_size,
+              "layers": config["num_hidden_layers"], "prompt": a.prompt, "steps": a.steps,
+              "mlx": mx.__version__, "build_s": built_s,
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "variants": {}}
+    try:
+        report["device"] = mx.device_info().get("device_name")
+    except Exception:  # noqa: BLE001
+        pass
+    if qmv.backend() is not None:
+        report["node_host_us"] = node_host_cost()
+        print("host µs per graph node:",
+              {k: round(v, 2) for k, v in report["node_host_us"].items()}, flush=True)
+    ref_logits = None
+    for v in a.variants.split(","):
+        apply_variant(model, v)
+        try:
+            tps = decode_tps(model, prompt, a.steps)
+            hs = host_split(model, prompt)
+        except Exception as e:  # noqa: BLE001 - one broken variant must not lose the others
+            report["variants"][v] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            print(f"{v:>22}: ERROR {e}", flush=True)
+            continue
+        if ref_logits is None:
+            ref_logits = _LAST_LOGITS[0]
+        err = rel_err(_LAST_LOGITS[0], ref_logits)  # same prompt: the paths must agree
+        report["variants"][v] = {"decode_tps": tps, "ms_per_token": 1e3 / tps, **hs,
+                                 "logits_rel_err_vs_first": err}
+        print(f"{v:>22}: {tps:7.1f} tok/s  {1e3 / tps:6.2f} ms/token  build {hs['build_ms']:.2f} ms"
+              f"  sync eval {hs['eval_sync_ms']:.2f} ms  logits err {err:.1e}", flush=True)
+    from marlin_mlx.kernels import selection
+    report["selection"] = selection.choices()
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=1)
+    base = [sys.executable, __file__, "--preset", a.preset, "--bits", str(a.bits), "--group-size",
+            str(a.group_size), "--prompt", str(a.prompt), "--dtype", a.dtype, "--steps", str(a.steps)]
+    if a.layers:
+        base += ["--layers", str(a.layers)]
+    for n in [n for n in a.buffer_sweep.split(",") if n]:
+        env = dict(os.environ, MLX_MAX_OPS_PER_BUFFER=n)
+        r = subprocess.run(base + ["--tps-only", a.sweep_variants], capture_output=True, text=True,
+                           timeout=240, env=env)
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+        res = json.loads(lines[-1]) if r.returncode == 0 and lines else {
+            "error": (r.stderr or r.stdout)[-800:]}
+        report.setdefault("ops_per_buffer", {})[n] = res
+        print(f"MLX_MAX_OPS_PER_BUFFER={n}: {res}", flush=True)
+    for v in [v for v in a.profile.split(",") if v]:
+        r = subprocess.run(base + ["--profile-only", v], capture_output=True, text=True, timeout=240)
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+        if r.returncode != 0 or not lines:
+            report.setdefault("profile", {})[v] = {"error": (r.stderr or r.stdout)[-1500:]}
+            print(f"profile {v}: failed rc={r.returncode}\n{(r.stderr or '')[-1500:]}", flush=True)
+        else:
+            res = json.loads(lines[-1])
+            report.setdefault("profile", {})[v] = res
+            print(f"profile {v}: wall {res['wall_ms_per_step']:.2f} ms/step, GPU kernels "
+                  f"{res['gpu_kernel_ms_per_step']:.2f} ms/step, span {res['gpu_span_ms_per_step']}"
+                  f", {res['kernels_per_step']:.0f} kernels/step", flush=True)
+            for cat, d in res["categories_us_per_step"].items():
+                print(f"   {cat:<26} {d['us']:9.1f} µs  {d['launches']:6.1f} launches", flush=True)
+            for k in res["top_kernels"][:12]:
+                print(f"     {k['us_per_step']:8.1f} µs x{k['launches_per_step']:.0f}  {k['name'][:110]}")
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

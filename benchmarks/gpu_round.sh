@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One device call for the whole-model measurement (issue #4 goal, issue #5 bench), on the GPU
+# machine after `source .gpu/b/stage2`:
+#   bash benchmarks/gpu_round.sh [probe] [bench] [tests] [kernels]   (default: probe bench)
+# probe:   benchmarks/decode_probe.py on Qwen3-8B shapes (4-bit g64): decode tok/s per kernel
+#          path / fusion variant, host vs GPU time per step, GPU time per kernel category (CUPTI)
+# bench:   marlin-mlx bench vs mlx-lm in the same run (prompts 128 and 2048, 64 decode tokens)
+# tests:   the GPU kernel tests
+# kernels: the kernel matrix (benchmarks/kernels.py)
+# PROBE_VARIANTS / PROBE_PROFILE override the probe's variant lists.
+set -o pipefail
+export PYTHONUNBUFFERED=1
+export MARLIN_MLX_CACHE_DIR=${MARLIN_MLX_CACHE_DIR:-/tmp/mmc}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+parts=${*:-probe bench}
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu --format=csv,noheader
+for part in $parts; do
+  t0=$(date +%s)
+  case $part in
+    probe)
+      timeout ${PROBE_TIMEOUT:-170} python3 benchmarks/decode_probe.py --preset qwen3-8b --bits 4 \
+        --group-size 64 --prompt 128 --steps 64 \
+        --variants "${PROBE_VARIANTS:-builtin,custom-nobake,custom-nofuse,custom,auto,custom-pf1,custom-qkv}" \
+        --buffer-sweep "${PROBE_SWEEP:-100}" --sweep-variants "${PROBE_SWEEP_VARIANTS:-custom}" \
+        --profile "${PROBE_PROFILE:-custom}" --json "$OUT/decode_probe_qwen3-8b.json" 2>&1 \
+        | grep --line-buffered -v "^\s*$" | tee "$OUT/probe.log" ;;
+    bench)
+      timeout ${BENCH_TIMEOUT:-170} marlin-mlx bench --random-weights qwen3-8b --bits 4 --group-size 64 \
+        --prompt-tokens 128,2048 --gen-tokens 64 --trials 3 --compare mlx-lm --save-random /tmp/q8 \
+        --json "$OUT/gpu_qwen3-8b_4bit.json" -q 2>&1 | tee "$OUT/bench.log" ;;
+    bench2)
+      # marlin-mlx alone on the saved checkpoint with the knobs the probe measured faster
+      knobs=$(python3 - "$OUT/decode_probe_qwen3-8b.json" <<'PY'
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except Exception:
+    print(""); sys.exit()
+v = r.get("variants", {})
+base = v.get("custom", {}).get("decode_tps", 0)
+env = []
+if v.get("custom-pf1", {}).get("decode_tps", 0) > 1.02 * base:
+    env.append("MARLIN_MLX_QMV_PF=1")
+ob = r.get("ops_per_buffer", {}).get("100", {}).get("custom", 0)
+if ob > 1.02 * base:
+    env.append("MLX_MAX_OPS_PER_BUFFER=100")
+print(" ".join(env))
+PY
+)
+      echo "bench2 knobs: ${knobs:-none}"
+      [ -d /tmp/q8 ] && env $knobs timeout ${BENCH2_TIMEOUT:-100} marlin-mlx bench -m /tmp/q8 \
+        --prompt-tokens 128,2048 --gen-tokens 64 --trials 3 \
+        --json "$OUT/gpu_qwen3-8b_4bit_tuned.json" -q 2>&1 | tee "$OUT/bench2.log" ;;
+    tests)
+      timeout ${TESTS_TIMEOUT:-150} python3 -m pytest -q -m gpu tests/test_kernels_gpu.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
+        | tail -30 | tee "$OUT/pytest_gpu.log" ;;
+    kernels)
+      timeout ${KERNELS_TIMEOUT:-240} python3 benchmarks/kernels.py --out "$OUT/kernels_h200.json" 2>&1 \
+        | tail -80 | tee "$OUT/kernels.log" ;;
+    *) echo "unknown part $part" ;;
+  esac
+  echo "== $part: $(( $(date +%s) - t0 )) s"
+done
