@@ -49,6 +49,11 @@ def serve(
         "the bundled model's folder name]"),
     log_level: str = typer.Option("info", "--log-level",
                                   help="uvicorn log level: critical, error, warning, info, debug."),
+    distributed: bool = typer.Option(
+        False, "--distributed",
+        help="Tensor-parallel across the processes started by mlx.launch (each loads its "
+        "shard; rank 0 serves), e.g. mlx.launch --backend ring -n 2 -- marlin-mlx serve M "
+        "--distributed"),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API with continuous batching.
 
@@ -83,7 +88,8 @@ def serve(
             model, name = str(path), path.name
         else:
             name = model
-        _check_port(host, port)
+        if not distributed:  # the other ranks of a distributed run do not bind
+            _check_port(host, port)
         if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
             typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach "
                        "this port can use the model", err=True)
@@ -96,7 +102,7 @@ def serve(
                    block_size=block_size, max_waiting_time=max_waiting_time,
                    scheduler=scheduler, api_key=api_key, max_model_len=max_model_len,
                    prefill_chunk=prefill_chunk, enable_prefix_cache=prefix_cache,
-                   log_level=log_level)
+                   log_level=log_level, distributed=distributed)
 
 
 def _check_port(host: str, port: int) -> None:

@@ -68,11 +68,11 @@ def serve_requests(engine, vocab: int) -> list:
     return [tokens.get(rid, []) for rid in ids]
 
 
-def make_engine(model, tokenizer):
+def make_engine(model, tokenizer, runner_factory=None):
     from marlin_mlx.serving.engine import Engine
 
     return Engine(model, tokenizer, max_batch_size=4, num_kv_blocks=48, block_size=8,
-                  max_waiting_time=0.02, max_model_len=64)
+                  max_waiting_time=0.02, max_model_len=64, runner_factory=runner_factory)
 
 
 def serve_case(case: dict, group, distributed, load_model) -> None:
@@ -82,10 +82,8 @@ def serve_case(case: dict, group, distributed, load_model) -> None:
     if group.rank() > 0:
         distributed.follow(model, group)
         return
-    engine = make_engine(model, load_tokenizer(Path(case["tokenizer"])))
-    # until the engine takes a runner factory: swap in rank 0's broadcasting runner
-    runner_class = distributed.make_runner_class()
-    engine.runner = runner_class(model, engine.num_kv_blocks, engine.block_size, group)
+    engine = make_engine(model, load_tokenizer(Path(case["tokenizer"])),
+                         distributed.runner_factory(group))
     engine.start()
     try:
         result = serve_requests(engine, config["vocab_size"])

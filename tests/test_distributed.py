@@ -233,3 +233,59 @@ def test_cli_generate_distributed_matches_single_process():
     want = generate(model, tok, prompt, max_tokens=12, **{**sampling_defaults(path),
                                                           "temperature": 0.0})
     assert result.stdout.strip() == want.strip()  # printed once: rank 1 stays silent
+
+
+@pytest.mark.slow
+def test_cli_serve_distributed_matches_single_process():
+    """`marlin-mlx serve --distributed` under mlx.launch: rank 0 serves over HTTP, rank 1 follows
+    each engine step on its shard; greedy completions equal one process's generate."""
+    import urllib.request
+
+    from marlin_mlx.bundled import default_model_path
+    from marlin_mlx.generation import generate
+    from marlin_mlx.loader import load
+
+    path = default_model_path()
+    if path is None:
+        pytest.skip("no bundled model")
+    cli = shutil.which("marlin-mlx", path=str(Path(PYTHON).parent))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [LAUNCH, "--backend", "ring", "-n", "2", "-p", str(_free_ports(2)), "--", cli, "serve",
+           str(path), "--port", str(port), "--distributed", "--max-model-len", "256",
+           "--log-level", "warning", "--served-model-name", "demo"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, cwd=HERE.parent)
+
+    def post(prompt):
+        body = json.dumps({"model": "demo", "prompt": prompt, "max_tokens": 10,
+                           "temperature": 0}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                     {"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())["choices"][0]["text"]
+
+    try:
+        import time
+
+        deadline = time.time() + 150
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise AssertionError(f"server did not come up:\n{proc.stdout.read()}")
+                time.sleep(0.5)
+        prompts = ["Once upon a time", "It is a truth universally acknowledged"]
+        got = [post(p) for p in prompts]
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    model, tok = load(path)
+    assert got == [generate(model, tok, p, max_tokens=10, temperature=0.0) for p in prompts]

@@ -105,7 +105,9 @@ class Engine:
                  num_kv_blocks: Optional[int] = None, block_size: int = 16,
                  max_waiting_time: float = 0.05, scheduler: str = "fifo",
                  max_model_len: Optional[int] = None, prefill_chunk: int = 512,
-                 enable_prefix_cache: bool = True):
+                 enable_prefix_cache: bool = True, runner_factory=None):
+        # runner_factory(model, num_blocks, block_size) builds the model runner; a tensor-parallel
+        # rank 0 passes distributed.runner_factory(group) so each step reaches the other ranks
         if block_size < 1 or max_batch_size < 1 or prefill_chunk < 1:
             raise ValueError("block_size, max_batch_size and prefill_chunk must be >= 1")
         if max_waiting_time < 0:
@@ -127,7 +129,7 @@ class Engine:
         self.blocks = BlockManager(self.num_kv_blocks, block_size, enable_prefix_cache)
         self.scheduler = Scheduler(self.blocks, max_batch_size=max_batch_size,
                                    prefill_chunk=prefill_chunk, policy=scheduler)
-        self.runner = ModelRunner(model, self.num_kv_blocks, block_size)
+        self.runner = (runner_factory or ModelRunner)(model, self.num_kv_blocks, block_size)
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)

@@ -410,19 +410,36 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, model_name: 
           max_batch_size: int = 32, num_kv_blocks: Optional[int] = None, block_size: int = 16,
           max_waiting_time: float = 0.05, scheduler: str = "fifo", api_key: Optional[str] = None,
           max_model_len: Optional[int] = None, prefill_chunk: int = 512,
-          enable_prefix_cache: bool = True, log_level: str = "info") -> None:
-    """Load `model`, start the engine and serve the API with uvicorn until interrupted."""
+          enable_prefix_cache: bool = True, log_level: str = "info",
+          distributed: bool = False) -> None:
+    """Load `model`, start the engine and serve the API with uvicorn until interrupted.
+
+    With `distributed`, every rank of the `mx.distributed` group (started by `mlx.launch`)
+    loads its shard; rank 0 serves and sends each engine step to the other ranks, which run
+    the same step on their shards until rank 0 stops."""
     import uvicorn
 
     from marlin_mlx.loader import load
 
     from .engine import Engine
 
-    mdl, tokenizer = load(model)
+    group = factory = None
+    if distributed:
+        from marlin_mlx import distributed as dist
+
+        group = dist.init()
+        mdl, tokenizer = load(model, group=group)
+        if group.rank() > 0:
+            dist.follow(mdl, group)
+            return
+        factory = dist.runner_factory(group)
+    else:
+        mdl, tokenizer = load(model)
     engine = Engine(mdl, tokenizer, max_batch_size=max_batch_size, num_kv_blocks=num_kv_blocks,
                     block_size=block_size, max_waiting_time=max_waiting_time,
                     scheduler=scheduler, max_model_len=max_model_len,
-                    prefill_chunk=prefill_chunk, enable_prefix_cache=enable_prefix_cache)
+                    prefill_chunk=prefill_chunk, enable_prefix_cache=enable_prefix_cache,
+                    runner_factory=factory)
     app = create_app(engine, model_name or model, api_key, tokenizer=tokenizer)
     engine.start()
     try:
@@ -431,6 +448,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, model_name: 
         uvicorn.Server(config).run()
     finally:
         engine.stop()
+        if group is not None:
+            engine.runner.close()  # releases the followers
 
 
 def metrics_snapshot(text: str) -> dict:
