@@ -7,6 +7,9 @@
 # bench:   marlin-mlx bench vs mlx-lm in the same run (prompts 128 and 2048, 64 decode tokens)
 # tests:   the GPU kernel tests
 # kernels: the kernel matrix (benchmarks/kernels.py)
+# alltests: every GPU test of the suite (pytest -m gpu tests/)
+# serving: benchmarks/serving.py on a random Qwen3-8B-shaped 4-bit checkpoint, 32 clients
+# moe:     benchmarks/gpu_moe.sh (GLM-4.7-Flash and Qwen3-30B-A3B shapes vs mlx-lm)
 # PROBE_VARIANTS / PROBE_PROFILE override the probe's variant lists.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -57,6 +60,16 @@ PY
     kernels)
       timeout ${KERNELS_TIMEOUT:-240} python3 benchmarks/kernels.py --out "$OUT/kernels_h200.json" 2>&1 \
         | tail -80 | tee "$OUT/kernels.log" ;;
+    alltests)
+      timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 \
+        | tail -40 | tee "$OUT/pytest_gpu_all.log" ;;
+    serving)
+      timeout ${SERVING_TIMEOUT:-420} python3 benchmarks/serving.py --random-weights qwen3-8b \
+        --save-random /tmp/q8s --clients ${SERVING_CLIENTS:-32} --duration ${SERVING_DURATION:-30} \
+        --drain-timeout 60 --out "$OUT/serving_qwen3-8b-4bit_h200.json" 2>&1 \
+        | tail -40 | tee "$OUT/serving.log" ;;
+    moe)
+      timeout ${MOE_TIMEOUT:-540} bash benchmarks/gpu_moe.sh 2>&1 | tail -60 | tee "$OUT/moe.log" ;;
     *) echo "unknown part $part" ;;
   esac
   echo "== $part: $(( $(date +%s) - t0 )) s"

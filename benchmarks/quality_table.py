@@ -4,6 +4,9 @@ with `marlin_mlx.convert`, scored on a fixed prefix of the held-out test split.
     python benchmarks/quality_table.py --max-tokens 20000 \
         --out benchmarks/results/quality_demo-base.json
     python benchmarks/quality_table.py --crosscheck --crosscheck-tokens 2000   # mlx vs torch
+    python benchmarks/quality_table.py --only target-bpw-4.5 --src /tmp/demo-base-src \
+        --work /tmp/qt --out /tmp/qt.json      # one row, from a private copy of demo-base
+    python benchmarks/quality_table.py --merge /tmp/qt.json     # ... added to the results
 
 Per variant: convert the bf16 checkpoint into a temporary folder (its bits per weight come from
 the convert result, its size is the sum of its safetensors files), dequantize it back to float32
@@ -58,12 +61,17 @@ def _variants() -> list:
                recipe="attn=5,ffn_down=5,ffn_gate=3,ffn_up=3"),
           dict(variant="mixed-embed6-ffn3", format="affine", bits=4, group_size=64,
                recipe="embed=6,ffn_gate=3,ffn_up=3"),
+          # the preset that --target-bpw 4.5's choice suggested (4.43 bpw: below 4-bit g64)
+          dict(variant="mixed-4.5", format="affine", bits=4, group_size=64, recipe="mixed-4.5"),
           dict(variant="gptq-4bit-g64", format="affine", bits=4, group_size=64, method="gptq"),
           dict(variant="gptq-3bit-g64", format="affine", bits=3, group_size=64, method="gptq"),
-          # sensitivities cost 43 layers x 6 widths forward passes on MLX's (slow) CPU
-          # backend: 2 windows of 256 tokens here (calibration.SENS_TOKENS)
-          dict(variant="target-bpw-4.5", format="affine", bits=4, group_size=64,
-               target_bpw=4.5, num_samples=2)]
+          # per-layer (bits, group size) from one forward+backward pass on 2 x 256 train
+          # tokens (calibration.SENS_WINDOWS/SENS_TOKENS); 4.5 <= uniform 4-bit g64's 4.504
+          dict(variant="target-bpw-4.5", format="affine", bits=4, target_bpw=4.5,
+               num_samples=2),
+          # the same allocation against uniform 3-bit g64 (3.504 bpw)
+          dict(variant="target-bpw-3.5", format="affine", bits=4, target_bpw=3.5,
+               num_samples=2)]
     return v
 
 
@@ -86,6 +94,7 @@ def _size_mb(folder: Path) -> float:
 
 
 def convert_variant(v: dict, work: Path, calib: Path, num_samples: int) -> tuple:
+    # SRC may be rebound by --src (a private copy while benchmarks/demo_models moves around)
     """-> (quantized folder, ConvertResult or None, seconds)."""
     from marlin_mlx.convert import convert
 
@@ -146,8 +155,11 @@ def _write(out: Path, doc: dict, keys=None) -> None:
 
 
 def main():
+    global SRC
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=ROOT / ".demo")
+    ap.add_argument("--src", type=Path, default=SRC,
+                    help="the bf16 demo-base folder (default benchmarks/demo_models/demo-base)")
     ap.add_argument("--max-tokens", type=int, default=20000)
     ap.add_argument("--num-samples", type=int, default=16,
                     help="calibration windows of 512 tokens (gptq, target-bpw)")
@@ -163,6 +175,7 @@ def main():
                     help="instead of running: add the rows (and crosscheck) of these result "
                          "files, e.g. from a parallel run with another --out, to --out")
     a = ap.parse_args()
+    SRC = a.src.resolve()
 
     import mlx.core as mx
     import torch
@@ -204,7 +217,9 @@ def main():
     doc["command"] = (f"python benchmarks/quality_table.py --max-tokens {a.max_tokens} "
                       f"--num-samples {a.num_samples}")
     doc["runs"] = doc.get("runs", []) + [command]
-    doc.update({"model": "demo-base", "source": str(SRC.relative_to(ROOT)),
+    doc.update({"model": "demo-base", "source": "benchmarks/demo_models/demo-base"
+                + ("" if SRC == (ROOT / "benchmarks/demo_models/demo-base").resolve()
+                   else f" (copy at {SRC})"),
                 "split": "test", "tokens_file": str(a.data / "test.npy"),
                 "max_tokens": a.max_tokens, "context": 512, "stride": 256,
                 "scoring": "transformers float32 on convert --dequantize float32 weights",

@@ -154,6 +154,36 @@ def cpu_decode_section(name: str, r: dict) -> list:
     return lines + [""]
 
 
+def serving_section(name: str, r: dict) -> list:
+    env, st = r.get("environment", {}), r.get("settings", {})
+    device = env.get("mlx_device_name") or env.get("mlx_device", "?")
+    lines = [f"### `{name}`: {r.get('model', '?')}", "",
+             f"{device}, MLX {env.get('mlx', '?')}, mlx-lm {env.get('mlx_lm', '?')}, "
+             f"{env.get('date', '?')}; {st.get('clients')} concurrent streaming clients for "
+             f"{st.get('duration')} s, prompts {st.get('prompt_tokens')} tokens, outputs "
+             f"{st.get('output_tokens')} tokens (seed {st.get('seed')}), served dtype "
+             f"{st.get('served_dtype', '?')}. Command: `python benchmarks/serving.py` with "
+             "these settings.", "",
+             "| server | ok | success | req/s | out tok/s | latency p50/p95/p99 s "
+             "| TTFT p50/p95/p99 s |", "|---|---|---|---|---|---|---|"]
+    res = r["results"]
+    for cfg, x in res.items():
+        if not isinstance(x, dict) or "requests_ok" not in x:
+            lines.append(f"| {cfg} | failed: {_cell(x)} | | | | | |")
+            continue
+        lat = "/".join(f"{x[f'latency_s_p{q}']:.2f}" for q in (50, 95, 99))
+        ttft = "/".join(f"{x[f'ttft_s_p{q}']:.2f}" for q in (50, 95, 99))
+        lines.append(f"| {cfg} | {x['requests_ok']} | {x['success_rate']:.0%} | "
+                     f"{x['requests_per_s']:.2f} | {x['output_tokens_per_s']:.1f} | {lat} | "
+                     f"{ttft} |")
+    ok = {k: v for k, v in res.items() if isinstance(v, dict) and v.get("output_tokens_per_s")}
+    ratios = [f"{a} / {b}: {ok[a]['output_tokens_per_s'] / ok[b]['output_tokens_per_s']:.2f}x"
+              for a in ("fifo", "sjf") for b in ("single", "mlx-lm") if a in ok and b in ok]
+    if ratios:
+        lines += ["", "Output tokens/s ratios: " + "; ".join(ratios) + "."]
+    return lines + [""]
+
+
 def _scalar(v) -> bool:
     return isinstance(v, (str, int, float, bool)) or v is None
 
@@ -193,14 +223,18 @@ def kind_of(r: dict) -> str | None:
         return "kernels"
     if r.get("benchmark") == "cpu_decode":
         return "cpu_decode"
+    if r.get("benchmark") == "serving" and isinstance(r.get("results"), dict):
+        return "serving"
     return None
 
 
 SECTIONS = {"bench": bench_section, "memory": memory_section, "perplexity": perplexity_section,
-            "kernels": kernels_section, "cpu_decode": cpu_decode_section}
+            "kernels": kernels_section, "cpu_decode": cpu_decode_section,
+            "serving": serving_section}
 TITLES = {"bench": "Throughput (marlin-mlx bench)", "kernels": "Kernels (benchmarks/kernels.py)",
           "cpu_decode": "CPU decode (benchmarks/cpu_decode.py)",
           "memory": "Memory (marlin-mlx memory)",
+          "serving": "Serving (benchmarks/serving.py)",
           "perplexity": "Perplexity (marlin-mlx perplexity)"}
 
 
@@ -304,7 +338,7 @@ def build(results_dir: Path, output: Path, plots: bool = True) -> str:
             plot_dir.mkdir(parents=True, exist_ok=True)
             p = plot_decode_vs_context(found["bench"], plot_dir, plt)
             images += ([p] if p else []) + plot_kernel_gbps(found["kernels"], plot_dir, plt)
-    for kind in ("bench", "kernels", "cpu_decode", "memory", "perplexity"):
+    for kind in ("bench", "serving", "kernels", "cpu_decode", "memory", "perplexity"):
         if not found[kind]:
             continue
         lines += [f"## {TITLES[kind]}", ""]

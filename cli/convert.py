@@ -12,11 +12,14 @@ import typer
 
 from .common import UserErrors
 
-_RECIPE_HELP = ("Mixed precision: a preset or role=bits pairs (roles: attn, ffn_gate, ffn_up, "
-                "ffn_down, lm_head, embed, default), e.g. attn=8,ffn_down=6,lm_head=8. "
+_RECIPE_HELP = ("Mixed precision: a preset or role=bits[:group] pairs (roles: attn, ffn_gate, "
+                "ffn_up, ffn_down, lm_head, embed, default), e.g. attn=8,ffn_down=6,lm_head=8 "
+                "or default=4:128,embed=5:128. "
                 "Presets: quality (attn/embed/lm_head/rest 8, ffn_gate/ffn_up 4, ffn_down 6); "
                 "mixed-4-6 (rest 4, attn 6, ffn_down 6, lm_head 8); "
-                "mixed-3-4 (rest 4, ffn_gate/ffn_up 3, ffn_down 6, lm_head 8). Affine only.")
+                "mixed-3-4 (rest 4, ffn_gate/ffn_up 3, ffn_down 6, lm_head 8); "
+                "mixed-4.5 (rest 4-bit g128, embed/lm_head 5-bit g128: 4.43 bpw on demo-base, "
+                "below 4-bit g64's size). Affine only.")
 
 
 def convert(
@@ -33,15 +36,15 @@ def convert(
                               "(default: the source's)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help=_RECIPE_HELP),
     target_bpw: Optional[float] = typer.Option(
-        None, "--target-bpw", help="Average bits per weight (whole model) to meet: per-layer affine bits "
-                          "(2-8) chosen from each layer's measured effect on the output "
-                          "(KL on --calibration text). Small/medium models: one forward pass "
-                          "per layer and width."),
+        None, "--target-bpw", help="Average bits per weight (whole model) not to exceed: "
+                          "per-layer affine bits (2-8) and group size (32/64/128, or only "
+                          "--group-size if given) chosen from each layer's estimated effect on "
+                          "the loss (one forward + backward pass on --calibration text)."),
     method: str = typer.Option(
         "rtn", "--method", help="rtn (round to nearest) or gptq (needs --calibration; holds the "
                                 "float model and its Hessians in memory: small models)."),
     calibration: Optional[Path] = typer.Option(None, "--calibration",
-                                               help="Calibration text file (for gptq)."),
+                                               help="Calibration text file (gptq, --target-bpw)."),
     num_samples: int = typer.Option(128, "--num-samples",
                                     help="Calibration windows of --seq-len tokens (gptq)."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration window (gptq)."),
@@ -56,6 +59,8 @@ def convert(
     """Quantize a Hugging Face checkpoint into mlx-lm's format (loads in marlin-mlx and mlx-lm).
 
     Layers whose input dimension the group size does not divide stay in float (listed as notes).
+    A GPTQ or AWQ SRC (qweight/qzeros/scales) is written as affine exactly as stored, with no
+    second rounding (no quantization options apply; act-order layers are refused).
     The output is written to a temporary folder and renamed at the end: an interrupted run
     leaves nothing at OUT.
 
@@ -63,6 +68,8 @@ def convert(
     Examples:
       marlin-mlx convert Qwen/Qwen3-0.6B ./qwen3-0.6b-4bit --bits 4 --group-size 64
       marlin-mlx convert ./Llama-3.2-1B ./llama-mixed --recipe mixed-4-6
+      marlin-mlx convert ./Llama-3.2-1B ./llama-4.5 --target-bpw 4.5 --calibration text.txt
+      marlin-mlx convert ./Qwen3-8B-GPTQ-Int4 ./qwen3-8b-affine
       marlin-mlx convert ./qwen3-4bit ./qwen3-bf16 --dequantize --dtype bfloat16
     """
     with UserErrors():

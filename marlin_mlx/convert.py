@@ -15,9 +15,13 @@
   any exception (or Ctrl-C) removes it, so an interrupted run leaves nothing at OUT.
 - All checks on the user's input (format, bits, recipe, architecture, shards, OUT) happen
   before anything is written.
-- `--method gptq` and `--target-bpw` need the float model in memory for calibration (Hessians of
-  every Linear for GPTQ; one forward pass per layer and width for the sensitivities), so they
-  are for small and medium models; plain round-to-nearest conversion streams.
+- `--method gptq` and `--target-bpw` need the float model in memory for calibration
+  (calibration.py: one forward + backward pass for the sensitivities; GPTQ one decoder layer at
+  a time on cached hidden states, one layer's Hessians at a time), so they are for small and
+  medium models; plain round-to-nearest conversion streams.
+- A GPTQ/AWQ source (qweight/qzeros/scales[/g_idx]) is written as affine exactly as stored
+  (importers.py; no second rounding); act-order layers are refused (mlx-lm cannot express their
+  input permutation; marlin-mlx loads such folders directly).
 - Measured (Qwen3-8B shapes, random bf16 weights, 16.4 GB, 4-bit g64, 2-core CPU box): peak RSS
   1.6 GB in 54 s; the output is bit-identical to mlx-lm's convert of the same folder.
 """
@@ -36,11 +40,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .calibration import allocate_bits, calibrate
+from .calibration import calibrate
 from .errors import MarlinError
 from .kernels import formats
-from .loader import (INDEX_FILE, build_model, load_weights_lazily, quantization_of,
-                     quantize_for_checkpoint, read_config, resolve_path, weight_files)
+from .loader import (INDEX_FILE, _check_against_model, _imported_format, build_model,
+                     load_weights_lazily, quantization_of, quantize_for_checkpoint, read_config,
+                     resolve_path, weight_files)
 
 DEFAULT_SHARD_GB = 5.0
 ROLES = ("attn", "ffn_gate", "ffn_up", "ffn_down", "lm_head", "embed", "default")
@@ -53,12 +58,16 @@ PRESETS = {
     "mixed-4-6": {"default": 4, "attn": 6, "ffn_down": 6, "lm_head": 8},
     # smaller: 3-bit MLP gate/up, 4-bit elsewhere, 6-bit down projection and 8-bit head
     "mixed-3-4": {"default": 4, "ffn_gate": 3, "ffn_up": 3, "ffn_down": 6, "lm_head": 8},
+    # what --target-bpw 4.5 chose on demo-base, by role: the wider group (g128 costs 0.25 bpw
+    # less than g64 and loses almost nothing) pays for 5-bit embedding and output head
+    "mixed-4.5": {"default": (4, 128), "embed": (5, 128), "lm_head": (5, 128)},
 }
-PRESET_HELP = "; ".join(f"{k}: " + ", ".join(f"{r}={b}" for r, b in v.items())
-                        for k, v in PRESETS.items())
+PRESET_HELP = "; ".join(f"{k}: " + ", ".join(
+    f"{r}={b[0]}:{b[1]}" if isinstance(b, tuple) else f"{r}={b}" for r, b in v.items())
+    for k, v in PRESETS.items())
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 _COPY_PATTERNS = ("*.json", "tokenizer.model", "*.tiktoken", "tiktoken.model", "*.txt", "*.jinja")
-_SKIP_COPY = {"config.json", INDEX_FILE}
+_SKIP_COPY = {"config.json", INDEX_FILE, "quantize_config.json"}
 
 
 @dataclass
@@ -75,7 +84,8 @@ class ConvertResult:
 # ---------------------------------------------------------------- recipes
 
 def parse_recipe(text: Optional[str], base_bits: int) -> dict:
-    """`NAME` of a preset or `role=bits,...` -> {role: bits} with `default` filled in."""
+    """`NAME` of a preset or `role=bits[:group],...` -> {role: bits or (bits, group)} with
+    `default` filled in (a role without `:group` uses --group-size)."""
     if text is None or not text.strip():
         return {"default": base_bits}
     text = text.strip()
@@ -91,12 +101,18 @@ def parse_recipe(text: Optional[str], base_bits: int) -> dict:
         role, _, value = part.partition("=")
         if role not in ROLES:
             raise ValueError(f"--recipe: unknown role {role!r} (roles: {', '.join(ROLES)})")
+        b, _, g = value.partition(":")
         try:
-            out[role] = int(value)
+            out[role] = (int(b), int(g)) if g else int(b)
         except ValueError:
-            raise ValueError(f"--recipe: bits for {role!r} must be an integer, found {value!r}"
-                             ) from None
+            raise ValueError(f"--recipe: {role!r} needs bits or bits:group (integers), found "
+                             f"{value!r}") from None
     return out
+
+
+def _spec(value, group_size: int) -> tuple:
+    """A recipe value -> (bits, group size)."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, group_size)
 
 
 def role_of(path: str) -> str:
@@ -136,13 +152,13 @@ def _plan(model: nn.Module, weights: dict, fmt: str, group_size: int, roles: dic
             else:
                 skipped.append(f"{path}: router kept in float")
             continue
-        bits = roles.get(role_of(path), roles["default"])
-        if k % group_size:
+        bits, g = _spec(roles.get(role_of(path), roles["default"]), group_size)
+        if k % g:
             skipped.append(f"{path}: input dimension {k} not divisible by group size "
-                           f"{group_size}, kept in float")
+                           f"{g}, kept in float")
             continue
         eligible += 1
-        plan[path] = (bits, group_size, fmt)
+        plan[path] = (bits, g, fmt)
     if not eligible:
         raise ValueError(f"--group-size {group_size} divides the input dimension of no layer "
                          "of this model (nothing would be quantized)")
@@ -303,47 +319,88 @@ def _add_hub_spelling(config: dict) -> None:
         config["num_experts"] = config["num_local_experts"]
 
 
-BPW_CANDIDATES = (2, 3, 4, 5, 6, 8)
+# ---------------------------------------------------------------- GPTQ / AWQ sources
 
+def _convert_imported(path, out, config, model, weights, source, qcfg, dtype, shard_size_gb,
+                      progress) -> ConvertResult:
+    """A GPTQ/AWQ folder -> mlx-lm affine folder with exactly the source's weights
+    (importers.py: codes repacked, bias = -scale * zero, both exact in float32).  Scales and
+    biases are stored in the output dtype where that is exact for the whole layer (e.g. symmetric
+    checkpoints in float16), else in float32; nothing is rounded a second time.  The imported
+    tensors are held in memory (the size of the quantized model), float tensors stream."""
+    from .importers import import_quantized
 
-def _apply_target(plan, errors, weights, names, sizes, target, group_size, dsize, quant, log):
-    """Pick bits for the calibrated layers so that the whole model averages `target` bits per
-    weight; the other tensors (float ones, layers without a Hessian) keep their plan."""
-    def bpw(b):
-        return formats.bits_per_weight("affine", b, group_size, scale_bits=dsize * 8)
-
-    fixed = total = 0.0
-    for k in names:
-        p, n = k.rsplit(".", 1)[0], math.prod(weights[k].shape)
-        total += n
-        if k.endswith(".weight") and p in plan:
-            if p not in errors:
-                fixed += n * bpw(plan[p][0]) if plan[p][2] == "affine" else sizes[k] * 8
+    try:
+        weights, quant = import_quantized(weights, qcfg)
+    except ValueError as e:
+        raise MarlinError(f"{path}: cannot import this quantized checkpoint ({e})") from None
+    perm = sorted(k[: -len(".input_perm")] for k in weights if k.endswith(".input_perm"))
+    if perm:
+        raise MarlinError(f"{path}: {perm[0]} uses act-order (g_idx), whose input permutation "
+                          "mlx-lm's affine format cannot express; load the folder directly with "
+                          "marlin-mlx (it imports act-order layers on load)")
+    try:
+        weights = model.sanitize(weights)
+    except (KeyError, ValueError, IndexError) as e:
+        raise MarlinError(f"{path}: the weights do not fit the {config['model_type']} layout "
+                          f"({e})") from None
+    quantize_for_checkpoint(model, quant, weights)
+    _check_against_model(model, weights, {k: source[k] for k in weights if k in source}, path)
+    layers = sorted(k[: -len(".scales")] for k in weights if k.endswith(".scales"))
+    floats = {k: v for k, v in weights.items()
+              if k.rsplit(".", 1)[0] not in layers and mx.issubdtype(v.dtype, mx.floating)}
+    target = _DTYPES[dtype] if dtype else _source_dtype(config, floats)
+    dtype_name = next(k for k, v in _DTYPES.items() if v == target)
+    keep = getattr(model, "cast_predicate", None) or (lambda k: True)
+    exact32 = []
+    for p in layers:
+        s, b = weights[f"{p}.scales"], weights[f"{p}.biases"]
+        s2, b2 = s.astype(target), b.astype(target)
+        if bool(mx.array_equal(s2.astype(s.dtype), s).item()) and \
+                bool(mx.array_equal(b2.astype(b.dtype), b).item()):
+            weights[f"{p}.scales"], weights[f"{p}.biases"] = s2, b2
         else:
-            fixed += sizes[k] * 8
-    counts = {p: math.prod(weights[f"{p}.weight"].shape) for p in errors}
-    costs = {p: {b: counts[p] * bpw(b) for b in BPW_CANDIDATES} for p in errors}
-    low = (fixed + sum(min(c.values()) for c in costs.values())) / total
-    high = (fixed + sum(max(c.values()) for c in costs.values())) / total
-    if not low <= target <= high:
-        raise ValueError(f"--target-bpw {target}: this model can reach {low:.3f} to {high:.3f} "
-                         f"bits per weight at group size {group_size}")
-    choice = allocate_bits(costs, errors, target * total - fixed)
-    for p, b in choice.items():
-        plan[p] = (b, group_size, "affine")
-    for p in list(quant):
-        if isinstance(quant[p], dict):
-            del quant[p]
-    for p, (b, g, m) in sorted(plan.items()):
-        if (b, g, m) != (quant["bits"], quant["group_size"], quant["mode"]):
-            quant[p] = {"group_size": g, "bits": b, "mode": m}
-    for p in errors:  # output sizes follow the new widths
-        sizes[f"{p}.weight"] = _out_nbytes(weights[f"{p}.weight"].shape, dsize, plan[p])
-    hist = {}
-    for b in choice.values():
-        hist[b] = hist.get(b, 0) + 1
-    log("target-bpw: layers per bit width " + ", ".join(f"{b}-bit {n}"
-                                                          for b, n in sorted(hist.items())))
+            exact32.append(p)
+    for k in floats:
+        if keep(k):
+            weights[k] = weights[k].astype(target)
+    modules = dict(model.named_modules())
+    qbits = qcount = fbits = fcount = 0
+    for k, v in weights.items():
+        p = k.rsplit(".", 1)[0]
+        if p in layers and k.rsplit(".", 1)[1] in ("weight", "scales", "biases"):
+            qbits += v.nbytes * 8
+            if k.endswith(".weight"):
+                qcount += v.size * 32 // modules[p].bits
+        else:
+            fbits += v.nbytes * 8
+            fcount += v.size
+    names = sorted(weights)
+    sizes = {k: weights[k].nbytes for k in names}
+    tmp = _tmp_for(out)
+    try:
+        n_shards, n_tensors, nbytes = _write_shards(
+            tmp, names, lambda k: {k: weights.pop(k)}, sizes, int(shard_size_gb * (1 << 30)),
+            progress)
+        _write_config(tmp, config, quant, dtype_name)
+        _copy_extras(path, tmp)
+        _finish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    notes = [f"{p}: scales/biases kept in float32 ({dtype_name} would round them)"
+             for p in exact32]
+    return ConvertResult(out, n_shards, n_tensors, (qbits + fbits) / max(qcount + fcount, 1),
+                         qbits / qcount if qcount else 0.0, nbytes, notes)
+
+
+def _tmp_for(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.converting-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
 
 
 # ---------------------------------------------------------------- the command
@@ -368,6 +425,12 @@ def convert(src: Union[str, Path], out: Union[str, Path], *, fmt: str = "affine"
             progress: bool = True, log: Callable = lambda s: None) -> ConvertResult:
     """Write a quantized (or, with `dequantize`, float) copy of `src` to the folder `out`."""
     out = Path(out).expanduser()
+    group_given = group_size is not None
+    given = [name for name, v in (("--format", fmt != "affine"), ("--bits", bits is not None),
+                                  ("--group-size", group_given), ("--recipe", bool(recipe)),
+                                  ("--target-bpw", target_bpw is not None),
+                                  ("--method", method != "rtn"), ("--dequantize", dequantize))
+             if v]
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"--dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
     if shard_size_gb <= 0:
@@ -405,8 +468,8 @@ def convert(src: Union[str, Path], out: Union[str, Path], *, fmt: str = "affine"
         roles = parse_recipe(recipe, bits)
         if recipe and fmt != "affine":
             raise ValueError(f"--recipe needs --format affine ({fmt} has only 4-bit codes)")
-        for role, b in roles.items():
-            formats.resolve(fmt, b, group_size)  # ValueError names the bad bits
+        for role, v in roles.items():
+            formats.resolve(fmt, *_spec(v, group_size))  # ValueError names the bad bits/group
     _check_out(out, force)
 
     path = resolve_path(src)
@@ -414,7 +477,14 @@ def convert(src: Union[str, Path], out: Union[str, Path], *, fmt: str = "affine"
         raise MarlinError(f"{out}: the output folder is the source folder")
     config = read_config(path)
     model = build_model(path, config)
-    weights, _ = load_weights_lazily(weight_files(path))
+    weights, source = load_weights_lazily(weight_files(path))
+    imported = _imported_format(path, config)
+    if imported is not None:
+        if given:
+            raise ValueError(f"{path}: a GPTQ/AWQ checkpoint is written as affine exactly as "
+                             f"stored; {', '.join(given)} do not apply")
+        return _convert_imported(path, out, config, model, weights, source, imported, dtype,
+                                 shard_size_gb, progress)
     quant_src = quantization_of(config, path / "config.json")
     if quant_src is not None and not dequantize:
         raise MarlinError(f"{path}: already quantized (use --dequantize to get float weights "
@@ -465,11 +535,10 @@ def convert(src: Union[str, Path], out: Union[str, Path], *, fmt: str = "affine"
             return {k: cast(k, weights.pop(k))}
     else:
         plan, skipped = _plan(model, weights, fmt, group_size, roles)
-        quant = {"group_size": group_size, "bits": bits, "mode": fmt}
-        base_bits = roles["default"]
-        quant["bits"] = base_bits
+        base_bits, base_group = _spec(roles["default"], group_size)
+        quant = {"group_size": base_group, "bits": base_bits, "mode": fmt}
         for p, (b, g, m) in sorted(plan.items()):
-            if (b, g, m) != (base_bits, group_size, fmt):
+            if (b, g, m) != (base_bits, base_group, fmt):
                 quant[p] = {"group_size": g, "bits": b, "mode": m}
         names = sorted(weights)
         sizes = {}
@@ -477,29 +546,20 @@ def convert(src: Union[str, Path], out: Union[str, Path], *, fmt: str = "affine"
             p = k.rsplit(".", 1)[0]
             q = plan.get(p) if k.endswith(".weight") else None
             sizes[k] = _out_nbytes(weights[k].shape, dsize, q)
-        hessians = {}
+        gptq_out = {}
         if method == "gptq" or target_bpw is not None:
-            hessians, errors = calibrate(path, config, plan, calibration, num_samples, seq_len,
-                                          log, method == "gptq",
-                                          BPW_CANDIDATES if target_bpw else ())
-            if target_bpw is not None:
-                _apply_target(plan, errors, weights, names, sizes, target_bpw, group_size, dsize,
-                              quant, log)
-            skipped += [f"{p}: no Hessian (not a plain Linear), round-to-nearest" for p in plan
-                        if method == "gptq" and p not in hessians]
+            gptq_out = calibrate(path, config, plan, weights, names, sizes, quant, target,
+                                 dsize, calibration, num_samples, seq_len, method, target_bpw,
+                                 group_given, act_order, damp, skipped, log, _out_nbytes)
 
         def produce(k):
             p = k.rsplit(".", 1)[0]
             if k.endswith(".weight") and p in plan:
                 b, g, m = plan[p]
                 w = weights.pop(k)
-                H = hessians.pop(p, None)
-                if H is not None:
-                    from .gptq import gptq_quantize
-
-                    packed, scales, biases = gptq_quantize(w.astype(mx.float32), H, b, g,
-                                                           act_order=act_order, damp=damp,
-                                                           dtype=target)
+                if f"{p}.weight" in gptq_out:  # computed (and small) already
+                    packed = gptq_out.pop(f"{p}.weight")
+                    scales, biases = gptq_out.pop(f"{p}.scales"), gptq_out.pop(f"{p}.biases")
                 else:
                     packed, scales, biases = _quantize(w.astype(target), b, g, m)
                 res = {k: packed, f"{p}.scales": scales}
@@ -528,11 +588,7 @@ def convert(src: Union[str, Path], out: Union[str, Path], *, fmt: str = "affine"
     bpw = (qbits + fbits) / max(qcount + fcount, 1)
     qbpw = qbits / qcount if qcount else 0.0
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.converting-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = _tmp_for(out)
     try:
         n_shards, n_tensors, nbytes = _write_shards(
             tmp, names, produce, sizes, int(shard_size_gb * (1 << 30)), progress)

@@ -194,3 +194,25 @@ def test_tiny_llama_gptq_beats_rtn_and_loads(tiny_llama_path):
     loaded.load_weights(list(q.items()), strict=False)
     np.testing.assert_allclose(np.array(loaded(held_out)), np.array(model(held_out)),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_layerwise_engine_sees_the_inputs_of_whole_model_forwards(tiny_llama_path):
+    """gptq_quantize_model runs one decoder layer at a time on cached hidden states; without
+    sequential updates its Hessians must be those of plain whole-model forwards, so its output
+    equals gptq_quantize with collect_hessians' Hessians, layer for layer."""
+    from marlin_mlx.loader import load_model
+
+    rng = np.random.default_rng(1)
+    calib = [mx.array(rng.integers(0, 400, (1, 48)).astype(np.int32)) for _ in range(3)]
+    model, _ = load_model(tiny_llama_path)
+    Hs = collect_hessians(model, calib)
+    specs = {p: (4, 32) if "mlp" in p else (3, 64) for p in Hs}
+    seen = []
+    q = gptq_quantize_model(model, calib, specs=specs, sequential=False, progress=seen.append)
+    assert seen == ["model.layers.0", "model.layers.1", "lm_head"]
+    mods = dict(model.named_modules())
+    for p, H in Hs.items():
+        b, g = specs[p]
+        want = gptq_quantize(mods[p].weight, H, b, g)
+        for got, w in zip((q[f"{p}.weight"], q[f"{p}.scales"], q[f"{p}.biases"]), want):
+            np.testing.assert_array_equal(np.array(got), np.array(w))

@@ -310,3 +310,109 @@ def test_gptq_checkpoint_on_disk_loads_through_the_loader(tiny_llama_path, tmp_p
     assert model.model.layers[0].self_attn.q_proj.scales.dtype == mx.float32
     tokens = mx.array(rng.integers(0, 400, (2, 9)).astype(np.int32))
     np.testing.assert_allclose(np.array(model(tokens)), np.array(ref(tokens)), rtol=1e-4, atol=1e-4)
+
+
+def _gptq_folder(src, out, rng, act_order: bool, sym_every=2, awq=False):
+    """A GPTQ (or AWQ) checkpoint folder of `src`'s architecture whose projections hold codes,
+    zeros and scales drawn here; -> the exact float64 weights {name: W [N, K]}."""
+    import json
+    import shutil
+
+    from mlx.utils import tree_flatten
+
+    from marlin_mlx.loader import load_model
+
+    ref, _ = load_model(src)
+    tensors, dense = {}, {}
+    for name, w in tree_flatten(ref.parameters()):
+        p = name[: -len(".weight")]
+        if name.startswith("model.layers.") and name.endswith("_proj.weight"):
+            N, K = w.shape
+            if awq:
+                g = 32
+                q = rng.integers(0, 16, (K, N))
+                zeros = rng.integers(0, 16, (K // g, N))
+                scales = rng.uniform(0.001, 0.05, (K // g, N)).astype(np.float16)
+                gi = np.arange(K) // g
+                W = (scales.astype(np.float64)[gi] * (q - zeros[gi])).T
+                t = {"qweight": pack_awq(q), "qzeros": pack_awq(zeros), "scales": scales}
+            else:
+                t, W = make_gptq(rng, K, N, 4, 32, sym=len(dense) % sym_every == 0,
+                                 act_order=act_order and len(dense) % 3 == 2)
+                tensors[f"{p}.bias"] = mx.zeros((N,), mx.float16)   # AutoGPTQ's zero biases
+            tensors.update({f"{p}.{k}": mx.array(v) for k, v in t.items()})
+            dense[name] = W
+        else:
+            tensors[name] = w.astype(mx.float16)
+    out.mkdir()
+    mx.save_safetensors(str(out / "model.safetensors"), tensors)
+    config = json.loads((src / "config.json").read_text())
+    config["torch_dtype"] = "float16"
+    config.pop("dtype", None)
+    config["quantization_config"] = (
+        {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm",
+         "zero_point": True} if awq else
+        {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": act_order,
+         "sym": False})
+    (out / "config.json").write_text(json.dumps(config))
+    for f in src.glob("tokenizer*"):
+        shutil.copy(f, out)
+    return dense
+
+
+@pytest.mark.parametrize("awq", [False, True])
+def test_convert_gptq_awq_source_writes_exact_affine(tiny_qwen3_path, tmp_path, awq):
+    """convert(GPTQ/AWQ folder) -> mlx-lm affine folder: every projection dequantizes to
+    exactly scale * (q - zero) of the known integers; mlx-lm loads it with marlin-mlx's logits."""
+    import json
+
+    import mlx_lm
+
+    from marlin_mlx.convert import convert
+    from marlin_mlx.loader import load_model
+
+    src = tmp_path / "src"
+    dense = _gptq_folder(tiny_qwen3_path, src, np.random.default_rng(3), act_order=False,
+                         awq=awq)
+    out = tmp_path / "out"
+    res = convert(src, out, progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization"]["bits"] == 4 and cfg["quantization"]["mode"] == "affine"
+    assert "quant_method" not in cfg["quantization_config"]
+    assert not (out / "quantize_config.json").exists()
+    model, _ = load_model(out, dtype="float32")
+    modules = dict(model.named_modules())
+    stored = {}
+    for f in out.glob("*.safetensors"):
+        stored.update(mx.load(str(f)))
+    sym16 = 0
+    for name, W in dense.items():
+        m = modules[name[: -len(".weight")]]
+        assert type(m).__name__ == "QuantizedLinear" and (m.bits, m.group_size) == (4, 32)
+        sym16 += stored[name.replace(".weight", ".scales")].dtype == mx.float16
+        got = mx.dequantize(m.weight, m.scales, m.biases, group_size=32, bits=4,
+                            dtype=mx.float32)
+        np.testing.assert_array_equal(np.array(got), W.astype(np.float32))
+    # symmetric GPTQ layers (zero 8: bias = -8 * scale) are exact in float16, the rest float32
+    assert sym16 == (0 if awq else (len(dense) + 1) // 2)
+    assert len(res.skipped) == len(dense) - sym16
+    assert res.quantized_bits_per_weight > 4
+    ids = mx.array([[1, 5, 9, 33, 100, 7]], dtype=mx.int32)
+    theirs, _ = mlx_lm.load(str(out))
+    theirs.set_dtype(mx.float32)  # mlx-lm computes in the checkpoint's float16; compare in fp32
+    np.testing.assert_allclose(np.array(theirs(ids)), np.array(model(ids)), rtol=1e-4, atol=1e-4)
+
+
+def test_convert_gptq_source_refusals(tiny_qwen3_path, tmp_path):
+    from marlin_mlx.convert import convert
+    from marlin_mlx.errors import MarlinError
+
+    src = tmp_path / "src"
+    _gptq_folder(tiny_qwen3_path, src, np.random.default_rng(4), act_order=True)
+    out = tmp_path / "out"
+    with pytest.raises(MarlinError, match="act-order .* cannot express") as e:
+        convert(src, out, progress=False)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="exactly as stored; --bits, --group-size do not apply"):
+        convert(src, out, bits=3, group_size=64, progress=False)
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
