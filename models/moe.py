@@ -1,12 +1,14 @@
 """Mixture-of-experts pieces shared by Qwen3-MoE and GLM-4.7-Flash.
 
 - `route(logits, ...)`: the router as one op: scores (softmax or sigmoid), optional
-  selection-only bias and group-limited selection, top-k, normalization and scaling.
+  selection-only bias and group-limited selection, top-k, normalization and scaling
+  (kernels/moe_router.py: a fused kernel on a GPU, plain MLX on the CPU).
 - `SwitchGLU`: the routed experts over stacked weights, `__call__(x, indices, weights)` doing
-  gate+up, SwiGLU, down and the weighted combine. This is the interface a fused expert kernel
-  replaces; the body here is the MLX reference (`mx.gather_mm` / `mx.gather_qmm`), which reads
-  only the selected experts' weights and, for many tokens, sorts the (token, expert) pairs by
-  expert first so each expert's weights are read in one run.
+  gate+up, SwiGLU, down and the weighted combine. Quantized (affine) experts go through
+  kernels/moe_experts.py: two fused launches for few tokens on a GPU, else `mx.gather_qmm`;
+  float experts through `mx.gather_mm`. Both read only the selected experts' weights and, for
+  many tokens, sort the (token, expert) pairs by expert first so each expert's weights are
+  read in one run.
 - `SparseMoE`: router + experts + optional shared experts, with Hugging Face / mlx-lm
   parameter names (`mlp.gate.*`, `mlp.switch_mlp.{gate,up,down}_proj.*`, `mlp.shared_experts.*`).
 - `stack_experts(weights, prefix, num_experts)`: checkpoint layouts to the stacked one.
@@ -16,18 +18,16 @@ Stacked expert weights are (num_experts, out, in), as mlx-lm stores them; quanti
 array, so mlx-lm's quantized checkpoints load unchanged.
 """
 
-import math
-
 import mlx.core as mx
 import mlx.nn as nn
 
-from marlin_mlx.kernels import Linear
+from marlin_mlx.kernels import Linear, QuantizedLinear, moe_experts, moe_router
 
 from .base import MLP
 
-SCORING_FUNCS = ("softmax", "sigmoid")
+SCORING_FUNCS = moe_router.SCORING_FUNCS
 # (token, expert) pairs at or above which the experts' inputs are sorted by expert (prefill)
-SORT_MIN_PAIRS = 64
+SORT_MIN_PAIRS = moe_experts.SORT_MIN_PAIRS
 
 
 def route(logits: mx.array, top_k: int, *, scoring: str = "softmax", norm_topk_prob: bool = False,
@@ -39,36 +39,13 @@ def route(logits: mx.array, top_k: int, *, scoring: str = "softmax", norm_topk_p
     `e_score_correction_bias`) shifts the scores used to choose experts only. With
     `n_group > 1`, experts are split into `n_group` equal groups, a group's score is the sum
     of its best two (biased) scores, and only the best `topk_group` groups may be chosen.
-    Indices are not sorted. Computed in float32 whatever the input dtype.
+    Indices come in descending order of choice score (ties to the lower index). Computed in
+    float32 whatever the input dtype: the fused router kernel on a GPU, its plain-MLX
+    reference elsewhere (kernels/moe_router.py).
     """
-    if scoring not in SCORING_FUNCS:
-        raise ValueError(f"scoring {scoring!r} is not supported (supported: {', '.join(SCORING_FUNCS)})")
-    E = logits.shape[-1]
-    if not 0 < top_k <= E:
-        raise ValueError(f"top_k {top_k} must be in 1..{E} (the number of experts)")
-    logits = logits.astype(mx.float32)
-    if scoring == "softmax":
-        scores = mx.softmax(logits, axis=-1, precise=True)
-    else:
-        scores = mx.sigmoid(logits)
-    choice = scores if correction_bias is None else scores + correction_bias.astype(mx.float32)
-    if n_group > 1 and topk_group < n_group:
-        if E % n_group:
-            raise ValueError(f"{E} experts do not split into n_group={n_group} equal groups")
-        grouped = choice.reshape(*choice.shape[:-1], n_group, E // n_group)
-        best = min(2, E // n_group)
-        group_scores = mx.topk(grouped, best, axis=-1).sum(axis=-1, keepdims=True)
-        n_drop = n_group - topk_group
-        dropped = mx.argpartition(group_scores, kth=n_drop - 1, axis=-2)[..., :n_drop, :]
-        grouped = mx.put_along_axis(grouped, dropped, mx.array(-math.inf, mx.float32), axis=-2)
-        choice = grouped.reshape(choice.shape)
-    inds = mx.argpartition(-choice, kth=top_k - 1, axis=-1)[..., :top_k]
-    weights = mx.take_along_axis(scores, inds, axis=-1)
-    if norm_topk_prob:
-        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
-    if routed_scaling_factor != 1.0:
-        weights = weights * routed_scaling_factor
-    return inds.astype(mx.uint32), weights
+    return moe_router.route(logits, top_k, scoring=scoring, norm_topk_prob=norm_topk_prob,
+                            correction_bias=correction_bias, n_group=n_group,
+                            topk_group=topk_group, routed_scaling_factor=routed_scaling_factor)
 
 
 class SwitchLinear(nn.Module):
@@ -123,12 +100,40 @@ class SwitchGLU(nn.Module):
         self.up_proj = SwitchLinear(dims, hidden_dims, num_experts)
         self.down_proj = SwitchLinear(hidden_dims, dims, num_experts)
 
-    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
-        """x (..., D), indices and weights (..., k) -> (..., D) in x's dtype."""
+    def _quantized(self):
+        """(group_size, bits) when all three projections are affine-quantized alike, else None."""
+        projs = (self.gate_proj, self.up_proj, self.down_proj)
+        if not all(isinstance(p, QuantizedSwitchLinear) and p.mode == "affine" for p in projs):
+            return None
+        fmt = {(p.group_size, p.bits) for p in projs}
+        return fmt.pop() if len(fmt) == 1 else None
+
+    def _shared_triples(self, shared, fmt):
+        """A shared expert's quantized (gate, up, down) triples when it has this layer's format
+        (so the fused kernels may take it as one more slot), else None."""
+        projs = [getattr(shared, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if not all(isinstance(p, QuantizedLinear) and p.mode == "affine" and "bias" not in p
+                   and (p.group_size, p.bits) == fmt for p in projs):
+            return None
+        return [(p.weight, p.scales, p.get("biases")) for p in projs]
+
+    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array, shared=None) -> mx.array:
+        """x (..., D), indices and weights (..., k) -> (..., D) in x's dtype; `shared`: an
+        always-active expert (a module) whose output is added."""
         lead, D = x.shape[:-1], x.shape[-1]
         k = indices.shape[-1]
         idx = mx.stop_gradient(indices).reshape(-1, k)
         n = idx.shape[0]
+        fmt = self._quantized()
+        if fmt is not None:
+            # quantized experts: the fused decode kernels or gather_qmm (kernels/moe_experts.py)
+            trip = [(p.weight, p.scales, p.biases) for p in
+                    (self.gate_proj, self.up_proj, self.down_proj)]
+            y = moe_experts.switch_glu(
+                x.reshape(n, D), idx, weights.reshape(n, k), *trip, group_size=fmt[0], bits=fmt[1],
+                shared=None if shared is None else self._shared_triples(shared, fmt),
+                shared_fn=shared, validate_inputs=False)
+            return y.reshape(*lead, D)
         do_sort = idx.size >= SORT_MIN_PAIRS
         if do_sort:
             # one row per (token, expert) pair, ordered by expert, so each expert's weights are
@@ -147,7 +152,8 @@ class SwitchGLU(nn.Module):
             y = y[mx.argsort(order)]
         y = y.reshape(n, k, D)
         out = (y * weights.reshape(n, k, 1).astype(y.dtype)).sum(axis=1)
-        return out.reshape(*lead, D).astype(x.dtype)
+        out = out.reshape(*lead, D).astype(x.dtype)
+        return out if shared is None else out + shared(x)
 
 
 class SigmoidRouter(nn.Module):
@@ -197,10 +203,8 @@ class SparseMoE(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         inds, weights = self.route(x)
-        y = self.switch_mlp(x, inds, weights)
-        if "shared_experts" in self:
-            y = y + self.shared_experts(x)
-        return y
+        return self.switch_mlp(x, inds, weights,
+                               shared=self.shared_experts if "shared_experts" in self else None)
 
 
 _PROJS = ("gate_proj", "up_proj", "down_proj")

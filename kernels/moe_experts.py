@@ -1,0 +1,302 @@
+"""moe_experts: the routed SwiGLU experts of a MoE layer over quantized stacked weights.
+
+y[t] = sum_j w[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = inds[t, j], with the
+experts stacked (E, out, in) in MLX's affine layout (`QuantizedSwitchLinear`, mlx-lm's).
+
+For few tokens (decode) the custom path is two launches that read only the selected experts'
+rows: `src/moe_gate_up.h` (gate + up + SiLU·mul, times the routing weight, one pass over both
+weights) and `src/moe_down.h` (down projection and weighted combine over the top-k experts);
+the `_shared` variants add an always-active shared expert (GLM) as one more slot of the same
+two launches, where that measures faster than running it beside them.
+The reference is MLX's `gather_qmm` (the CPU path, the built-in GPU path and the GPU tests'
+fast twin); many tokens (prefill) stay on `gather_qmm` with the (token, expert) pairs sorted by
+expert, which is `switch_glu_reference(..., sort=True)`.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import selection
+from .launch import KernelSpec, backend, cdiv, launch
+from .qmv import TARGET_WARPS, XKIND
+
+GATE_UP = KernelSpec("marlin_moe_gate_up", "moe_gate_up.h",
+                     ("x", "inds", "wts", "w", "scales", "biases", "w2", "scales2", "biases2"), ("y",))
+DOWN = KernelSpec("marlin_moe_down", "moe_down.h", ("x", "inds", "w", "scales", "biases"), ("y",))
+# the same with an always-active shared expert as one more slot (its own 2-D weights)
+GATE_UP_SHARED = KernelSpec(
+    "marlin_moe_gate_up_shared", "moe_gate_up_shared.h",
+    GATE_UP.inputs + ("sw", "sscales", "sbiases", "sw2", "sscales2", "sbiases2"), ("y",))
+DOWN_SHARED = KernelSpec("marlin_moe_down_shared", "moe_down_shared.h",
+                         DOWN.inputs + ("sw", "sscales", "sbiases"), ("y",))
+
+BITS = (2, 3, 4, 5, 6, 8)
+DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+MAX_TOKENS = 8  # at most this many tokens take the fused path (one threadgroup row per token)
+TOL = {mx.float32: 1e-4, mx.float16: 5e-3, mx.bfloat16: 2e-2}  # self-test vs the float32 oracle
+
+
+def switch_glu_reference(x, inds, weights, gate, up, down, group_size: int = 64, bits: int = 4,
+                         sort: bool = False):
+    """x (n, D), inds/weights (n, k); gate/up/down: (w, scales, biases) stacked triples.
+    MLX's gather_qmm, optionally with the (token, expert) pairs sorted by expert."""
+    n, D = x.shape
+    k = inds.shape[-1]
+    q = dict(transpose=True, group_size=group_size, bits=bits, sorted_indices=sort)
+    if sort:
+        flat = inds.flatten()
+        order = mx.argsort(flat)
+        h, idx = x.reshape(n, 1, D)[order // k], flat[order]
+    else:
+        h, idx = x.reshape(n, 1, 1, D), inds
+    g = mx.gather_qmm(h, *gate, rhs_indices=idx, **q)
+    u = mx.gather_qmm(h, *up, rhs_indices=idx, **q)
+    y = mx.gather_qmm(nn.silu(g) * u, *down, rhs_indices=idx, **q)
+    if sort:
+        y = y[mx.argsort(order)]
+    y = y.reshape(n, k, D)
+    return (y * weights.reshape(n, k, 1).astype(y.dtype)).sum(axis=1).astype(x.dtype)
+
+
+def config(rows: int, N: int, steps: int, gated: bool, R=None, SK=None):
+    """(R, SK): R rows per simdgroup (gated: R gate + R up rows), SK simdgroups splitting the
+    reduction, enough simdgroups in flight for the GPU (rows = threadgroup rows of the grid)."""
+    if R is None:
+        R = 2 if gated else 4
+    if SK is None:
+        SK = max(1, min(8, cdiv(steps, 32), cdiv(TARGET_WARPS, cdiv(N, R) * rows)))
+    return R, max(1, min(SK, 32))
+
+
+def _template(T, S, O, bits, gs, R, SK, k, E, K, N):
+    return [("T", T), ("XK", XKIND[T]), ("S", S), ("O", O), ("BITS", bits), ("GS", gs),
+            ("R", R), ("SK", SK), ("TOPK", k), ("NE", E), ("K", K), ("N", N)]
+
+
+def _same_dtype(triples, dtype):
+    out = []
+    for w, sc, b in triples:
+        out += [w, sc if sc.dtype == dtype else sc.astype(dtype), b if b.dtype == dtype else b.astype(dtype)]
+    return out
+
+
+_PLANS: dict = {}  # launch plans, memoized: built per layer per token at decode
+
+
+def _plan(gated, n, k, E, N, K, xdt, sdt, odt, bits, gs, shared, R, SK):
+    key = (gated, n, k, E, N, K, xdt, sdt, odt, bits, gs, shared, R, SK)
+    plan = _PLANS.get(key)
+    if plan is None:
+        slots = k + shared
+        rows = n * slots if gated else n
+        R, SK = config(rows, N, (1 if gated else slots) * K // 32, gated, R, SK)
+        spec = (GATE_UP_SHARED if shared else GATE_UP) if gated else (DOWN_SHARED if shared else DOWN)
+        plan = _PLANS[key] = (spec, _template(xdt, sdt, odt, bits, gs, R, SK, k, E, K, N),
+                              (32 * SK * cdiv(N, R), rows, 1), (32 * SK, 1, 1), [(rows, N)], [odt])
+    return plan
+
+
+def gate_up_kernel(x, inds, wts, gate, up, group_size, bits, *, shared=None, R=None, SK=None):
+    """x (n, D), inds (n, k) uint32, wts (n, k) float32 -> h (n * slots, I) float32:
+    wts * silu(x Wg[e]^T) * (x Wu[e]^T) per (token, slot) pair; with `shared` (its gate and
+    up triples, 2-D) the shared expert is slot k of every token, weight 1."""
+    n, D = x.shape
+    E, N = gate[0].shape[:2]
+    sdt = gate[1].dtype
+    spec, t, grid, tg, oshape, odt = _plan(True, n, inds.shape[-1], E, N, D, x.dtype, sdt,
+                                           mx.float32, bits, group_size, shared is not None, R, SK)
+    ins = [x, inds, wts, *_same_dtype((gate, up), sdt)]
+    if shared is not None:
+        ins += _same_dtype(shared, sdt)
+    return launch(spec, ins, t, grid, tg, oshape, odt)[0]
+
+
+def down_kernel(h, inds, down, group_size, bits, out_dtype, *, shared=None, R=None, SK=None):
+    """h (n * slots, I) float32 (routing weights applied), inds (n, k) -> y (n, D) in
+    out_dtype: the sum over a token's slots of h Wd^T (`shared`: the shared expert's down
+    triple, slot k)."""
+    n, k = inds.shape
+    E, N = down[0].shape[:2]
+    sdt = down[1].dtype
+    spec, t, grid, tg, oshape, odt = _plan(False, n, k, E, N, h.shape[-1], mx.float32, sdt,
+                                           out_dtype, bits, group_size, shared is not None, R, SK)
+    ins = [h, inds, *_same_dtype((down,), sdt)]
+    if shared is not None:
+        ins += _same_dtype((shared,), sdt)
+    return launch(spec, ins, t, grid, tg, oshape, odt)[0]
+
+
+def switch_glu_kernel(x, inds, weights, gate, up, down, group_size, bits, *, shared=None,
+                      cfg=None):
+    """The two custom launches (no validation, no fallback). shared: (gate, up, down) triples
+    of a shared expert (2-D, same format and sizes) folded in as one more slot; cfg:
+    ((R, SK), (R, SK)) overrides."""
+    (r1, s1), (r2, s2) = cfg or ((None, None), (None, None))
+    if inds.dtype != mx.uint32:
+        inds = inds.astype(mx.uint32)
+    if weights.dtype != mx.float32:
+        weights = weights.astype(mx.float32)
+    h = gate_up_kernel(x, inds, weights, gate, up, group_size, bits,
+                       shared=None if shared is None else shared[:2], R=r1, SK=s1)
+    return down_kernel(h, inds, down, group_size, bits, x.dtype,
+                       shared=None if shared is None else shared[2], R=r2, SK=s2)
+
+
+def validate(x, inds, weights, gate, up, down, group_size, bits):
+    """One-line ValueErrors for inconsistent shapes (the stacked triples against x and inds)."""
+    if x.ndim != 2 or inds.ndim != 2 or weights.shape != inds.shape or inds.shape[0] != x.shape[0]:
+        raise ValueError(f"expected x (n, D) with inds and weights (n, k); got {tuple(x.shape)}, "
+                         f"{tuple(inds.shape)}, {tuple(weights.shape)}")
+    D = x.shape[-1]
+    for name, (w, s, b) in (("gate", gate), ("up", up), ("down", down)):
+        if w.ndim != 3 or w.dtype != mx.uint32:
+            raise ValueError(f"{name}: expected stacked uint32 weights (E, N, K*bits/32), got "
+                             f"{w.dtype} {tuple(w.shape)}")
+        K = w.shape[-1] * 32 // bits
+        if s.shape != (*w.shape[:2], K // group_size) or (b is not None and b.shape != s.shape):
+            raise ValueError(f"{name}: scales/biases {tuple(s.shape)} do not match weights "
+                             f"{tuple(w.shape)} at {bits} bits, group size {group_size}")
+    I = gate[0].shape[1]
+    if gate[0].shape[-1] * 32 // bits != D or up[0].shape != gate[0].shape:
+        raise ValueError(f"gate/up weights {tuple(gate[0].shape)}/{tuple(up[0].shape)} do not take "
+                         f"inputs of size {D}")
+    if down[0].shape[1] != D or down[0].shape[-1] * 32 // bits != I:
+        raise ValueError(f"down weights {tuple(down[0].shape)} do not map {I} back to {D}")
+
+
+def supported(x, gate, up, down, group_size, bits) -> bool:
+    return (bits in BITS and group_size % 32 == 0 and x.dtype in DTYPES
+            and x.shape[0] <= MAX_TOKENS and all(t[2] is not None for t in (gate, up, down))
+            and all(t[1].dtype in DTYPES for t in (gate, up, down)))
+
+
+def shared_fits(gate, up, down, shared) -> bool:
+    """Whether a shared expert's (gate, up, down) triples (2-D, same format) can be a slot of
+    the fused launches: the same sizes as one routed expert, biases present."""
+    return (shared is not None and all(t[2] is not None for t in shared)
+            and shared[0][0].shape == gate[0].shape[1:] and shared[1][0].shape == up[0].shape[1:]
+            and shared[2][0].shape == down[0].shape[1:]
+            and all(t[1].shape == r[1].shape[1:] for t, r in zip(shared, (gate, up, down))))
+
+
+def switch_glu(x, inds, weights, gate, up, down, group_size: int = 64, bits: int = 4,
+               *, shared=None, shared_fn=None, validate_inputs: bool = True):
+    """The routed experts for x (n, D) (+ a shared expert): the custom launches on a GPU for
+    n <= MAX_TOKENS where they passed their self-test and measured faster, else MLX's
+    gather_qmm (sorted by expert for many tokens).
+
+    shared_fn(x) -> (n, D): an always-active shared expert, added to the result; `shared`, its
+    (gate, up, down) quantized triples, lets the custom path fold it into the same two
+    launches where that measures faster than running shared_fn beside them."""
+    if validate_inputs:
+        validate(x, inds, weights, gate, up, down, group_size, bits)
+    # the path is memoized per shape: this runs per layer per token
+    key = (x.shape, x.dtype, inds.shape, gate[0].shape, gate[1].dtype, up[1].dtype, down[1].dtype,
+           group_size, bits, shared_fn is None, backend(), selection.mode(),
+           None if shared is None else tuple((t[0].shape, t[1].shape, t[1].dtype) for t in shared))
+    path = _PATHS.get(key)
+    if path is None:
+        path = _PATHS[key] = _choose(x, inds, gate, up, down, group_size, bits, shared, shared_fn)
+    if path == "fused-shared":
+        return switch_glu_kernel(x, inds, weights, gate, up, down, group_size, bits, shared=shared)
+    if path == "kernel":
+        y = switch_glu_kernel(x, inds, weights, gate, up, down, group_size, bits)
+    else:
+        sort = inds.size >= SORT_MIN_PAIRS
+        y = switch_glu_reference(x, inds, weights, gate, up, down, group_size, bits, sort=sort)
+    return y if shared_fn is None else y + shared_fn(x)
+
+
+_PATHS: dict = {}
+
+
+def _choose(x, inds, gate, up, down, group_size, bits, shared, shared_fn) -> str:
+    if backend() is None or not supported(x, gate, up, down, group_size, bits) or not _decide(
+            x, inds, gate, up, down, group_size, bits, None, None):
+        return "reference"
+    if shared_fn is not None and shared_fits(gate, up, down, shared) and _decide(
+            x, inds, gate, up, down, group_size, bits, shared, shared_fn):
+        return "fused-shared"
+    return "kernel"
+
+
+# (token, expert) pairs at or above which gather_qmm gets the pairs sorted by expert (prefill)
+SORT_MIN_PAIRS = 64
+
+
+def _decide(x, inds, gate, up, down, group_size, bits, shared, shared_fn) -> bool:
+    n, D = x.shape
+    k = inds.shape[-1]
+    E, I = gate[0].shape[:2]
+    cls = f"n{n}-k{k}-E{E}-D{D}-I{I}-{x.dtype}-{gate[1].dtype}".replace("mlx.core.", "")
+
+    # the layer's own weights, fresh random activations and distinct experts per token
+    def make_inputs():
+        xs = mx.random.normal((n, D)).astype(x.dtype)
+        idx = mx.argsort(mx.random.uniform(shape=(n, E)), axis=-1)[:, :k].astype(mx.uint32)
+        w = mx.softmax(mx.random.normal((n, k)), axis=-1)
+        return xs, idx, w
+
+    # the oracle: gather_qmm in float32 (scales, biases and activations; the codes are exact),
+    # since gather_qmm in bfloat16 rounds its intermediates (measured: 2.8e-2 from float64)
+    f32 = [tuple(a if a.dtype == mx.uint32 else a.astype(mx.float32) for a in t)
+           for t in (gate, up, down) + (tuple(shared) if shared is not None else ())]
+
+    def oracle(xs, idx, w):
+        x32 = xs.astype(mx.float32)
+        y = switch_glu_reference(x32, idx, w, *f32[:3], group_size, bits)
+        if shared is not None:
+            q = dict(transpose=True, group_size=group_size, bits=bits)
+            h = nn.silu(mx.quantized_matmul(x32, *f32[3], **q)) * mx.quantized_matmul(x32, *f32[4], **q)
+            y = y + mx.quantized_matmul(h, *f32[5], **q)
+        return y
+
+    if shared is None:
+        def custom(xs, idx, w):
+            return switch_glu_kernel(xs, idx, w, gate, up, down, group_size, bits)
+
+        def builtin(xs, idx, w):
+            return switch_glu_reference(xs, idx, w, gate, up, down, group_size, bits)
+
+        return selection.use_custom("moe_experts", f"affine{bits}g{group_size}", cls,
+                                    make_inputs, custom, builtin, oracle, TOL[x.dtype])
+
+    # the shared expert folded into the launches, against the routed kernels + shared_fn
+    def fused(xs, idx, w):
+        return switch_glu_kernel(xs, idx, w, gate, up, down, group_size, bits, shared=shared)
+
+    def beside(xs, idx, w):
+        return switch_glu_kernel(xs, idx, w, gate, up, down, group_size, bits) + shared_fn(xs)
+
+    return selection.use_custom("moe_experts_shared", f"affine{bits}g{group_size}", cls,
+                                make_inputs, fused, beside, oracle, TOL[x.dtype])
+
+
+def compile_cases():
+    """Metal/CUDA compile checks: GLM-4.7-Flash's and Qwen3-30B-A3B's expert shapes (decode),
+    8-bit, 3-bit (codes straddling words) and float32 activations."""
+    U32, F32, BF16, F16 = mx.uint32, mx.float32, mx.bfloat16, mx.float16
+    out = []
+    for name, dt, bits, E, k, D, I, n in (("glm-4.7-flash", BF16, 4, 64, 4, 2048, 1536, 1),
+                                          ("qwen3-30b", BF16, 4, 128, 8, 2048, 768, 1),
+                                          ("b8", F16, 8, 64, 4, 2048, 1536, 4),
+                                          ("b3", F32, 3, 16, 2, 512, 256, 3)):
+        R, SK = config(n * k, I, D // 32, True)
+        t = _template(dt, dt, F32, bits, 64, R, SK, k, E, D, I)
+        out.append((f"moe-gate-up-{name}", GATE_UP, [dt, U32, F32, U32, dt, dt, U32, dt, dt],
+                     [1 << 20] * 9, [F32], t))
+        R, SK = config(n, D, k * I // 32, False)
+        t = _template(F32, dt, dt, bits, 64, R, SK, k, E, I, D)
+        out.append((f"moe-down-{name}", DOWN, [F32, U32, U32, dt, dt], [1 << 20] * 5, [dt], t))
+        if name in ("glm-4.7-flash", "b3"):  # with a shared expert slot
+            R, SK = config(n * (k + 1), I, D // 32, True)
+            t = _template(dt, dt, F32, bits, 64, R, SK, k, E, D, I)
+            out.append((f"moe-gate-up-shared-{name}", GATE_UP_SHARED,
+                        [dt, U32, F32] + [U32, dt, dt] * 4, [1 << 20] * 15, [F32], t))
+            R, SK = config(n, D, (k + 1) * I // 32, False)
+            t = _template(F32, dt, dt, bits, 64, R, SK, k, E, I, D)
+            out.append((f"moe-down-shared-{name}", DOWN_SHARED, [F32, U32] + [U32, dt, dt] * 2,
+                        [1 << 20] * 8, [dt], t))
+    return out

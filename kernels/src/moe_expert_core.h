@@ -1,0 +1,118 @@
+// Shared body of moe_gate_up.h (GATED 1) and moe_down.h (GATED 0), and of their _shared
+// variants (MOE_SHARED 1: an always-active shared expert as one more slot, weight 1): an
+// affine-quantized GEMV over stacked experts (NE, N, K) whose expert is looked up per step
+// from `inds`, so only the selected experts' rows are read.
+//
+// A token t has SLOTS = TOPK + MOE_SHARED slots; slot j < TOPK is expert inds[t * TOPK + j]
+// with routing weight wts[t * TOPK + j], slot TOPK the shared expert (its own 2-D weights).
+// GATED: threadgroup y = a (token, slot) pair p = t * SLOTS + j;
+//   h[p, n] = weight * silu(x[t] . Wg[n]) * (x[t] . Wu[n]): one pass over both weights.
+// down: threadgroup y = a token t; the reduction runs over the slots' K values in a row,
+//   y[t, n] = sum_j h[t * SLOTS + j] . Wd_j[n]: down projection and weighted combine in one
+//   launch (the routing weights are already in h, from the gated pass).
+// Work layout as qmv's: a simdgroup owns R rows (GATED: R gate + R up rows), the SK simdgroups
+// of a threadgroup split the reduction, each lane takes 32 consecutive k per step with the
+// affine bias folded in as (bias + C * scale) * sum(x), C = 2^(BITS-1) the centre the codes
+// are shifted by (see qmv.h for the exact one-FMA dequantization).
+// Template constants: T (x), XK (0 float32, 1 float16, 2 bfloat16), S (scales, biases), O (y),
+// BITS, GS, R, SK, TOPK, NE, K, N.
+constexpr int KW = K * BITS / 32;      // words per weight row
+constexpr int NG = K / GS;             // groups per row
+constexpr int CH = K / 32;             // 32-value steps per row
+constexpr int SLOTS = TOPK + MOE_SHARED;
+constexpr int STEPS = GATED ? CH : SLOTS * CH;
+constexpr bool FAST = (BITS == 2 || BITS == 4 || BITS == 8);
+constexpr uint32_t MASK = (1u << BITS) - 1u;
+constexpr float CENTER = float(1 << (BITS - 1));
+constexpr int RR = GATED ? 2 * R : R;
+const int row0 = int(tg_x) * R;
+const int item = int(tg_y);
+const int t_item = GATED ? item / SLOTS : item;  // the token
+const int j_item = item - t_item * SLOTS;         // GATED: its slot
+KSHARED float red[SK][RR];
+
+float acc[RR];
+KUNROLL for (int r = 0; r < RR; ++r) acc[r] = 0.0f;
+
+for (int c = int(simd_id) * 32 + int(lane); c < STEPS; c += 32 * SK) {
+  const int j = GATED ? j_item : c / CH;
+  const int cc = GATED ? c : c - j * CH;
+  const bool shr = MOE_SHARED && j == TOPK;
+  uint32_t e = shr ? 0u : inds[t_item * TOPK + j];
+  e = (e < uint32_t(NE)) ? e : uint32_t(NE - 1);  // never read outside the stack
+  const int g = (cc * 32) / GS;
+  uint32_t wv[RR][BITS];
+  float sc[RR], bc[RR];
+  KUNROLL for (int r = 0; r < RR; ++r) {
+    const int rr = (r < R) ? r : r - R;
+    const int row = (row0 + rr < N) ? (row0 + rr) : (N - 1);
+    const size_t erow = size_t(e) * N + size_t(row);
+    const KDEV uint32_t* wb = shr ? ((r < R) ? MOE_SW : MOE_SW2) : ((r < R) ? w : MOE_W2);
+    const KDEV S* sb = shr ? ((r < R) ? MOE_SS : MOE_SS2) : ((r < R) ? scales : MOE_S2);
+    const KDEV S* bb = shr ? ((r < R) ? MOE_SB : MOE_SB2) : ((r < R) ? biases : MOE_B2);
+    const KDEV uint32_t* wp = wb + erow * KW + size_t(cc) * BITS;
+    K_LOAD_CODES(wv[r], wp)
+    sc[r] = float(sb[erow * NG + g]);
+    bc[r] = float(bb[erow * NG + g]) + CENTER * sc[r];
+  }
+  const KDEV T* xrow = x + size_t(GATED ? t_item : item * SLOTS + j) * K + size_t(cc) * 32;
+  float part[RR];
+  KUNROLL for (int r = 0; r < RR; ++r) part[r] = 0.0f;
+  float sx = 0.0f;
+  KUNROLL for (int j0 = 0; j0 < 32; j0 += 8) {
+    float xf[8];
+    const KDEV uint4* xp = (const KDEV uint4*)(xrow + j0);
+    if (XK == 0) {
+      const uint4 a = xp[0];
+      const uint4 b = xp[1];
+      xf[0] = k_as_float(a.x); xf[1] = k_as_float(a.y); xf[2] = k_as_float(a.z); xf[3] = k_as_float(a.w);
+      xf[4] = k_as_float(b.x); xf[5] = k_as_float(b.y); xf[6] = k_as_float(b.z); xf[7] = k_as_float(b.w);
+    } else {
+      const uint4 a = xp[0];
+      const uint32_t u[4] = {a.x, a.y, a.z, a.w};
+      KUNROLL for (int i = 0; i < 4; ++i) {
+        const float2 f = (XK == 1) ? k_f16x2(u[i]) : k_bf16x2(u[i]);
+        xf[2 * i] = f.x;
+        xf[2 * i + 1] = f.y;
+      }
+    }
+    KUNROLL for (int jj = 0; jj < 8; ++jj) sx += xf[jj];
+    KUNROLL for (int r = 0; r < RR; ++r) {
+      KUNROLL for (int jj = 0; jj < 8; ++jj) {
+        const int p = (j0 + jj) * BITS;  // bit position in this step's words (compile time)
+        const int a = p >> 5;
+        const int s = p & 31;
+        float q;
+        if (FAST) {
+          const int hs = s & 15;
+          const uint32_t src = (s >= 16) ? (wv[r][a] >> 16) : wv[r][a];
+          q = k_fma(k_as_float((src & (MASK << hs)) | 0x4B000000u), 1.0f / float(1u << hs),
+                    -(8388608.0f / float(1u << hs) + CENTER));
+        } else {
+          uint32_t v = wv[r][a] >> s;
+          if (s + BITS > 32) v |= wv[r][(a + 1 < BITS) ? a + 1 : a] << ((32 - s) & 31);
+          q = k_as_float((v & MASK) | 0x4B000000u) - (8388608.0f + CENTER);
+        }
+        part[r] = k_fma(xf[jj], q, part[r]);
+      }
+    }
+  }
+  KUNROLL for (int r = 0; r < RR; ++r) acc[r] += sc[r] * part[r] + bc[r] * sx;
+}
+
+KUNROLL for (int r = 0; r < RR; ++r) {
+  const float v = k_simd_sum(acc[r]);
+  if (lane == 0) red[simd_id][r] = v;
+}
+KBARRIER();
+if (simd_id == 0 && int(lane) < R) {
+  const int row = row0 + int(lane);
+  float v = 0.0f;
+  KUNROLL for (int k = 0; k < SK; ++k) v += red[k][lane];
+  if (GATED) {
+    float u = 0.0f;
+    KUNROLL for (int k = 0; k < SK; ++k) u += red[k][R + int(lane)];
+    v = k_silu(v) * u * MOE_WT(t_item * TOPK + j_item, MOE_SHARED && j_item == TOPK);
+  }
+  if (row < N) y[size_t(item) * N + row] = static_cast<O>(v);
+}
