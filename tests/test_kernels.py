@@ -142,8 +142,8 @@ def test_fp4_qmv_body_on_cpu_emulator(mode, dtype, MT, tmp_path):
     # (tests/metal_emulator.py): decoding, split-K and the row/M tails against the float32 oracle.
     import metal_emulator
     from marlin_mlx.kernels import fp4_qmv, formats
-    if metal_emulator.GXX is None:
-        pytest.skip("no g++")
+    if not metal_emulator.available():
+        pytest.skip("needs g++ with C++20 <barrier> and _Float16")
     N, K = 9, 32 * 5
     gs = fp4_qmv.FORMATS[mode][1]
     q, s = mx.quantize(mx.random.normal((N, K)), group_size=gs, bits=4, mode=mode)[:2]

@@ -234,7 +234,7 @@ EMU_CASES = {"gqa4-f16": ((8, 2, 64, 64, False), mx.float16, [1, 15, 16, 17, 300
              "d128-f32-g8": ((16, 2, 128, 128, False), mx.float32, [129, 5])}
 
 
-@pytest.mark.skipif(metal_emulator.GXX is None, reason="g++ not on PATH")
+@pytest.mark.skipif(not metal_emulator.available(), reason="needs g++ with C++20 <barrier>")
 @pytest.mark.parametrize("case", list(EMU_CASES), ids=list(EMU_CASES))
 def test_kernel_body_on_cpu_emulator(case, tmp_path):
     """The kernel pair's Metal rendering, compiled by g++ and run with one CPU thread per GPU

@@ -1,4 +1,5 @@
-// CPU emulation of the Metal subset the kernels use, for tests/metal_emulator.py: one std::thread
+// CPU emulation of the Metal subset the kernels use, for tests/metal_emulator.py (the one kernel
+// emulator; it compiles launch.render_metal, prelude_metal.h included): one std::thread
 // per GPU thread, simdgroups of 32, threadgroup arrays become function statics (one threadgroup
 // runs at a time). Slow, and it proves nothing about timing or memory ordering on a real GPU;
 // it runs a kernel body's index arithmetic, barriers and simdgroup reductions on a CPU.
