@@ -15,6 +15,15 @@ then gather_qmm) and `experts-ours` (argpartition, then the expert kernels). Pre
 expert (`prefill-ours`, `prefill-previous`) or unsorted (`prefill-unsorted`).
 
     python benchmarks/moe_layer.py --json $OUT/moe_layer.json [--sweep]
+
+`--prefill-variants`: only the experts' prefill paths of kernels/moe_experts.py
+(`switch_glu_prefill`: gather_qmm, dequant_gather_mm, dequant_used, per_expert, per_expert_qmm,
+and `switch_glu`, the dispatch after its selection), `--prefill-tokens` tokens through
+`--prefill-layers` distinct layers chained in one graph (fused router first), with each
+variant's relative error from the float32 gather_qmm oracle on the first layer and its peak
+memory:
+
+    python benchmarks/moe_layer.py --prefill-variants --json $OUT/moe_prefill.json
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import time
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from marlin_mlx.kernels import moe_experts, moe_router
 from marlin_mlx.models.base import MLP
@@ -153,6 +163,82 @@ def time_path(layers, c, path, bits, gs, reps, rounds, cfg=None, tokens=1):
             "eval_min_us": min(evals) * 1e6}
 
 
+def prefill_variant_step(layer, x, c, variant, bits, gs):
+    """x (n, D) -> x + experts(x) through one prefill variant (or the dispatch)."""
+    logits = x.astype(mx.float32) @ layer["router"].T
+    inds, w = moe_router.route(logits, c["k"], scoring=c["scoring"], norm_topk_prob=c["norm"],
+                               correction_bias=layer["bias"], routed_scaling_factor=c["rsf"])
+    args = (x, inds, w, layer["gate"], layer["up"], layer["down"], gs, bits)
+    y = (moe_experts.switch_glu(*args) if variant == "switch_glu"
+         else moe_experts.switch_glu_prefill(*args, variant=variant))
+    return x + y * 0.01
+
+
+def prefill_variants(a, c, layers, dtype):
+    """Time every prefill variant over the layers chained in one graph; errors on layer 0."""
+    res = {}
+    mx.random.seed(1)
+    x0 = mx.random.normal((a.prefill_tokens, c["D"])).astype(dtype)
+    l0 = layers[0]
+    logits = x0.astype(mx.float32) @ l0["router"].T
+    inds, w = moe_router.route(logits, c["k"], scoring=c["scoring"], norm_topk_prob=c["norm"],
+                               correction_bias=l0["bias"], routed_scaling_factor=c["rsf"])
+    f32 = [tuple(t if t.dtype == mx.uint32 else t.astype(mx.float32) for t in l0[p])
+           for p in ("gate", "up", "down")]
+    oracle = moe_experts.switch_glu_reference(x0.astype(mx.float32), inds, w, *f32,
+                                              a.group_size, a.bits, sort=True)
+    mx.eval(x0, inds, w, oracle)
+    loads = np.bincount(np.array(inds).ravel(), minlength=c["E"])
+    res["expert_loads"] = {"min": int(loads.min()), "max": int(loads.max()),
+                           "empty": int((loads == 0).sum())}
+    for v in a.variants.split(","):
+        try:
+            y = (moe_experts.switch_glu(x0, inds, w, l0["gate"], l0["up"], l0["down"],
+                                        a.group_size, a.bits) if v == "switch_glu" else
+                 moe_experts.switch_glu_prefill(x0, inds, w, l0["gate"], l0["up"], l0["down"],
+                                                a.group_size, a.bits, variant=v))
+            err = float(mx.linalg.norm((y.astype(mx.float32) - oracle))
+                        / mx.linalg.norm(oracle))
+
+            def graph():
+                x = x0
+                for layer in layers:
+                    x = prefill_variant_step(layer, x, c, v, a.bits, a.group_size)
+                return x
+
+            mx.eval(graph())  # compile, warm (and the dispatch's selection)
+            mx.reset_peak_memory()
+            evals = []
+            for _ in range(a.prefill_rounds):
+                y = graph()
+                mx.synchronize()
+                t0 = time.perf_counter()  # graph building is included for the host-sync variants
+                mx.eval(y)
+                evals.append((time.perf_counter() - t0) / len(layers))
+            # the host-sync variants evaluate part of the graph while it is built: time it all
+            t0 = time.perf_counter()
+            mx.eval(graph())
+            whole = (time.perf_counter() - t0) / len(layers)
+            us = statistics.median(evals) * 1e6
+            r = {"eval_us": us, "whole_us": whole * 1e6, "rel_err_vs_f32": err,
+                 "peak_GB": mx.get_peak_memory() / 1e9,
+                 "tokens_per_s": a.prefill_tokens / (max(us * 1e-6, whole))}
+            if v == "switch_glu":
+                r["paths"] = sorted({p for p in moe_experts._PATHS.values()})
+        except Exception as e:  # noqa: BLE001 - one failing variant keeps the others' numbers
+            r = {"error": f"{type(e).__name__}: {e}"[:300]}
+        res[v] = r
+        print(f"{c['name']:14s} {v:18s} " + (f"{r['eval_us']:9.1f} us/layer (whole "
+              f"{r['whole_us']:.1f}) err {r['rel_err_vs_f32']:.1e} peak {r['peak_GB']:.1f} GB"
+              if "error" not in r else r["error"]), flush=True)
+        mx.clear_cache()
+    base = res.get("gather_qmm", {}).get("whole_us")
+    if base:
+        res["speedup_vs_gather_qmm"] = {v: base / r["whole_us"] for v, r in res.items()
+                                        if isinstance(r, dict) and "whole_us" in r}
+    return res
+
+
 def bytes_read(c, bits, gs):
     """Weight bytes one decode step must read: the selected experts (+ shared), 4-bit + scales."""
     per_row = lambda K: K * bits / 8 + 2 * 2 * K / gs  # codes + bf16 scale and bias
@@ -174,6 +260,12 @@ def main():
                                        "router-previous,experts-ours")
     ap.add_argument("--prefill-paths", default="prefill-ours,prefill-previous,prefill-unsorted")
     ap.add_argument("--prefill-tokens", type=int, default=2048)
+    ap.add_argument("--prefill-variants", action="store_true",
+                    help="only time the experts' prefill variants (kernels/moe_experts.py)")
+    ap.add_argument("--variants", default=",".join(moe_experts.PREFILL_VARIANTS) + ",switch_glu")
+    ap.add_argument("--prefill-layers", type=int, default=4)
+    ap.add_argument("--prefill-rounds", type=int, default=3)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--tiny", action="store_true", help="hidden/intermediate sizes / 4 (a CPU check of the script)")
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -192,6 +284,19 @@ def main():
         if a.tiny:
             c["D"], c["I"] = c["D"] // 4, c["I"] // 4
         mx.random.seed(0)
+        if a.prefill_variants:
+            c["name"] = name
+            dt = getattr(mx, a.dtype)
+            layers = [make_layer(dict(c, shared=0), a.bits, a.group_size, dt)
+                      for _ in range(a.prefill_layers)]
+            out["prefill_tokens"] = a.prefill_tokens
+            out["results"][name] = prefill_variants(a, c, layers, dt)
+            if a.json:
+                with open(a.json, "w") as f:
+                    json.dump(out, f, indent=1)
+            del layers
+            mx.clear_cache()
+            continue
         layers = [make_layer(c, a.bits, a.group_size, mx.bfloat16) for _ in range(a.layers)]
         res = {"bytes_per_step": bytes_read(c, a.bits, a.group_size)}
         for path in a.paths.split(","):

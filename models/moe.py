@@ -5,7 +5,9 @@
   (kernels/moe_router.py: a fused kernel on a GPU, plain MLX on the CPU).
 - `SwitchGLU`: the routed experts over stacked weights, `__call__(x, indices, weights)` doing
   gate+up, SwiGLU, down and the weighted combine. Quantized (affine) experts go through
-  kernels/moe_experts.py: two fused launches for few tokens on a GPU, else `mx.gather_qmm`;
+  kernels/moe_experts.py: two fused launches for few tokens on a GPU; for many tokens
+  (prefill) the dequantize + tensor-core variant named by $MARLIN_MLX_MOE_PREFILL where it
+  passed its self-test and measured faster than `mx.gather_qmm`, else `mx.gather_qmm`;
   float experts through `mx.gather_mm`. Both read only the selected experts' weights and, for
   many tokens, sort the (token, expert) pairs by expert first so each expert's weights are
   read in one run.
@@ -126,7 +128,8 @@ class SwitchGLU(nn.Module):
         n = idx.shape[0]
         fmt = self._quantized()
         if fmt is not None:
-            # quantized experts: the fused decode kernels or gather_qmm (kernels/moe_experts.py)
+            # quantized experts: the fused decode kernels, a prefill variant or gather_qmm, as
+            # measured and self-tested per shape class (kernels/moe_experts.py)
             trip = [(p.weight, p.scales, p.biases) for p in
                     (self.gate_proj, self.up_proj, self.down_proj)]
             y = moe_experts.switch_glu(

@@ -221,16 +221,16 @@ def test_switch_glu_rejects_bad_input():
 
 @pytest.fixture
 def emulated(monkeypatch):
-    import kernel_emu
-    if not kernel_emu.available():
+    import metal_emulator
+    if not metal_emulator.available():
         pytest.skip("needs g++ with C++20 <barrier> and _Float16")
-    monkeypatch.setattr(moe_router, "launch", kernel_emu.run)
-    monkeypatch.setattr(moe_experts, "launch", kernel_emu.run)
+    monkeypatch.setattr(moe_router, "launch", metal_emulator.run)
+    monkeypatch.setattr(moe_experts, "launch", metal_emulator.run)
 
 
 @pytest.mark.parametrize("name", ["qwen3-softmax-norm", "glm-sigmoid-bias", "grouped"])
 def test_router_body_emulated_equals_reference(name, emulated):
-    # the kernel body itself (lane exchanges, tie rule, groups) run by tests/kernel_emu on the CPU
+    # the kernel's Metal rendering (lane exchanges, tie rule, groups) run by tests/metal_emulator
     E, k, kw = ROUTERS[name]
     rng = np.random.default_rng(11)
     _, kwmx = _route_args(E, kw, rng)
@@ -399,3 +399,71 @@ def test_moe_layer_dispatch_and_selection(tmp_path, monkeypatch):
     recs = [v for v in selection.choices().values() if str(v.get("op")).startswith("moe_")]
     assert {"moe_router", "moe_experts"} <= {v["op"] for v in recs}, recs
     assert all(v["self_test"] == "pass" for v in recs), recs
+
+
+# ---------------------------------------------------------------- prefill variants (CPU, float32)
+
+def _uneven_routing(rng, n, k, E):
+    """Distinct experts per token, loads skewed (expert 0 busiest) and the last 3 experts idle."""
+    p = np.linspace(3.0, 0.5, E - 3)
+    p /= p.sum()
+    inds = np.stack([rng.choice(E - 3, k, replace=False, p=p) for _ in range(n)])
+    return mx.array(inds, mx.uint32)
+
+
+@pytest.mark.parametrize("variant", moe_experts.PREFILL_VARIANTS)
+@pytest.mark.parametrize("bits,gs", [(4, 64), (8, 32)])
+def test_prefill_variants_match_float64(variant, bits, gs):
+    mx.random.seed(bits + gs)
+    rng = np.random.default_rng(bits * gs)
+    E, D, I, n, k = 8, 128, 64, 24, 3
+    gate, up, down = _experts(E, D, I, bits, gs, mx.float32)
+    x = mx.random.normal((n, D))
+    inds = _uneven_routing(rng, n, k, E)
+    loads = np.bincount(np.array(inds).ravel(), minlength=E)
+    assert (loads[-3:] == 0).all() and loads.max() > 2 * loads[loads > 0].min()
+    w = mx.softmax(mx.random.normal((n, k)), axis=-1)
+    y = moe_experts.switch_glu_prefill(x, inds, w, gate, up, down, gs, bits, variant=variant)
+    ref = experts64(x, inds, w, gate, up, down, bits, gs)
+    assert y.shape == (n, D) and y.dtype == mx.float32
+    assert np.linalg.norm(_f64(y) - ref) / np.linalg.norm(ref) < 1e-5
+    # a repeated expert within a token counts twice, as in the reference
+    inds2 = mx.array(np.where(np.arange(n)[:, None] % 4 == 0, np.array(inds)[:, :1],
+                              np.array(inds)), mx.uint32)
+    y2 = moe_experts.switch_glu_prefill(x, inds2, w, gate, up, down, gs, bits, variant=variant)
+    ref2 = experts64(x, inds2, w, gate, up, down, bits, gs)
+    assert np.linalg.norm(_f64(y2) - ref2) / np.linalg.norm(ref2) < 1e-5
+
+
+def test_prefill_variant_switch(monkeypatch):
+    monkeypatch.setenv(moe_experts.ENV_PREFILL, "per_expert")
+    assert moe_experts.prefill_variant() == "per_expert"
+    monkeypatch.setenv(moe_experts.ENV_PREFILL, "")
+    assert moe_experts.prefill_variant() == moe_experts.DEFAULT_PREFILL
+    monkeypatch.setenv(moe_experts.ENV_PREFILL, "fastest")
+    with pytest.raises(ValueError, match="MARLIN_MLX_MOE_PREFILL"):
+        moe_experts.prefill_variant()
+    gate, up, down = _experts(4, 64, 32, 4, 32, mx.float32)
+    x, inds, w = mx.zeros((10, 64)), mx.zeros((10, 2), mx.uint32), mx.ones((10, 2))
+    with pytest.raises(ValueError, match="prefill variant"):
+        moe_experts.switch_glu_prefill(x, inds, w, gate, up, down, 32, 4, variant="fastest")
+
+
+@gpu
+@pytest.mark.parametrize("variant", moe_experts.PREFILL_VARIANTS)
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+def test_prefill_variants_gpu_match_float64(variant, dtype, poison):
+    mx.random.seed(11)
+    E, D, I, n, k = 16, 256, 128, 96, 4
+    gate, up, down = _experts(E, D, I, 4, 64, dtype)
+    x = mx.random.normal((n, D)).astype(dtype)
+    inds = _uneven_routing(np.random.default_rng(2), n, k, E)
+    w = mx.softmax(mx.random.normal((n, k)), axis=-1)
+    y = moe_experts.switch_glu_prefill(x, inds, w, gate, up, down, 64, 4, variant=variant)
+    ref = experts64(x, inds, w, gate, up, down, 4, 64)
+    tol = {mx.float32: 1e-5, mx.float16: 5e-3, mx.bfloat16: 3e-2}[dtype]
+    assert y.shape == (n, D) and y.dtype == dtype
+    got = _f64(y)
+    assert np.isfinite(got).all()
+    err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert err < tol, f"{variant}: relative error {err:.2e} >= {tol:.0e}"
