@@ -33,12 +33,15 @@ import mlx.nn as nn
 from marlin_mlx.kernels import QuantizedLinear, quantized_linear, qmv
 
 
-def build(preset: str, bits: int, group_size: int, dtype=mx.bfloat16, layers: int | None = None):
+def build(preset: str, bits: int, group_size: int, dtype=mx.bfloat16, layers: int | None = None,
+          vocab: int | None = None):
     from marlin_mlx.random_weights import build_lazy_model, quantization_settings, resolve_config
 
     config = resolve_config(preset)
     if layers:
         config["num_hidden_layers"] = layers
+    if vocab:
+        config["vocab_size"] = vocab
     quant = quantization_settings(bits, group_size, "affine")
     model = build_lazy_model(config, quant, dtype)
     for layer in model.layers:  # a layer at a time: the float weights never all exist at once
@@ -129,8 +132,11 @@ def rel_err(a, b) -> float:
     return (mx.linalg.norm(a - b) / mx.linalg.norm(b)).item()
 
 
+_FORWARD = {}  # model id -> what runs a decode step (the compiled decoder in compile modes)
+
+
 def step(model, cache, tok):
-    logits = model(tok[:, None], cache=cache)
+    logits = _FORWARD.get(id(model), model)(tok[:, None], cache=cache)
     return mx.argmax(logits[:, -1, :], axis=-1)
 
 
@@ -196,6 +202,78 @@ def node_host_cost(n: int = 2000) -> dict:
         for _ in range(n):
             fn()
         out[name] = 1e6 * (time.perf_counter() - t0) / n
+    return out
+
+
+# --------------------------------------------------------------------------- compiled step
+
+def graph_nodes(out) -> dict:
+    """Primitive nodes MLX will evaluate for `out` (its unevaluated graph), by primitive."""
+    import collections
+    import re
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
+        mx.export_to_dot(f.name, out)
+        names = re.findall(r'label\s*=\s*"([A-Za-z_]+)', f.read())
+    return dict(collections.Counter(names).most_common())
+
+
+def build_us(model, prompt, reps: int = 20, inner: int = 5) -> tuple:
+    """Host µs to build one decode step's graph (no evaluation), and that graph's nodes."""
+    cache, y = prefill(model, prompt)
+    for _ in range(3):
+        y = step(model, cache, y)
+        mx.eval(y)
+    nodes = graph_nodes(step(model, cache, y))
+    for c in cache:
+        c.trim(1)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = step(model, cache, y)
+            for c in cache:
+                c.trim(1)
+        times.append((time.perf_counter() - t0) / inner)
+        mx.eval(out)
+    return 1e6 * statistics.median(times), nodes
+
+
+def compile_probe(model, prompt, steps: int, modes) -> dict:
+    """plain (as loaded), qkv (q/k/v fused), compiled (fused + CompiledDecoder): build µs,
+    graph nodes, host split, decode tok/s and logits against plain. Fusing is one-way, so the
+    modes run in this order."""
+    from marlin_mlx.generation import decode_forward
+
+    out, ref = {}, None
+    for mode in modes:
+        if mode == "plain":
+            _FORWARD.pop(id(model), None)
+        elif mode == "qkv":
+            model.fuse_projections()
+            _FORWARD.pop(id(model), None)
+        elif mode == "compiled":
+            _FORWARD[id(model)] = decode_forward(model, True)
+        try:
+            tps = decode_tps(model, prompt, steps)
+            us, nodes = build_us(model, prompt)
+            hs = host_split(model, prompt)
+            # the logits of a compiled step (prefill's last token runs the plain model)
+            cache, y = prefill(model, prompt)
+            mx.eval(step(model, cache, y))
+            logits = _FORWARD.get(id(model), model)(y[:, None], cache=cache).astype(mx.float32)
+            ref = logits if ref is None else ref
+            err = rel_err(logits, ref)
+        except Exception as e:  # noqa: BLE001 - report, keep the other modes
+            out[mode] = {"error": f"{type(e).__name__}: {e}"[:400]}
+            print(f"compile probe {mode}: ERROR {e}", flush=True)
+            continue
+        out[mode] = {"decode_tps": tps, "build_us": us, "nodes": sum(nodes.values()),
+                     "node_kinds": nodes, **hs, "logits_rel_err_vs_first": err}
+        print(f"{mode:>10}: {tps:7.1f} tok/s  build {us:7.0f} µs  {sum(nodes.values())} nodes  "
+              f"sync eval {hs['eval_sync_ms']:.2f} ms  err {err:.1e}", flush=True)
+    _FORWARD.pop(id(model), None)
     return out
 
 
@@ -285,6 +363,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--variants", default="builtin,custom,custom-nofuse,auto,custom-pf1,custom-qkv")
     p.add_argument("--profile", default="", help="comma-separated variants to profile (CUPTI)")
+    p.add_argument("--compile-modes", default="",
+                   help="after the variants: plain,qkv,compiled (fused q/k/v, compiled step)")
+    p.add_argument("--vocab", type=int, default=None, help="smaller vocabulary (CPU checks)")
+    p.add_argument("--profile-compiled", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--buffer-sweep", default="",
                    help="MLX_MAX_OPS_PER_BUFFER values to time (subprocesses), e.g. 60,200")
     p.add_argument("--sweep-variants", default="custom")
@@ -295,12 +377,15 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     t0 = time.perf_counter()
-    model, config = build(a.preset, a.bits, a.group_size, getattr(mx, a.dtype), a.layers)
+    model, config = build(a.preset, a.bits, a.group_size, getattr(mx, a.dtype), a.layers, a.vocab)
     prompt = mx.random.randint(0, config["vocab_size"], (1, a.prompt)).astype(mx.int32)
     built_s = time.perf_counter() - t0
 
     if a.profile_only:
         apply_variant(model, a.profile_only)
+        if a.profile_compiled:
+            from marlin_mlx.generation import decode_forward
+            _FORWARD[id(model)] = decode_forward(model, True)
         res = profile(model, prompt)
         print(json.dumps(res))
         return
@@ -341,6 +426,10 @@ def main(argv=None):
                                  "logits_rel_err_vs_first": err}
         print(f"{v:>22}: {tps:7.1f} tok/s  {1e3 / tps:6.2f} ms/token  build {hs['build_ms']:.2f} ms"
               f"  sync eval {hs['eval_sync_ms']:.2f} ms  logits err {err:.1e}", flush=True)
+    modes = [m for m in a.compile_modes.split(",") if m]
+    if modes:
+        apply_variant(model, a.variants.split(",")[-1] if a.variants else "auto")
+        report["compile_probe"] = compile_probe(model, prompt, a.steps, modes)
     from marlin_mlx.kernels import selection
     report["selection"] = selection.choices()
     if a.json:
@@ -350,6 +439,8 @@ def main(argv=None):
             str(a.group_size), "--prompt", str(a.prompt), "--dtype", a.dtype, "--steps", str(a.steps)]
     if a.layers:
         base += ["--layers", str(a.layers)]
+    if a.vocab:
+        base += ["--vocab", str(a.vocab)]
     for n in [n for n in a.buffer_sweep.split(",") if n]:
         env = dict(os.environ, MLX_MAX_OPS_PER_BUFFER=n)
         r = subprocess.run(base + ["--tps-only", a.sweep_variants], capture_output=True, text=True,
@@ -360,7 +451,12 @@ def main(argv=None):
         report.setdefault("ops_per_buffer", {})[n] = res
         print(f"MLX_MAX_OPS_PER_BUFFER={n}: {res}", flush=True)
     for v in [v for v in a.profile.split(",") if v]:
-        r = subprocess.run(base + ["--profile-only", v], capture_output=True, text=True, timeout=240)
+        extra = []
+        if v.endswith("+compiled"):  # the variant's kernels, decoded through the compiled step
+            v, extra = v[:-len("+compiled")], ["--profile-compiled"]
+        r = subprocess.run(base + ["--profile-only", v] + extra, capture_output=True, text=True,
+                           timeout=240)
+        v = v + ("+compiled" if extra else "")
         lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
         if r.returncode != 0 or not lines:
             report.setdefault("profile", {})[v] = {"error": (r.stderr or r.stdout)[-1500:]}

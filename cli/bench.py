@@ -66,6 +66,9 @@ def bench(
     save_random: Optional[Path] = typer.Option(None, "--save-random",
                                                help="Keep the random checkpoint in this folder."),
     seed: int = typer.Option(0, "--seed", help="Seed of the prompt ids and random weights."),
+    compile: bool = typer.Option(True, "--compile/--no-compile",
+                                 help="marlin-mlx decodes through its compiled step (fused q/k/v, "
+                                      "mx.compile between attentions); mlx-lm never does."),
     interleave: bool = typer.Option(False, "--interleave",
                                     help="With --compare: keep both runtimes loaded and "
                                          "alternate their trials (fairer on a noisy machine)."),
@@ -85,7 +88,8 @@ def bench(
 
         settings = BenchSettings(prompt_tokens=_int_list(prompt_tokens, "--prompt-tokens"),
                                  gen_tokens=gen_tokens, trials=trials, warmup=warmup,
-                                 batch_size=batch_size, prefill_step=prefill_step, seed=seed)
+                                 batch_size=batch_size, prefill_step=prefill_step, seed=seed,
+                                 compile=compile)
 
         def progress(runtime, P, t, trial):
             if not quiet:

@@ -284,7 +284,10 @@ def prefill(model, cache, prompt: mx.array, prefill_step: int) -> mx.array:
 
 
 def run_trial(model, make_cache, prompt: mx.array, gen_tokens: int, prefill_step: int = 2048,
-              keep_tokens: bool = False) -> dict:
+              keep_tokens: bool = False, forward: Optional[Callable] = None) -> dict:
+    """One trial; `forward` (default: the model) runs the decode steps, e.g. marlin-mlx's
+    compiled step from `generation.decode_forward`."""
+    forward = forward or model
     B, P = prompt.shape
     cache = make_cache()
     mx.synchronize()
@@ -294,7 +297,7 @@ def run_trial(model, make_cache, prompt: mx.array, gen_tokens: int, prefill_step
     t1 = time.perf_counter()
 
     def step(tok):
-        logits = model(tok[:, None], cache=cache)
+        logits = forward(tok[:, None], cache=cache)
         return mx.argmax(logits[:, -1, :], axis=-1)
 
     tokens = [y.tolist()]
@@ -329,6 +332,7 @@ class BenchSettings:
     batch_size: int = 1
     prefill_step: int = 2048
     seed: int = 0
+    compile: bool = True  # marlin-mlx decodes through its compiled step (mlx-lm never)
 
     def check(self) -> None:
         from .errors import MarlinError
@@ -356,12 +360,21 @@ def vocab_size_of(loaded: Loaded) -> int:
     return int(vocab)
 
 
+def decode_fn(loaded: Loaded, settings: BenchSettings) -> Callable:
+    """What runs the decode steps: marlin-mlx's compiled step (settings.compile) or the model."""
+    if loaded.runtime != "marlin-mlx":
+        return loaded.model
+    from .generation import decode_forward
+
+    return decode_forward(loaded.model, settings.compile)
+
+
 def _timed_trial(loaded: Loaded, prompt: mx.array, settings: BenchSettings, keep: bool) -> dict:
     """One trial, with the memory it needed beyond what was already in use."""
     mx.reset_peak_memory()
     before = mx.get_active_memory()
     out = run_trial(loaded.model, loaded.make_cache, prompt, settings.gen_tokens,
-                    settings.prefill_step, keep_tokens=keep)
+                    settings.prefill_step, keep_tokens=keep, forward=decode_fn(loaded, settings))
     out["extra_memory_bytes"] = mx.get_peak_memory() - before
     return out
 
@@ -379,7 +392,7 @@ def bench_runtimes(loadeds: list, settings: BenchSettings, interleave: bool = Fa
         def warm(ld):
             for _ in range(settings.warmup):
                 run_trial(ld.model, ld.make_cache, prompts[ld.runtime], settings.gen_tokens,
-                          settings.prefill_step)
+                          settings.prefill_step, forward=decode_fn(ld, settings))
 
         def timed(ld, t):
             trials[ld.runtime].append(_timed_trial(ld, prompts[ld.runtime], settings, t == 0))
@@ -565,7 +578,9 @@ def format_report(report: dict) -> str:
     s = report["settings"]
     lines.append(f"batch {s['batch_size']}, {s['gen_tokens']} decode tokens, median of "
                  f"{s['trials']} trials after {s['warmup']} warm-up (min..max)"
-                 + (", runtimes' trials alternating" if s.get("interleave") else ""))
+                 + (", runtimes' trials alternating" if s.get("interleave") else "")
+                 + (", marlin-mlx compiled decode step" if s.get("compile") else
+                    ", marlin-mlx uncompiled decode"))
     header = f"{'prompt':>7}  {'metric':<16}" + "".join(f"{n:>{W}}" for n in names)
     if len(names) == 2:
         header += f"{'ratio':>9}"

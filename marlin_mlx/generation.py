@@ -12,6 +12,7 @@ the statistics, the way `mlx_lm.generate` does).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -24,7 +25,32 @@ from .sampling import LogitsProcessor, Sampler, make_logits_processors, make_sam
 Prompt = Union[str, Sequence[int], mx.array]
 
 __all__ = ["GenerationResponse", "stream_generate", "generate", "generate_step", "encode_prompt",
-           "chat_prompt", "has_chat_template", "format_stats"]
+           "chat_prompt", "has_chat_template", "format_stats", "decode_forward", "compile_enabled"]
+
+
+def compile_enabled() -> bool:
+    """MARLIN_MLX_COMPILE=0 turns the compiled decode step off (default on)."""
+    return os.environ.get("MARLIN_MLX_COMPILE", "1").strip().lower() not in ("0", "false", "no")
+
+
+def decode_forward(model, compile: Optional[bool] = None) -> Callable:
+    """The callable a decode loop should run `(inputs, cache=...) -> logits` through.
+
+    With compilation on (argument, else MARLIN_MLX_COMPILE) and a model that offers
+    `compiled_decoder()` (Llama, Qwen3), its q/k/v projections are fused into one (a one-time,
+    in-place change of the model; `__call__` keeps working) and the single-token steps replay
+    compiled graphs (`models.base.CompiledDecoder`); anything else is the model itself.
+    MARLIN_MLX_FUSE_QKV=0/1 overrides the q/k/v fusion (default: on with compilation).
+    """
+    compile = compile_enabled() if compile is None else compile
+    fuse = os.environ.get("MARLIN_MLX_FUSE_QKV", "").strip()
+    if (fuse == "1" or (compile and fuse != "0")) and hasattr(model, "fuse_projections"):
+        model.fuse_projections()
+    if compile and hasattr(model, "compiled_decoder"):
+        dec = model.compiled_decoder()
+        if dec is not None:
+            return dec
+    return model
 
 
 @dataclass
@@ -92,6 +118,7 @@ def generate_step(
     logits_processors: Optional[List[LogitsProcessor]] = None,
     prompt_cache: Optional[List[Any]] = None,
     prefill_step_size: int = 512,
+    compile: Optional[bool] = None,
 ) -> Iterator[Tuple[int, mx.array]]:
     """Yield `(token_id, logprobs)` for each generated token; `max_tokens < 0` never stops.
 
@@ -99,6 +126,8 @@ def generate_step(
     last token without computing logits; the last one starts decoding. When the caller stops
     early, the cache is left holding the prompt and every yielded token but the last (the
     state a natural end at `max_tokens` leaves), so it can be reused for a continuation.
+    compile: run the single-token steps through `decode_forward(model, compile)` (None: the
+    MARLIN_MLX_COMPILE switch, default on); the outputs are the same either way.
     """
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError("the prompt must be a non-empty 1-D sequence of token ids")
@@ -109,10 +138,11 @@ def generate_step(
     sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
     processors = list(logits_processors or [])
     history = prompt  # token ids seen so far, only needed by logits processors
+    forward = decode_forward(model, compile)
 
     def step(tokens: mx.array) -> Tuple[mx.array, mx.array]:
         nonlocal history
-        logits = model(tokens[None], cache=cache)[:, -1, :].astype(mx.float32)
+        logits = forward(tokens[None], cache=cache)[:, -1, :].astype(mx.float32)
         for proc in processors:
             logits = proc(history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -210,6 +240,7 @@ def stream_generate(
     logits_processors: Optional[List[LogitsProcessor]] = None,
     prompt_cache: Optional[List[Any]] = None,
     eos_token_ids: Optional[Iterable[int]] = None,
+    compile: Optional[bool] = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt`, yielding a `GenerationResponse` per token.
 
@@ -221,6 +252,8 @@ def stream_generate(
     stop: string(s) that end generation; neither they nor anything after them is emitted.
     eos_token_ids: ids ending generation (default: the tokenizer's; pass [] to ignore EOS).
     prompt_cache: a cache from `model.make_cache()` to fill (and reuse) instead of a new one.
+    compile: the compiled decode step (None: MARLIN_MLX_COMPILE, default on); see
+      `decode_forward`. The tokens and log-probabilities are the same either way.
     """
     if max_tokens == 0 or max_tokens < -1:
         raise ValueError(f"max_tokens must be >= 1 (or -1 for no limit), got {max_tokens}")
@@ -248,6 +281,7 @@ def stream_generate(
         logits_processors=processors,
         prompt_cache=prompt_cache,
         prefill_step_size=prefill_step_size,
+        compile=compile,
     )
     start = time.perf_counter()
     first = None  # when the first token was ready: prompt time ends, decode time begins

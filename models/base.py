@@ -7,12 +7,13 @@ Config reading accepts both spellings found in `config.json` files:
 """
 
 import math
+import warnings
 from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from marlin_mlx.kernels import Linear
+from marlin_mlx.kernels import Linear, QuantizedLinear
 
 from .cache import KVCache
 
@@ -250,10 +251,33 @@ class CausalLM(nn.Module):
             self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
-        h = self.model(inputs, cache)
+        return self.head(self.model(inputs, cache))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits of final-normed hidden states."""
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
+
+    def fuse_projections(self) -> int:
+        """Fuse each attention's q/k/v into one projection where the layer supports it (one
+        launch instead of three per layer at decode; outputs unchanged). Returns how many
+        layers were fused by this call."""
+        n = sum(bool(getattr(layer.self_attn, "fuse_qkv", lambda: False)())
+                for layer in self.layers)
+        if n:  # a compiled decoder traced before holds the old modules
+            self.__dict__.pop("_compiled_decoder", None)
+        return n
+
+    def compiled_decoder(self) -> Optional["CompiledDecoder"]:
+        """The compiled single-token step for this model (built once), or None when a layer
+        does not split into `attn_in` / `attend` / `attn_out` (MoE layers, MLA)."""
+        dec = self.__dict__.get("_compiled_decoder")
+        if dec is None and all(getattr(layer, "supports_compiled_decode", False)
+                               for layer in self.layers):
+            dec = CompiledDecoder(self)
+            object.__setattr__(self, "_compiled_decoder", dec)  # not a child module
+        return dec
 
     @property
     def layers(self):
@@ -264,3 +288,105 @@ class CausalLM(nn.Module):
 
     def sanitize(self, weights: dict) -> dict:
         return drop_unused(weights, self.args.tie_word_embeddings)
+
+
+def fuse_linears(mods: list) -> Optional[nn.Module]:
+    """One layer computing the concatenated outputs of `mods` (same input), or None when they
+    cannot share one matmul (different quantization, mixed bias, other layer types). Rows of
+    the outputs are independent, so the fused layer gives each part's values."""
+    first = mods[0]
+    if any(type(m) is not type(first) for m in mods):
+        return None
+    has_bias = ["bias" in m for m in mods]
+    if any(b != has_bias[0] for b in has_bias):
+        return None
+    cat = lambda name: mx.concatenate([m[name] for m in mods], axis=0)  # noqa: E731
+    if type(first) is QuantizedLinear:
+        if any((m.group_size, m.bits, m.mode) != (first.group_size, first.bits, first.mode)
+               or m["weight"].ndim != 2 for m in mods):
+            return None
+        fused = QuantizedLinear.__new__(QuantizedLinear)
+        nn.Module.__init__(fused)
+        fused.group_size, fused.bits, fused.mode = first.group_size, first.bits, first.mode
+        names = ["weight", "scales"] + (["biases"] if "biases" in first else [])
+    elif type(first) is nn.Linear:
+        fused = nn.Linear.__new__(nn.Linear)
+        nn.Module.__init__(fused)
+        names = ["weight"]
+    else:
+        return None
+    for name in names + (["bias"] if has_bias[0] else []):
+        fused[name] = cat(name)
+    if type(first) is QuantizedLinear:
+        fused.freeze()
+    mx.eval(fused.parameters())
+    return fused
+
+
+class CompiledDecoder:
+    """A single-token decode step of a CausalLM whose layers split into `attn_in(x, offset)
+    -> (q, k, v)`, `attend(q, k, v, cache)` and `attn_out(x, attn)`.
+
+    Everything between two attentions (the previous layer's output projection, residuals, MLP
+    and the next layer's norm, q/k/v projection, q/k norms and RoPE) is one `mx.compile`d
+    function per layer boundary, so a token replays compiled graphs instead of re-running
+    their Python, and MLX fuses their elementwise ops. The cache writes and the attention stay
+    outside, unchanged (the cache's length needs no fixed shape; caches other than KVCache,
+    e.g. the serving engine's paged ones, go through the plain model).
+    RoPE takes the position as an array, so one trace serves every step; MLX retraces only for
+    a new batch size or dtype. The first call per input shape runs the plain model (kernel
+    selection and compilation happen outside the trace, where they may evaluate arrays).
+    """
+
+    def __init__(self, model: CausalLM):
+        self.model = model
+        stack, layers = model.model, model.layers
+        n = len(layers)
+
+        def first(tokens, offset):
+            x = stack.embed_tokens(tokens)
+            return (x, *layers[0].attn_in(x, offset))
+
+        def between(i):
+            def seg(x, attn, offset):
+                h = layers[i - 1].attn_out(x, attn)
+                return (h, *layers[i].attn_in(h, offset))
+            return seg
+
+        def last(x, attn):
+            return model.head(stack.norm(layers[n - 1].attn_out(x, attn)))
+
+        self._first = mx.compile(first)
+        self._between = [None] + [mx.compile(between(i)) for i in range(1, n)]
+        self._last = mx.compile(last)
+        self._warm: set = set()
+        self.failed: Optional[str] = None  # why the compiled path was given up, if it was
+
+    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+        """Logits (B, 1, vocab) of one token per sequence; other inputs go to the model."""
+        if (cache is None or inputs.ndim != 2 or inputs.shape[1] != 1
+                or any(type(c) is not KVCache for c in cache)):
+            return self.model(inputs, cache=cache)
+        key = (inputs.shape, inputs.dtype)
+        if key not in self._warm or self.failed is not None:
+            self._warm.add(key)
+            return self.model(inputs, cache=cache)
+        start = [c.offset for c in cache]
+        try:
+            return self._step(inputs, cache)
+        except Exception as e:  # a trace that fails (an op that cannot be compiled)
+            for c, n in zip(cache, start):
+                c.trim(c.offset - n)  # undo the layers already written
+            self.failed = f"{type(e).__name__}: {e}"
+            warnings.warn(f"compiled decode step disabled, using the plain model: {self.failed}")
+            return self.model(inputs, cache=cache)
+
+    def _step(self, inputs: mx.array, cache) -> mx.array:
+        layers = self.model.layers
+        offset = mx.array(cache[0].offset, dtype=mx.int32)
+        x, q, k, v = self._first(inputs, offset)
+        for i, layer in enumerate(layers):
+            attn = layer.attend(q, k, v, cache[i])
+            if i + 1 < len(layers):
+                x, q, k, v = self._between[i + 1](x, attn, offset)
+        return self._last(x, attn)

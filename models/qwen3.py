@@ -14,7 +14,8 @@ import mlx.nn as nn
 
 from marlin_mlx.kernels import Linear
 
-from .base import MLP, CausalLM, RMSNorm, RoPE, attention, check_activation, rope_parameters
+from .base import (MLP, CausalLM, RMSNorm, RoPE, attention, check_activation, fuse_linears,
+                   rope_parameters)
 from .cache import KVCache
 
 
@@ -86,20 +87,58 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
         self.rope = RoPE(self.head_dim, args.rope, args.max_position_embeddings)
 
-    def __call__(self, x: mx.array, cache: Optional[KVCache] = None) -> mx.array:
+    def fuse_qkv(self) -> bool:
+        """Replace q/k/v_proj by one `qkv_proj` (the outputs concatenated): one launch at
+        decode. True when fused now; False when already fused or the three cannot share one
+        matmul (different quantization or layer types)."""
+        if "qkv_proj" in self:
+            return False
+        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is None:
+            return False
+        for name in ("q_proj", "k_proj", "v_proj"):
+            self.pop(name)
+        self.qkv_proj = fused
+        return True
+
+    def project(self, x: mx.array, offset) -> tuple:
+        """q, k, v as (B, heads, L, head_dim), q and k normed and rotated from `offset`."""
         B, L, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
-        k = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset), self.rope(k, offset)
+        if "qkv_proj" in self:
+            nq, nk = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            qkv = self.qkv_proj(x)
+            q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if L == 1:  # (B, 1, H*D) is (B, H, 1, D) in memory: no transpose nodes at decode
+            q = self.q_norm(q.reshape(B, self.n_heads, 1, -1))
+            k = self.k_norm(k.reshape(B, self.n_kv_heads, 1, -1))
+            v = v.reshape(B, self.n_kv_heads, 1, -1)
+        else:
+            q = self.q_norm(q.reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
+            k = self.k_norm(k.reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
+            v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        return self.rope(q, offset), self.rope(k, offset), v
+
+    def attend(self, q, k, v, cache=None) -> mx.array:
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = attention(q, k, v, self.scale, window=self.window, cache=cache)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return attention(q, k, v, self.scale, window=self.window, cache=cache)
+
+    def output(self, out: mx.array) -> mx.array:
+        B, _, L, _ = out.shape
+        if L > 1:
+            out = out.transpose(0, 2, 1, 3)
+        return self.o_proj(out.reshape(B, L, -1))
+
+    def __call__(self, x: mx.array, cache: Optional[KVCache] = None) -> mx.array:
+        q, k, v = self.project(x, cache.offset if cache is not None else 0)
+        return self.output(self.attend(q, k, v, cache))
 
 
 class DecoderLayer(nn.Module):
+    supports_compiled_decode = True  # splits into attn_in / attend / attn_out (CompiledDecoder)
+
     def __init__(self, args: ModelArgs, window: Optional[int]):
         super().__init__()
         self.self_attn = Attention(args, window)
@@ -107,9 +146,19 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, cache: Optional[KVCache] = None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache)
+    def attn_in(self, x: mx.array, offset) -> tuple:
+        return self.self_attn.project(self.input_layernorm(x), offset)
+
+    def attend(self, q, k, v, cache=None) -> mx.array:
+        return self.self_attn.attend(q, k, v, cache)
+
+    def attn_out(self, x: mx.array, attn: mx.array) -> mx.array:
+        h = x + self.self_attn.output(attn)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def __call__(self, x: mx.array, cache: Optional[KVCache] = None) -> mx.array:
+        q, k, v = self.attn_in(x, cache.offset if cache is not None else 0)
+        return self.attn_out(x, self.attend(q, k, v, cache))
 
 
 class Model(CausalLM):

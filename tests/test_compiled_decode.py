@@ -1,0 +1,126 @@
+"""The compiled decode step (models.base.CompiledDecoder) and the fused q/k/v projection give
+the plain model's outputs, step after step, for Llama and Qwen3, float and 4-bit."""
+
+import mlx.core as mx
+import pytest
+
+from marlin_mlx.generation import decode_forward, stream_generate
+from marlin_mlx.kernels import QuantizedLinear, quantize_modules
+from marlin_mlx.loader import load, load_model
+from marlin_mlx.models.base import CompiledDecoder, fuse_linears
+
+STEPS = 6
+
+
+def _decode(forward, model, prompt, steps=STEPS):
+    """Logits of `steps` greedy single-token steps after prefilling `prompt` (1-D ids)."""
+    cache = model.make_cache()
+    logits = model(prompt[None], cache=cache)
+    y = mx.argmax(logits[:, -1], axis=-1)
+    out = []
+    for _ in range(steps):
+        logits = forward(y[:, None], cache=cache)
+        out.append(logits)
+        y = mx.argmax(logits[:, -1], axis=-1)
+        mx.eval(y, logits)
+    return out
+
+
+def _fresh(path, quantize):
+    model, _ = load_model(path)
+    if quantize:
+        quantize_modules(model, group_size=32, bits=4)
+        mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["float", "4bit"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_compiled_step_matches_plain_model(make_checkpoint, arch, quantize):
+    path = make_checkpoint(arch)
+    model = _fresh(path, quantize)
+    prompt = mx.array([3, 17, 5, 9, 40, 2, 11], mx.int32)
+    plain = _decode(model, model, prompt)
+
+    assert model.fuse_projections() == len(model.layers)
+    attn = model.layers[0].self_attn
+    assert "qkv_proj" in attn and "q_proj" not in attn
+    if quantize:
+        assert type(attn.qkv_proj) is QuantizedLinear
+    fused = _decode(model, model, prompt)
+    dec = model.compiled_decoder()
+    assert isinstance(dec, CompiledDecoder) and model.compiled_decoder() is dec
+    compiled = _decode(dec, model, prompt)
+    for a, b, c in zip(plain, fused, compiled):
+        assert a.shape == c.shape
+        assert mx.allclose(a, b, rtol=1e-5, atol=1e-5).item()
+        assert mx.allclose(a, c, rtol=1e-5, atol=1e-5).item()
+
+
+def test_compiled_step_with_sliding_window(make_checkpoint):
+    # windows shorter than the context: the masked attention stays outside the compiled parts
+    path = make_checkpoint("qwen3", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    model = _fresh(path, False)
+    assert any(layer.self_attn.window == 4 for layer in model.layers)
+    prompt = mx.array([5, 6, 7, 8, 9, 10], mx.int32)
+    plain = _decode(model, model, prompt, steps=8)
+    compiled = _decode(decode_forward(model, True), model, prompt, steps=8)
+    for a, c in zip(plain, compiled):
+        assert mx.allclose(a, c, rtol=1e-5, atol=1e-5).item()
+
+
+def test_generation_same_tokens_with_and_without_compile(make_checkpoint):
+    path = make_checkpoint("qwen3")
+    runs = []
+    for compile in (False, True):
+        model, tokenizer = load(path)
+        runs.append([(r.token, r.logprobs) for r in stream_generate(
+            model, tokenizer, [4, 8, 15, 16, 23, 42], 12, eos_token_ids=[], compile=compile)])
+        assert ("qkv_proj" in model.layers[0].self_attn) == compile
+    assert [t for t, _ in runs[0]] == [t for t, _ in runs[1]]
+    for (_, a), (_, b) in zip(*runs):
+        assert mx.allclose(a, b, rtol=1e-5, atol=1e-5).item()
+
+
+def test_switch_and_unsupported_models(make_checkpoint, monkeypatch):
+    model, _ = load_model(make_checkpoint("llama"))
+    monkeypatch.setenv("MARLIN_MLX_COMPILE", "0")
+    assert decode_forward(model) is model
+    assert "q_proj" in model.layers[0].self_attn  # not fused with compilation off
+    monkeypatch.setenv("MARLIN_MLX_COMPILE", "1")
+    assert isinstance(decode_forward(model), CompiledDecoder)
+    from marlin_mlx.models import qwen3_moe
+    moe = qwen3_moe.Model(qwen3_moe.ModelArgs.from_config(dict(
+        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        num_experts=4, num_experts_per_tok=2)))
+    assert moe.compiled_decoder() is None and decode_forward(moe, True) is moe
+
+
+def test_fuse_linears_refuses_mixed_layers():
+    a = QuantizedLinear(64, 32, group_size=32, bits=4)
+    b = QuantizedLinear(64, 16, group_size=64, bits=4)
+    c = QuantizedLinear(64, 16, group_size=32, bits=8)
+    assert fuse_linears([a, b]) is None and fuse_linears([a, c]) is None
+    fused = fuse_linears([a, QuantizedLinear(64, 16, group_size=32, bits=4)])
+    assert fused["weight"].shape[0] == 48 and fused.bits == 4 and fused.group_size == 32
+    import mlx.nn as nn
+    assert fuse_linears([nn.Linear(8, 4), nn.Linear(8, 4, bias=False)]) is None
+    assert fuse_linears([a, nn.Linear(64, 4)]) is None
+
+
+def test_failed_trace_falls_back_to_the_plain_model(make_checkpoint):
+    model, _ = load_model(make_checkpoint("qwen3"))
+    prompt = mx.array([3, 1, 4, 1, 5], mx.int32)
+    plain = _decode(model, model, prompt, steps=3)
+    dec = CompiledDecoder(model)
+
+    def broken(*args):
+        raise RuntimeError("cannot compile this")
+
+    dec._between[-1] = broken  # fails after all but the last layer wrote their cache
+    with pytest.warns(UserWarning, match="compiled decode step disabled"):
+        out = _decode(dec, model, prompt, steps=3)
+    assert dec.failed and "cannot compile" in dec.failed
+    for a, b in zip(plain, out):
+        assert mx.allclose(a, b, rtol=1e-5, atol=1e-5).item()
