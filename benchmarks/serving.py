@@ -549,28 +549,29 @@ def main(argv=None) -> int:
         workload = make_workload(words, 20000, args.prompt_span, args.output_span, args.seed)
         env = device_info()
         logdir = Path(tempfile.mkdtemp(prefix="serving-logs-"))
-        results = {}
+        device = env.get("gpu") or ("cpu" if "cpu" in env.get("mlx_device", "cpu") else "gpu")
+        out = args.out or ROOT / "benchmarks" / "results" / \
+            f"serving_{label}_{device.replace(' ', '-')}.json"
+        report = {"benchmark": "serving", "model": label, "environment": env,
+                  "settings": {k: v for k, v in vars(args).items()
+                               if k not in ("model", "out", "save_random")},
+                  "results": {}, "server_logs": str(logdir)}
+        report["settings"]["model_path"] = str(source)
+        results = report["results"]
+        out.parent.mkdir(parents=True, exist_ok=True)
         for config in configs:
             try:
                 results[config] = asyncio.run(bench_config(config, model, workload, args, logdir))
             except Exception as e:  # one broken server does not lose the others' numbers
                 results[config] = {"error": f"{type(e).__name__}: {e}"}
             print(table({config: results[config]}).splitlines()[-1], file=sys.stderr, flush=True)
+            # written after every config: a run cut short keeps what it measured
+            out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     finally:
         for folder in (tmp, cast_dir):
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
 
-    device = env.get("gpu") or ("cpu" if "cpu" in env.get("mlx_device", "cpu") else "gpu")
-    out = args.out or ROOT / "benchmarks" / "results" / \
-        f"serving_{label}_{device.replace(' ', '-')}.json"
-    report = {"benchmark": "serving", "model": label, "environment": env,
-              "settings": {k: v for k, v in vars(args).items()
-                           if k not in ("model", "out", "save_random")},
-              "results": results, "server_logs": str(logdir)}
-    report["settings"]["model_path"] = str(source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(table(results))
     print(f"wrote {out}")
     return 0 if all("error" not in s for s in results.values()) else 1

@@ -346,3 +346,22 @@ def test_unpipelined_mode_gives_the_same_tokens(tokenizer):
     assert seen and all(r is None for r in seen)
     for p, rid in zip(prompts, rids):
         assert col.tokens(rid) == reference(model, tokenizer, p, 8)
+
+
+def test_warmup_and_padded_batches_give_the_same_tokens(tokenizer):
+    # decode batches are padded to a power of two (here 3 -> 4, 5 -> 6 = max_batch_size) with
+    # rows on the scratch block; warmup runs every bucket first. Neither may change a token, and
+    # the scratch block is never handed to a request.
+    model = random_model("llama", seed=4)
+    eng = Engine(model, tokenizer, block_size=4, max_batch_size=6, max_waiting_time=0.01)
+    assert [eng.batch_bucket(n) for n in (1, 2, 3, 4, 5, 6)] == [1, 2, 4, 4, 6, 6]
+    eng.start(warmup=True)
+    try:
+        prompts = prompts_of(5, seed=9, lo=2, hi=20)
+        col, rids = run(eng, prompts, SamplingParams(max_tokens=7, temperature=0))
+        for p, rid in zip(prompts, rids):
+            assert col.tokens(rid) == reference(model, tokenizer, p, 7)
+        assert eng.metrics()["kv_blocks_used"] == 0
+        assert eng.runner.pool.num_blocks == eng.num_kv_blocks + 1
+    finally:
+        eng.stop()

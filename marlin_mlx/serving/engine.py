@@ -129,7 +129,11 @@ class Engine:
         self.blocks = BlockManager(self.num_kv_blocks, block_size, enable_prefix_cache)
         self.scheduler = Scheduler(self.blocks, max_batch_size=max_batch_size,
                                    prefill_chunk=prefill_chunk, policy=scheduler)
-        self.runner = (runner_factory or ModelRunner)(model, self.num_kv_blocks, block_size)
+        # one block past the managed ones is scratch: the padding rows of a decode batch write
+        # their (unused) keys and values there
+        self.scratch_block = self.num_kv_blocks
+        self.max_batch_size = max_batch_size
+        self.runner = (runner_factory or ModelRunner)(model, self.num_kv_blocks + 1, block_size)
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -149,12 +153,60 @@ class Engine:
         self._launched = False
 
     # --- public API (any thread) ---
-    def start(self) -> None:
+    def start(self, warmup: Optional[bool] = None) -> None:
+        """Start the step loop. `warmup` (default: on a GPU) first runs a decode step of every
+        batch bucket and a short prefill, so kernel compilation and first-use kernel selection
+        happen before the first request rather than during it."""
         if self._thread is not None:
             raise RuntimeError("the engine is already started")
+        if warmup if warmup is not None else mx.default_device().type == mx.DeviceType.gpu:
+            self.warmup()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="marlin-engine", daemon=True)
         self._thread.start()
+
+    def batch_bucket(self, n: int) -> int:
+        """Decode batches are padded to a power of two (at most max_batch_size): a kernel is
+        compiled per batch size on a GPU, and a few sizes are compiled once, not one per size."""
+        return min(1 << max(n - 1, 0).bit_length(), max(self.max_batch_size, n))
+
+    def warmup(self) -> None:
+        """Run each decode batch bucket and a short prefill on the scratch block only."""
+        sizes = sorted({self.batch_bucket(n) for n in range(1, self.max_batch_size + 1)})
+        n = min(self.block_size, self.max_model_len)
+        self.runner.forward(self._pad_inputs(StepInputs(
+            kind=PREFILL, token_ids=np.zeros((1, n), np.int32),
+            positions=np.zeros(1, np.int32), block_tables=np.array([[self.scratch_block]], np.int32),
+            slot_mapping=(self.scratch_block * self.block_size + np.arange(n)).astype(np.int32),
+            context_lens=np.array([n], np.int32)), 0))
+        mx.eval(self.runner.pool.arrays())
+        for B in sizes:
+            empty = StepInputs(kind=DECODE, token_ids=np.zeros((0, 1), np.int32),
+                               positions=np.zeros(0, np.int32),
+                               block_tables=np.zeros((0, 1), np.int32),
+                               slot_mapping=np.zeros(0, np.int32),
+                               context_lens=np.zeros(0, np.int32))
+            mx.eval(self.runner.forward(self._pad_inputs(empty, B)), self.runner.pool.arrays())
+
+    def _pad_inputs(self, inputs: StepInputs, rows: int) -> StepInputs:
+        """Decode inputs grown to `rows` rows by rows that attend to one token of the scratch
+        block (their logits are dropped)."""
+        B = inputs.token_ids.shape[0]
+        if inputs.kind != DECODE or rows <= B:
+            return inputs
+        pad = rows - B
+        tables = np.zeros((rows, max(inputs.block_tables.shape[1], 1)), np.int32)
+        tables[:B, : inputs.block_tables.shape[1]] = inputs.block_tables
+        tables[B:, 0] = self.scratch_block
+        cat = np.concatenate
+        prev = inputs.prev_rows
+        return StepInputs(
+            kind=DECODE, token_ids=cat([inputs.token_ids, np.zeros((pad, 1), np.int32)]),
+            positions=cat([inputs.positions, np.zeros(pad, np.int32)]), block_tables=tables,
+            slot_mapping=cat([inputs.slot_mapping,
+                              np.full(pad, self.scratch_block * self.block_size, np.int32)]),
+            context_lens=cat([inputs.context_lens, np.ones(pad, np.int32)]),
+            prev_rows=None if prev is None else cat([prev, np.full(pad, -1, np.int32)]))
 
     def stop(self) -> None:
         """Stop the loop; requests still in flight end with finish_reason "abort"."""
@@ -315,7 +367,7 @@ class Engine:
             seq.block_table, seq.block_keys, seq.num_computed, seq.pending = [], [], 0, 0
         self.blocks = sched.blocks = BlockManager(self.num_kv_blocks, self.block_size,
                                                   self.blocks.enable_prefix_cache)
-        self.runner.pool = KVPool(self.runner.spec, self.num_kv_blocks, self.block_size)
+        self.runner.pool = KVPool(self.runner.spec, self.num_kv_blocks + 1, self.block_size)
         self._last_sampled = None
 
     def _launch(self):
@@ -368,8 +420,9 @@ class Engine:
                           + positions % bs).astype(np.int32),
             context_lens=positions + 1,
             prev_rows=prev_rows if (prev_rows >= 0).any() else None)
-        logits = self.runner.forward(inputs, prev_tokens=self._last_sampled)
-        sampled = self._sample(plan.decode, logits)
+        logits = self.runner.forward(self._pad_inputs(inputs, self.batch_bucket(B)),
+                                     prev_tokens=self._last_sampled)
+        sampled = self._sample(plan.decode, logits[:B])
         mx.async_eval(sampled, self.runner.pool.arrays())
         self._last_sampled = sampled
         for i, s in enumerate(plan.decode):
