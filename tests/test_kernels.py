@@ -155,3 +155,25 @@ def test_fp4_qmv_body_on_cpu_emulator(mode, dtype, MT, tmp_path):
     y = np.array(y.astype(mx.float32), np.float64)
     assert np.isfinite(y).all()
     assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < {mx.bfloat16: 1e-2, mx.float16: 2e-3}[dtype]
+
+
+@pytest.mark.parametrize("MT", [1, 3, 20])
+def test_affine_qmv_body_on_cpu_emulator(MT, tmp_path):
+    # The affine GEMV's Metal rendering run by g++ (tests/metal_emulator.py), including M above
+    # one 8-row tile (the grid's y axis tiles M), against the float32 oracle.
+    import metal_emulator
+    from marlin_mlx.kernels import formats, qmv
+    if not metal_emulator.available():
+        pytest.skip("no C++20 g++")
+    N, K, gs = 10, 64 * 3, 64
+    q, s, b = mx.quantize(mx.random.normal((N, K)), group_size=gs, bits=4)
+    x = mx.random.normal((MT, K)).astype(mx.float16)
+    s, b = s.astype(mx.float16), b.astype(mx.float16)
+    t, grid, tg, osh, odt, _, _ = qmv._plan(mx.float16, mx.float16, 4, gs, (MT, K), N, 2, 2)
+    y = metal_emulator.emulate([dict(spec=qmv.SPEC, inputs=[x, q, s, b], template=t, grid=grid,
+                                     threadgroup=tg, output_shapes=osh, output_dtypes=odt)],
+                               tmp_path)[0]
+    ref = np.array(formats.reference_matmul(x, q, s, b, "affine", 4, gs), np.float64)
+    y = np.array(y.astype(mx.float32), np.float64)
+    assert np.isfinite(y).all()
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 2e-3
