@@ -11,9 +11,9 @@ import mlx.core as mx
 
 from .formats import validate_quantized
 from . import launch as _launch
-from .launch import KernelSpec, backend, cdiv, cuda_plan_kernel, launch, prod
+from .launch import KernelSpec, backend, launch
 from . import qmv as _qmv
-from .qmv import M_TILE, XKIND, config, supported
+from .qmv import M_TILE, supported
 
 SPEC = KernelSpec("marlin_gated_mlp", "gated_mlp.h",
                   ("x", "w", "scales", "biases", "w2", "scales2", "biases2"), ("y",))
@@ -49,18 +49,8 @@ def _plan(xdt, sdt, bits, group_size, xshape, N, R, SK, PF):
     key = (xdt, sdt, bits, group_size, xshape, N, R, SK, PF)
     plan = _PLANS.get(key)
     if plan is None:
-        K, lead = xshape[-1], tuple(xshape[:-1])
-        MT = prod(lead)
-        M = min(MT, M_TILE)
-        R, SK = config(M, 2 * N, K, bits, R, SK)
-        R = max(1, R // 2)  # each simdgroup reads R gate rows and R up rows
-        template = [("T", xdt), ("S", sdt), ("XK", XKIND[xdt]), ("BITS", bits),
-                    ("GS", group_size), ("R", R), ("SK", SK), ("PF", PF), ("M", M), ("MT", MT),
-                    ("K", K), ("N", N)]
-        be = backend()
-        kern, ktemplate = cuda_plan_kernel(SPEC, template) if be == "cuda" else (None, None)
-        plan = _PLANS[key] = (template, (32 * SK * cdiv(N, R), cdiv(MT, M), 1), (32 * SK, 1, 1),
-                              [(*lead, N)], [xdt], kern, ktemplate)
+        plan = _PLANS[key] = _qmv.build_plan(SPEC, xdt, sdt, bits, group_size, xshape, N, R, SK,
+                                             PF, gated=True)
     return plan
 
 

@@ -192,6 +192,19 @@ def render_metal(spec: KernelSpec, input_dtypes, input_sizes, output_dtypes, tem
     return "".join(out)
 
 
+def cuda_constants(template) -> str:
+    """The lines MLX's CUDA backend writes at the top of a templated kernel body."""
+    out = []
+    for n, v in template:
+        if isinstance(v, bool):
+            out.append(f"  constexpr bool {n} = {_template_value(v, CUDA_TYPES)};\n")
+        elif isinstance(v, int):
+            out.append(f"  constexpr int {n} = {v};\n")
+        else:
+            out.append(f"  using {n} = {CUDA_TYPES[v]};\n")
+    return "".join(out)
+
+
 def render_cuda(spec: KernelSpec, input_dtypes, output_dtypes, template) -> str:
     """The full CUDA source MLX 0.32 hands NVRTC for this launch."""
     header, source = parts(spec, "cuda")
@@ -203,13 +216,7 @@ def render_cuda(spec: KernelSpec, input_dtypes, output_dtypes, template) -> str:
     params = [f"    const {CUDA_TYPES[dt]}* {n}" for n, dt in zip(spec.inputs, input_dtypes)]
     params += [f"    {CUDA_TYPES[dt]}* {n}" for n, dt in zip(spec.outputs, output_dtypes)]
     out.append(",\n".join(params) + ") {\n")
-    for n, v in template:
-        if isinstance(v, bool):
-            out.append(f"  constexpr bool {n} = {_template_value(v, CUDA_TYPES)};\n")
-        elif isinstance(v, int):
-            out.append(f"  constexpr int {n} = {v};\n")
-        else:
-            out.append(f"  using {n} = {CUDA_TYPES[v]};\n")
+    out.append(cuda_constants(template))
     out.append("\n" + source + "\n}\n\n} // namespace mlx::core::cu\n")
     return "".join(out)
 
@@ -234,16 +241,8 @@ def baked_cuda_source(spec: KernelSpec, template) -> tuple[str, str, str]:
     """(name, header, source) of the CUDA kernel object with the template's constants written
     into the source: the same lines MLX writes at the top of a templated body."""
     header, source = parts(spec, "cuda")
-    consts = []
-    for n, v in template:
-        if isinstance(v, bool):
-            consts.append(f"  constexpr bool {n} = {_template_value(v, CUDA_TYPES)};\n")
-        elif isinstance(v, int):
-            consts.append(f"  constexpr int {n} = {v};\n")
-        else:
-            consts.append(f"  using {n} = {CUDA_TYPES[v]};\n")
     name = spec.name + "".join("_" + _template_value(v, CUDA_TYPES) for _, v in template)
-    return name, header, "".join(consts) + "\n" + source
+    return name, header, cuda_constants(template) + "\n" + source
 
 
 def cuda_plan_kernel(spec: KernelSpec, template):

@@ -75,18 +75,25 @@ def _plan(xdt, sdt, bits, group_size, xshape, N, R, SK, PF=None):
     key = (xdt, sdt, bits, group_size, xshape, N, R, SK, PF)
     plan = _PLANS.get(key)
     if plan is None:
-        K, lead = xshape[-1], tuple(xshape[:-1])
-        MT = prod(lead)
-        M = min(MT, M_TILE)
-        R, SK = config(M, N, K, bits, R, SK)
-        template = [("T", xdt), ("S", sdt), ("XK", XKIND[xdt]), ("BITS", bits),
-                    ("GS", group_size), ("R", R), ("SK", SK), ("PF", PF), ("M", M), ("MT", MT),
-                    ("K", K), ("N", N)]
-        be = backend()
-        kern, ktemplate = cuda_plan_kernel(SPEC, template) if be == "cuda" else (None, None)
-        plan = _PLANS[key] = (template, (32 * SK * cdiv(N, R), cdiv(MT, M), 1), (32 * SK, 1, 1),
-                              [(*lead, N)], [xdt], kern, ktemplate)
+        plan = _PLANS[key] = build_plan(SPEC, xdt, sdt, bits, group_size, xshape, N, R, SK, PF)
     return plan
+
+
+def build_plan(spec, xdt, sdt, bits, group_size, xshape, N, R, SK, PF, gated: bool = False):
+    """The launch plan of a GEMV-shaped kernel (this one, or the fused gated MLP with
+    `gated`, whose simdgroups each read R gate rows and R up rows)."""
+    K, lead = xshape[-1], tuple(xshape[:-1])
+    MT = prod(lead)
+    M = min(MT, M_TILE)
+    R, SK = config(M, 2 * N if gated else N, K, bits, R, SK)
+    if gated:
+        R = max(1, R // 2)
+    template = [("T", xdt), ("S", sdt), ("XK", XKIND[xdt]), ("BITS", bits),
+                ("GS", group_size), ("R", R), ("SK", SK), ("PF", PF), ("M", M), ("MT", MT),
+                ("K", K), ("N", N)]
+    kern, ktemplate = cuda_plan_kernel(spec, template) if backend() == "cuda" else (None, None)
+    return (template, (32 * SK * cdiv(N, R), cdiv(MT, M), 1), (32 * SK, 1, 1),
+            [(*lead, N)], [xdt], kern, ktemplate)
 
 
 def qmv_kernel(x, w, scales, biases, group_size, bits, *, R=None, SK=None, PF=None):

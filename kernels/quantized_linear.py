@@ -22,24 +22,17 @@ from .launch import backend
 # The dense layer the models use; a name of our own so the models depend on kernels/ only.
 Linear = nn.Linear
 
-# Rows of x up to which the fused GEMV kernel is a candidate. Above 8 rows it tiles M over the
-# grid (each 8-row tile reads the weights again, mostly from L2): a batch of 9-32 decode rows
-# (the serving engine) stays memory-bound there, where dequantize + matmul writes and reads
-# a dense copy of every weight and MLX's quantized matmul is far slower (serving, H200).
-QMV_MAX_M = 32
-FP4_MAX_M = 8
+QMV_MAX_M = 8  # rows of x up to which the fused GEMV kernel is a candidate
 SELF_TEST_TOL = {mx.float32: 1e-4, mx.float16: 3e-3, mx.bfloat16: 1.5e-2}
 
 
 def _m_class(M: int) -> str:
     if M > QMV_MAX_M:
-        return "M33-64" if M <= 64 else "M65+"
-    if M > 8:
-        return "M9-32"
+        return "M9-64" if M <= 64 else "M65+"
     return "M1" if M == 1 else ("M2-4" if M <= 4 else "M5-8")
 
 
-_M_REP = {"M1": 1, "M2-4": 4, "M5-8": 8, "M9-32": 32, "M33-64": 64, "M65+": 512}
+_M_REP = {"M1": 1, "M2-4": 4, "M5-8": 8, "M9-64": 32, "M65+": 512}
 
 
 def quantized_matmul(x, w, scales, biases=None, group_size: int = 64, bits: int = 4,
@@ -85,7 +78,7 @@ _PATHS: dict = {}
 
 def _choose(x, w, scales, biases, group_size, bits, mode) -> int:
     M = math.prod(x.shape[:-1]) if x.ndim > 1 else 1
-    if mode in _fp4.FORMATS and M <= FP4_MAX_M:
+    if mode in _fp4.FORMATS and M <= QMV_MAX_M:
         key = (_m_class(M), x.dtype, w.shape, mode, selection.mode())
         use = _DECISIONS.get(key)
         if use is None:

@@ -76,6 +76,15 @@ def _np(a, name: str) -> np.ndarray:
     raise ValueError(f"{name}: expected an mlx or numpy array, found {type(a).__name__}")
 
 
+def _packed_arrays(qweight, qzeros, scales) -> tuple:
+    """qweight and qzeros as uint32 words, scales as a 2-D float array [G, N] (checked)."""
+    sc = _np(scales, "scales")
+    if sc.ndim != 2 or not np.issubdtype(sc.dtype, np.floating):
+        raise ValueError(f"scales: expected a 2-D float array [G, N], found {sc.dtype} "
+                         f"{tuple(sc.shape)}")
+    return _words(qweight, "qweight"), _words(qzeros, "qzeros"), sc
+
+
 def _words(a, name: str) -> np.ndarray:
     a = _np(a, name)
     if a.dtype not in (np.int32, np.uint32):
@@ -151,12 +160,7 @@ def gptq_to_affine(qweight, qzeros, scales, g_idx=None, *, bits: int,
     if checkpoint_format not in ("gptq", "gptq_v2"):
         raise ValueError(f"checkpoint_format: expected 'gptq' or 'gptq_v2', found "
                          f"{checkpoint_format!r}")
-    qw = _words(qweight, "qweight")
-    qz = _words(qzeros, "qzeros")
-    sc = _np(scales, "scales")
-    if sc.ndim != 2 or not np.issubdtype(sc.dtype, np.floating):
-        raise ValueError(f"scales: expected a 2-D float array [G, N], found {sc.dtype} "
-                         f"{tuple(sc.shape)}")
+    qw, qz, sc = _packed_arrays(qweight, qzeros, scales)
     G, N = sc.shape
     if (qw.shape[0] * 32) % bits:
         raise ValueError(f"qweight: {qw.shape[0]} rows do not hold whole {bits}-bit codes")
@@ -186,12 +190,7 @@ def awq_to_affine(qweight, qzeros, scales, *, bits: int = 4, group_size: int | N
     """One AutoAWQ GEMM linear -> {"weight", "scales", "biases", "group_size"}."""
     if bits != 4:
         raise ValueError(f"bits: AWQ import supports 4-bit GEMM checkpoints, found {bits}")
-    qw = _words(qweight, "qweight")
-    qz = _words(qzeros, "qzeros")
-    sc = _np(scales, "scales")
-    if sc.ndim != 2 or not np.issubdtype(sc.dtype, np.floating):
-        raise ValueError(f"scales: expected a 2-D float array [G, N], found {sc.dtype} "
-                         f"{tuple(sc.shape)}")
+    qw, qz, sc = _packed_arrays(qweight, qzeros, scales)
     G, N = sc.shape
     K = qw.shape[0]
     if qw.shape[1] * 8 != N:

@@ -160,7 +160,7 @@ def test_fp4_qmv_body_on_cpu_emulator(mode, dtype, MT, tmp_path):
 @pytest.mark.parametrize("MT", [1, 3, 20])
 def test_affine_qmv_body_on_cpu_emulator(MT, tmp_path):
     # The affine GEMV's Metal rendering run by g++ (tests/metal_emulator.py), including M above
-    # one 8-row tile (the grid's y axis tiles M), against the float32 oracle.
+    # one 8-row tile (the grid's y axis tiles M; `qmv` takes any M), against the float32 oracle.
     import metal_emulator
     from marlin_mlx.kernels import formats, qmv
     if not metal_emulator.available():
