@@ -184,6 +184,39 @@ def serving_section(name: str, r: dict) -> list:
     return lines + [""]
 
 
+def paged_attention_section(name: str, r: dict) -> list:
+    lines = [f"### `{name}`", "",
+             f"{r.get('device', '?')}, MLX {r.get('mlx', '?')}, {r.get('date', '?')}; decode "
+             f"(one query per sequence), block size {r.get('block_size')}, µs per call. Command: "
+             "`python benchmarks/paged_attention.py --quick`.", "",
+             "| heads | dtype | B | context | kernel µs | GB/s | plain-MLX reference µs "
+             "| MLX SDPA on a contiguous cache µs | rel. error |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in r["cases"]:
+        lines.append(f"| {c['shape']} {c['heads']} | {c['dtype']} | {c['B']} | {c['ctx']} | "
+                     f"{c['kernel_us']:.1f} | {c['kernel_GBps']:.0f} | {c['reference_us']:.1f} | "
+                     f"{c['sdpa_contiguous_us']:.1f} | {c['rel_err_vs_reference']:.1e} |")
+    return lines + [""]
+
+
+def moe_layer_section(name: str, r: dict) -> list:
+    """benchmarks/moe_layer.py: one MoE layer, decode paths or prefill variants (µs a layer)."""
+    prefill = "prefill_tokens" in r
+    what = (f"prefill of {r['prefill_tokens']} tokens (`--prefill-variants`)" if prefill
+            else "one decode token")
+    lines = [f"### `{name}`", "",
+             f"{r.get('device', {}).get('device_name', '?')}, MLX {r.get('mlx', '?')}, "
+             f"{r.get('date', '?')}; {r.get('bits')}-bit affine g{r.get('group_size')}, "
+             f"{r.get('layers')} distinct layers chained; {what}; µs a layer (MLX eval time). "
+             "Command: `python benchmarks/moe_layer.py"
+             + (" --prefill-variants`." if prefill else " --sweep`."), "",
+             "| model shape | path | µs a layer |", "|---|---|---|"]
+    for model, res in r["results"].items():
+        for path, x in res.items():
+            if isinstance(x, dict) and "eval_us" in x:
+                lines.append(f"| {model} | {path} | {x['eval_us']:.1f} |")
+    return lines + [""]
+
+
 def _scalar(v) -> bool:
     return isinstance(v, (str, int, float, bool)) or v is None
 
@@ -225,16 +258,26 @@ def kind_of(r: dict) -> str | None:
         return "cpu_decode"
     if r.get("benchmark") == "serving" and isinstance(r.get("results"), dict):
         return "serving"
+    if isinstance(r.get("cases"), list) and r["cases"] and "kernel_us" in r["cases"][0]:
+        return "paged_attention"
+    res = r.get("results")
+    if isinstance(res, dict) and res and all(
+            isinstance(v, dict) and any(isinstance(x, dict) and "eval_us" in x for x in v.values())
+            for v in res.values()):
+        return "moe_layer"
     return None
 
 
 SECTIONS = {"bench": bench_section, "memory": memory_section, "perplexity": perplexity_section,
             "kernels": kernels_section, "cpu_decode": cpu_decode_section,
-            "serving": serving_section}
+            "serving": serving_section, "paged_attention": paged_attention_section,
+            "moe_layer": moe_layer_section}
 TITLES = {"bench": "Throughput (marlin-mlx bench)", "kernels": "Kernels (benchmarks/kernels.py)",
           "cpu_decode": "CPU decode (benchmarks/cpu_decode.py)",
           "memory": "Memory (marlin-mlx memory)",
           "serving": "Serving (benchmarks/serving.py)",
+          "paged_attention": "Paged attention (benchmarks/paged_attention.py)",
+          "moe_layer": "MoE layer (benchmarks/moe_layer.py)",
           "perplexity": "Perplexity (marlin-mlx perplexity)"}
 
 
@@ -338,7 +381,8 @@ def build(results_dir: Path, output: Path, plots: bool = True) -> str:
             plot_dir.mkdir(parents=True, exist_ok=True)
             p = plot_decode_vs_context(found["bench"], plot_dir, plt)
             images += ([p] if p else []) + plot_kernel_gbps(found["kernels"], plot_dir, plt)
-    for kind in ("bench", "serving", "kernels", "cpu_decode", "memory", "perplexity"):
+    for kind in ("bench", "serving", "kernels", "paged_attention", "moe_layer", "cpu_decode",
+                 "memory", "perplexity"):
         if not found[kind]:
             continue
         lines += [f"## {TITLES[kind]}", ""]
