@@ -280,6 +280,7 @@ def compile_probe(model, prompt, steps: int, modes) -> dict:
 # --------------------------------------------------------------------------- GPU profile
 
 CATEGORIES = [("ours: gated gate/up", ("marlin_gated",)), ("ours: qmv", ("marlin_qmv",)),
+              ("ours: paged attention", ("marlin_paged",)),
               ("ours: dequantize", ("marlin_dequant",)),
               ("mlx quantized matmul", ("qmv", "qmm", "quantiz", "affine", "gemv_quant")),
               ("attention (sdpa)", ("sdpa", "attention", "flash")),
@@ -301,16 +302,14 @@ def categorize(name: str) -> str:
 
 
 def profile(model, prompt, steps: int = 8) -> dict:
-    import torch  # noqa: F401 - CUPTI through PyTorch's profiler
-    from torch.profiler import ProfilerActivity, profile as tprofile
-
     cache, y = prefill(model, prompt)
     for _ in range(3):
         y = step(model, cache, y)
         mx.eval(y)
     mx.synchronize()
-    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
+
+    def run():
+        nonlocal y
         nxt = step(model, cache, y)
         mx.async_eval(nxt)
         for _ in range(steps - 1):
@@ -319,6 +318,19 @@ def profile(model, prompt, steps: int = 8) -> dict:
             mx.async_eval(nxt)
             y.tolist()
         nxt.tolist()
+
+    return cupti_profile(run, steps)
+
+
+def cupti_profile(run, steps: int) -> dict:
+    """GPU time per kernel category while `run()` executes `steps` steps (CUPTI through
+    PyTorch's profiler, which traces every CUDA kernel of the process, MLX's included)."""
+    import torch  # noqa: F401
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        run()
         mx.synchronize()
         wall = time.perf_counter() - t0
     kernels, starts, ends = {}, [], []

@@ -331,8 +331,9 @@ class CompiledDecoder:
     and the next layer's norm, q/k/v projection, q/k norms and RoPE) is one `mx.compile`d
     function per layer boundary, so a token replays compiled graphs instead of re-running
     their Python, and MLX fuses their elementwise ops. The cache writes and the attention stay
-    outside, unchanged (the cache's length needs no fixed shape; caches other than KVCache,
-    e.g. the serving engine's paged ones, go through the plain model).
+    outside, unchanged (the cache's length needs no fixed shape). Caches other than KVCache go
+    through the plain model unless they declare `compiled_decode` (the serving engine's paged
+    caches in a decode step: their offset is already an array of per-sequence positions).
     RoPE takes the position as an array, so one trace serves every step; MLX retraces only for
     a new batch size or dtype. The first call per input shape runs the plain model (kernel
     selection and compilation happen outside the trace, where they may evaluate arrays).
@@ -365,7 +366,8 @@ class CompiledDecoder:
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
         """Logits (B, 1, vocab) of one token per sequence; other inputs go to the model."""
         if (cache is None or inputs.ndim != 2 or inputs.shape[1] != 1
-                or any(type(c) is not KVCache for c in cache)):
+                or not all(type(c) is KVCache or getattr(c, "compiled_decode", False)
+                           for c in cache)):
             return self.model(inputs, cache=cache)
         key = (inputs.shape, inputs.dtype)
         if key not in self._warm or self.failed is not None:
@@ -376,7 +378,9 @@ class CompiledDecoder:
             return self._step(inputs, cache)
         except Exception as e:  # a trace that fails (an op that cannot be compiled)
             for c, n in zip(cache, start):
-                c.trim(c.offset - n)  # undo the layers already written
+                if type(c) is KVCache:
+                    c.trim(c.offset - n)  # undo the layers already written (a paged write
+                    # is idempotent: the plain model rewrites the same slots)
             self.failed = f"{type(e).__name__}: {e}"
             warnings.warn(f"compiled decode step disabled, using the plain model: {self.failed}")
             return self.model(inputs, cache=cache)

@@ -29,6 +29,8 @@ from typing import List, Optional
 import mlx.core as mx
 import numpy as np
 
+from ..generation import decode_forward
+
 try:  # the paged-attention op family (kernels/paged_attention.py); plain MLX below until it lands
     from marlin_mlx.kernels import paged_attention as _ops
 except ImportError:  # pragma: no cover - depends on the tree's state
@@ -204,6 +206,11 @@ class PagedKVCache:
             return _gather(which[self.layer], self.step.block_tables[0], self.step.prefill_len)
         return new
 
+    @property
+    def compiled_decode(self) -> bool:
+        """A decode step may run through the model's compiled decoder (models/base.py)."""
+        return self.step.kind == DECODE
+
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         return self._store(self.pool.keys, keys), self._store(self.pool.values, values)
 
@@ -243,13 +250,6 @@ class PagedLatentCache(PagedKVCache):
         return out[:, :, None, :]
 
 
-def _head(model, h: mx.array) -> mx.array:
-    """The output head of a CausalLM (tied embedding or lm_head)."""
-    if model.args.tie_word_embeddings:
-        return model.model.embed_tokens.as_linear(h)
-    return model.lm_head(h)
-
-
 class ModelRunner:
     """Every model invocation of the serving engine goes through `forward`.
 
@@ -259,8 +259,11 @@ class ModelRunner:
     `pool.arrays()` must be evaluated with the step's results.
     """
 
-    def __init__(self, model, num_blocks: int, block_size: int):
+    def __init__(self, model, num_blocks: int, block_size: int, compile: Optional[bool] = None):
         self.model = model
+        # decode steps replay the model's compiled decoder where it has one (Llama, Qwen3):
+        # the host builds a few compiled calls per layer instead of the whole graph
+        self._decode = decode_forward(model, compile)
         self.spec = cache_spec(model)
         self.pool = KVPool(self.spec, num_blocks, block_size)
         self._cache_class = PagedLatentCache if self.spec.latent else PagedKVCache
@@ -276,7 +279,7 @@ class ModelRunner:
             rows = mx.array(np.maximum(inputs.prev_rows, 0), mx.int32)
             take = mx.array(inputs.prev_rows >= 0)[:, None]
             tokens = mx.where(take, prev_tokens[rows].astype(mx.int32)[:, None], tokens)
-        h = self.model.model(tokens, caches)
         if inputs.kind == PREFILL:
+            self.model.model(tokens, caches)  # fills the pools; the head is not needed
             return None
-        return _head(self.model, h[:, -1, :]).astype(mx.float32)
+        return self._decode(tokens, cache=caches)[:, -1, :].astype(mx.float32)
