@@ -4,7 +4,8 @@ Builds a model of a preset's shapes with random weights in memory, a ModelRunner
 KV pool, and B sequences of `--context` cached tokens each, then for each batch size measures
 through `ModelRunner.forward` (the engine's only model entry point):
 - host time to build one step's lazy graph, and a synchronous step (build + evaluate);
-- pipelined steps (step n + 1 built and launched before step n is read back), as the engine runs;
+- pipelined steps (step n + 1 built and launched before step n is read back) and, as the engine
+  runs, steps built ahead (step n + 1 built, step n read back, then step n + 1 launched);
 - with --profile, GPU time per kernel category (CUPTI) for the listed batch sizes;
 - prefill chunks of the given lengths through the paged cache;
 - with --engine, the whole engine in process (no HTTP): N greedy requests, one at a time and
@@ -106,19 +107,32 @@ def time_batch(runner, B, context, steps, profile: bool) -> dict:
             prev = nxt
         prev.tolist()
 
-    mx.synchronize()
-    t0 = time.perf_counter()
-    pipelined()
-    pipe = (time.perf_counter() - t0) / steps
+    def ahead():  # the engine's order: build n + 1, read back n, then start n + 1
+        prev = batch.step()
+        mx.async_eval(prev, runner.pool.arrays())
+        for _ in range(steps - 1):
+            nxt = batch.step(prev)
+            prev.tolist()
+            mx.async_eval(nxt, runner.pool.arrays())
+            prev = nxt
+        prev.tolist()
+
+    timed = {}
+    for name, fn in (("pipelined", pipelined), ("ahead", ahead)):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        timed[name] = (time.perf_counter() - t0) / steps
     out = {"B": B, "context": context, "build_ms": 1e3 * statistics.median(builds),
-           "sync_step_ms": 1e3 * statistics.median(syncs), "pipelined_step_ms": 1e3 * pipe,
-           "tokens_per_s": B / pipe}
+           "sync_step_ms": 1e3 * statistics.median(syncs),
+           "pipelined_step_ms": 1e3 * timed["pipelined"], "ahead_step_ms": 1e3 * timed["ahead"],
+           "tokens_per_s": B / timed["ahead"]}
     print(f"B={B:3d} ctx={context}: build {out['build_ms']:6.2f} ms  sync step "
           f"{out['sync_step_ms']:7.2f} ms  pipelined {out['pipelined_step_ms']:7.2f} ms  "
-          f"-> {out['tokens_per_s']:7.1f} tok/s", flush=True)
+          f"ahead {out['ahead_step_ms']:7.2f} ms -> {out['tokens_per_s']:7.1f} tok/s", flush=True)
     if profile:
         try:
-            out["profile"] = cupti_profile(pipelined, steps)
+            out["profile"] = cupti_profile(ahead, steps)
             cats = out["profile"]["categories_us_per_step"]
             print("   GPU per step: " + ", ".join(f"{k} {v['us']:.0f} µs" for k, v in cats.items()),
                   flush=True)

@@ -37,6 +37,7 @@ import math
 import struct
 
 import mlx.core as mx
+import numpy as np
 
 from . import selection
 from .launch import KernelSpec, backend, cdiv, launch
@@ -74,20 +75,46 @@ def _check_index(a, name, ndim):
         raise ValueError(f"{name}: expected int32, got {a.dtype}")
 
 
-def write_paged(cache: mx.array, entries: mx.array, slot_mapping: mx.array) -> mx.array:
+class SlotIndex:
+    """Where T new tokens go in a (num_blocks, num_kv_heads, block_size, dim) cache, as the
+    int64 index arrays of one scatter: block (T, 1), kv head (1, H), position in block (T, 1).
+    Built once per step from the host's slot mapping and shared by every layer's write, so a
+    write is one scatter launch instead of that plus divisions, an arange and index casts."""
+
+    def __init__(self, slot_mapping, block_size: int, num_kv_heads: int):
+        slots = np.asarray(slot_mapping, dtype=np.int64).reshape(-1)
+        self.size, self.block_size, self.num_kv_heads = slots.shape[0], block_size, num_kv_heads
+        self.blocks = mx.array((slots // block_size)[:, None])
+        self.heads = mx.array(np.arange(num_kv_heads, dtype=np.int64)[None, :])
+        self.offsets = mx.array((slots % block_size)[:, None])
+
+
+def write_paged(cache: mx.array, entries: mx.array, slot_mapping) -> mx.array:
     """The cache with entries[t] written at slot slot_mapping[t] (for every kv head).
 
-    entries (T, num_kv_heads, dim), slot_mapping (T,) int32. The returned array replaces the
-    old one; the caller's `cache` object is left as it was, and MLX reuses its buffer in place
-    when nothing else holds it by the time the graph runs."""
+    entries (T, num_kv_heads, dim); slot_mapping (T,) int32, or a SlotIndex of T slots for this
+    cache's block size and heads. The returned array replaces the old one; the caller's `cache`
+    object is left as it was, and MLX reuses its buffer in place when nothing else holds it by
+    the time the graph runs."""
     _check_cache(cache)
-    _check_index(slot_mapping, "slot_mapping", 1)
     nb, h, bs, d = cache.shape
-    if entries.ndim != 3 or entries.shape[1:] != (h, d) or entries.shape[0] != slot_mapping.shape[0]:
+    if isinstance(slot_mapping, SlotIndex):
+        index = slot_mapping
+        if (index.block_size, index.num_kv_heads) != (bs, h):
+            raise ValueError(f"write_paged: slot index built for block size {index.block_size} "
+                             f"and {index.num_kv_heads} heads, cache has {bs} and {h}")
+        T = index.size
+    else:
+        _check_index(slot_mapping, "slot_mapping", 1)
+        index, T = None, slot_mapping.shape[0]
+    if entries.ndim != 3 or entries.shape[1:] != (h, d) or entries.shape[0] != T:
         raise ValueError(f"write_paged: entries {tuple(entries.shape)} do not match "
-                         f"(T={slot_mapping.shape[0]}, num_kv_heads={h}, dim={d})")
+                         f"(T={T}, num_kv_heads={h}, dim={d})")
     out = mx.array(cache)  # a new handle on the same graph node: the scatter rebinds only it
-    out[slot_mapping // bs, :, slot_mapping % bs] = entries.astype(cache.dtype)
+    if index is not None:
+        out[index.blocks, index.heads, index.offsets] = entries.astype(cache.dtype)
+    else:
+        out[slot_mapping // bs, :, slot_mapping % bs] = entries.astype(cache.dtype)
     return out
 
 

@@ -43,7 +43,16 @@ def quantized_matmul(x, w, scales, biases=None, group_size: int = 64, bits: int 
     of x up to QMV_MAX_M go to the fused qmv kernel (affine, mxfp4, nvfp4), larger M (affine)
     to the dequantize kernel followed by MLX's native matmul, each only when the measured
     selection keeps it (first use per shape class: self-test against the reference, timing
-    against MLX's built-in); everything else goes to MLX's built-in op."""
+    against MLX's built-in); everything else goes to MLX's built-in op.
+
+    Leading dimensions are folded into M first: MLX's kernels treat x (B, 1, K) as B separate
+    one-row products, each reading the whole weight (a batched decode step of 32 sequences
+    read every weight 32 times: 115 ms instead of ~15 ms on an H200)."""
+    if x.ndim > 2 and math.prod(x.shape[:-2]) > 1:
+        lead = x.shape[:-1]
+        y = quantized_matmul(x.reshape(-1, x.shape[-1]), w, scales, biases, group_size, bits,
+                             mode)
+        return y.reshape(*lead, y.shape[-1])
     if backend() is not None:
         # one dict lookup per call at decode: the host cost of this function is paid for every
         # linear layer of every token (the choice itself is cached per shape class)

@@ -324,25 +324,34 @@ class Engine:
         self._update_snapshot()
 
     def _advance(self, flight, launch: bool = True):
-        """Launch the next step (asynchronously), then read back and emit the previous one:
-        the host work of step n overlaps the computation of step n + 1."""
+        """Build the next step while the previous one computes, read back and emit the
+        previous one, then start the next: the host's graph building overlaps the accelerator.
+
+        The next step starts only after the previous one finished: a KV pool that an in-flight
+        step still reads cannot be updated in place, so starting earlier would make every
+        layer's cache write copy its whole pool (measured: 3.8 ms a step at 32 sequences)."""
         nxt = None
         self._building = []
         self._launched = False
+        pending = [flight]
+
+        def settle():
+            if pending[0] is not None:
+                done, pending[0] = pending[0], None
+                self._complete(done)
+
         try:
-            if flight is not None and not self.pipeline:
-                self._complete(flight)
-                flight = None
+            if not self.pipeline:
+                settle()
             if launch and self.scheduler.has_work():
-                nxt = self._launch()
+                nxt = self._launch(settle)
                 self._launched = bool(self._building)
-            if flight is not None:
-                self._complete(flight)
+            settle()
         except Exception as e:  # a failed step ends its requests, never the engine
             log.exception("engine step failed")
             failed = list(self._building)
-            if flight is not None:
-                failed += flight[0] + flight[1]
+            if pending[0] is not None:
+                failed += pending[0][0] + pending[0][1]
             self._reset_cache()  # first: the pools and block bookkeeping may be inconsistent
             for seq in {id(s): s for s in failed}.values():
                 if not seq.finished:
@@ -370,12 +379,15 @@ class Engine:
         self.runner.pool = KVPool(self.runner.spec, self.num_kv_blocks + 1, self.block_size)
         self._last_sampled = None
 
-    def _launch(self):
-        """Schedule and build one step and start computing it. Returns (sequences, sampled
-        tokens) for the decode rows, or None when nothing was scheduled."""
+    def _launch(self, settle):
+        """Schedule and build one step and start computing it once `settle()` has read back the
+        previous one. Returns (sequences, sampled tokens) for the decode rows, or None when
+        nothing was scheduled."""
         plan = self.scheduler.schedule()
         if not plan.prefill and not plan.decode:
             return None
+        if plan.prefill:
+            settle()  # prefill chunks are evaluated right away (see below)
         self._building = [seq for seq, _ in plan.prefill] + plan.decode
         self._steps += 1
         if self._steps % CLEAR_CACHE_EVERY == 0:
@@ -399,7 +411,6 @@ class Engine:
             mx.eval(self.runner.pool.arrays())
         members = [seq for seq, _ in plan.prefill]
         if not plan.decode:
-            mx.async_eval(self.runner.pool.arrays())
             return members, [], None
         B = len(plan.decode)
         width = max(len(s.block_table) for s in plan.decode)
@@ -423,6 +434,7 @@ class Engine:
         logits = self.runner.forward(self._pad_inputs(inputs, self.batch_bucket(B)),
                                      prev_tokens=self._last_sampled)
         sampled = self._sample(plan.decode, logits[:B])
+        settle()
         mx.async_eval(sampled, self.runner.pool.arrays())
         self._last_sampled = sampled
         for i, s in enumerate(plan.decode):

@@ -186,9 +186,18 @@ class _StepArrays:
         self.kind = inputs.kind
         self.positions = mx.array(inputs.positions, mx.int32)
         self.block_tables = mx.array(inputs.block_tables, mx.int32)
-        self.slots = mx.array(inputs.slot_mapping, mx.int32)
+        self.slot_mapping = inputs.slot_mapping  # host copy: each pool builds its SlotIndex
+        self._index: dict = {}
         self.context_lens = mx.array(inputs.context_lens, mx.int32)
         self.prefill_len = int(inputs.context_lens[0]) if inputs.kind == PREFILL else None
+
+    def slots(self, block_size: int, heads: int):
+        """The step's write positions for a pool of this block size and heads (built once)."""
+        key = (block_size, heads)
+        if key not in self._index:
+            self._index[key] = (_ops.SlotIndex(self.slot_mapping, block_size, heads)
+                                if _ops is not None else mx.array(self.slot_mapping, mx.int32))
+        return self._index[key]
 
 
 class PagedKVCache:
@@ -201,7 +210,8 @@ class PagedKVCache:
     def _store(self, which: list, new: mx.array) -> mx.array:
         B, heads, L, dim = new.shape
         flat = new.transpose(0, 2, 1, 3).reshape(B * L, heads, dim)
-        which[self.layer] = _write(which[self.layer], flat, self.step.slots)
+        slots = self.step.slots(self.pool.block_size, heads)
+        which[self.layer] = _write(which[self.layer], flat, slots)
         if self.step.kind == PREFILL:
             return _gather(which[self.layer], self.step.block_tables[0], self.step.prefill_len)
         return new
