@@ -83,7 +83,7 @@ def prefill_cache(runner: ModelRunner, batch: Batch, context: int) -> None:
 
 
 def time_batch(runner, B, context, steps, profile: bool) -> dict:
-    batch = Batch(runner, B, context, room=3 * steps + 16)
+    batch = Batch(runner, B, context, room=6 * steps + 16)  # warm, sync, 2 modes, profile
     prefill_cache(runner, batch, context)
     for _ in range(3):  # warm: compilation and kernel selection for this batch size
         mx.eval(batch.step(), runner.pool.arrays())

@@ -338,9 +338,10 @@ async def bench_config(config: str, model: Path, workload: list, args, logdir: P
             if config != "mlx-lm":
                 status, text = await http.get(f"http://127.0.0.1:{port}/metrics")
                 if status == 200:
-                    summary["server_metrics"] = {
-                        line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-                        if line and not line.startswith("#") and "{" not in line}
+                    from marlin_mlx.serving.server import metrics_snapshot
+
+                    # counters include the warm-up requests
+                    summary["server_metrics"] = metrics_snapshot(text)
     finally:
         stop_server(proc)
     summary["command"] = cmd

@@ -296,9 +296,15 @@ def test_metrics_shape(tokenizer, engine_of):
     m = eng.metrics()
     assert set(m) == {"queue_length", "running", "kv_blocks_used", "kv_blocks_total",
                       "prefix_cache_hit_tokens", "preemptions_total", "requests_finished_total",
-                      "generated_tokens_total", "tokens_per_second"}
+                      "generated_tokens_total", "tokens_per_second", "decode_steps_total",
+                      "decode_rows_total", "prefill_seconds_total", "build_seconds_total",
+                      "wait_seconds_total", "emit_seconds_total"}
     assert m["kv_blocks_total"] == 16 and m["generated_tokens_total"] <= 6
     assert m["queue_length"] == 0 and m["tokens_per_second"] > 0
+    # each prompt's last token goes through a decode step; both requests are in every step
+    assert 3 <= m["decode_steps_total"] <= 6
+    assert m["decode_rows_total"] >= m["generated_tokens_total"]
+    assert all(m[f"{p}_seconds_total"] > 0 for p in ("prefill", "build", "wait", "emit"))
 
 
 def test_a_failing_step_ends_its_requests_and_the_engine_keeps_serving(tokenizer, engine_of):

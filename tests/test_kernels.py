@@ -72,6 +72,12 @@ def test_quantized_linear_cpu_uses_reference_and_matches():
     ref = _ref64(x, lin.weight, lin.scales, lin.biases, 4, 64) + np.array(lin.bias, np.float64)
     assert y.shape == (2, 3, 96)
     assert np.allclose(np.array(y).reshape(-1, 96), ref, rtol=1e-4, atol=1e-4)
+    # a batched decode step's (B, 1, K) input: leading dimensions fold into M
+    x = mx.random.normal((5, 1, 256))
+    ref = _ref64(x, lin.weight, lin.scales, lin.biases, 4, 64) + np.array(lin.bias, np.float64)
+    y = lin(x)
+    assert y.shape == (5, 1, 96)
+    assert np.allclose(np.array(y).reshape(-1, 96), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_quantized_matmul_other_modes_go_builtin():

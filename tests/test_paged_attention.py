@@ -116,6 +116,24 @@ def test_write_gather_round_trip_and_decode_matches_sdpa():
     assert np.allclose(np.array(y), np.array(ref[:, :, 0]), atol=1e-5)
 
 
+def test_write_with_a_slot_index_equals_the_slot_mapping():
+    rng = np.random.default_rng(11)
+    nb, kvh, bs, d = 6, 3, 4, 8
+    cache = mx.array(rng.standard_normal((nb, kvh, bs, d)).astype(np.float32))
+    slots = np.array([21, 3, 8, 9, 14], np.int32)
+    entries = mx.array(rng.standard_normal((5, kvh, d)).astype(np.float32))
+    by_slots = pa.write_paged(cache, entries, mx.array(slots))
+    by_index = pa.write_paged(cache, entries, pa.SlotIndex(slots, bs, kvh))
+    expect = np.array(cache).copy()
+    expect[slots // bs, :, slots % bs] = np.array(entries)
+    assert np.array_equal(np.array(by_slots), expect)
+    assert np.array_equal(np.array(by_index), expect)
+    with pytest.raises(ValueError, match="slot index built for block size"):
+        pa.write_paged(cache, entries, pa.SlotIndex(slots, 8, kvh))
+    with pytest.raises(ValueError, match="do not match"):
+        pa.write_paged(cache, entries[:4], pa.SlotIndex(slots, bs, kvh))
+
+
 def test_bad_inputs():
     rng = np.random.default_rng(0)
     q, kc, vc, tables, cl = _make(rng, 2, 8, 2, 64, 64, False, [5, 20])

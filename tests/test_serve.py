@@ -178,7 +178,8 @@ def test_models_health_metrics(server):
     m = _metrics(server)
     for name in ("marlin_mlx_requests_waiting", "marlin_mlx_requests_running",
                  "marlin_mlx_kv_blocks_used", "marlin_mlx_kv_blocks_total",
-                 "marlin_mlx_tokens_per_second"):
+                 "marlin_mlx_tokens_per_second", "marlin_mlx_decode_steps_total",
+                 'marlin_mlx_engine_seconds_total{phase="wait"}'):
         assert name in m, name
     assert m["marlin_mlx_kv_blocks_total"] > 0
 

@@ -151,6 +151,10 @@ class Engine:
         self._building: List[Sequence] = []  # the sequences of the step being launched
         self._steps = 0
         self._launched = False
+        # engine-thread seconds by phase, and decode steps / rows: where a step's time goes
+        self._phase_s = {"prefill": 0.0, "build": 0.0, "wait": 0.0, "emit": 0.0}
+        self._decode_steps = 0
+        self._decode_rows = 0
 
     # --- public API (any thread) ---
     def start(self, warmup: Optional[bool] = None) -> None:
@@ -253,6 +257,9 @@ class Engine:
             "requests_finished_total": self._finished,
             "generated_tokens_total": self._generated,
             "tokens_per_second": tokens / span if span > 0 else 0.0,
+            "decode_steps_total": self._decode_steps,
+            "decode_rows_total": self._decode_rows,
+            **{f"{k}_seconds_total": v for k, v in self._phase_s.items()},
         }
 
     def _validate(self, ids: List[int], p: SamplingParams) -> None:
@@ -388,6 +395,7 @@ class Engine:
             return None
         if plan.prefill:
             settle()  # prefill chunks are evaluated right away (see below)
+        t0 = time.perf_counter()
         self._building = [seq for seq, _ in plan.prefill] + plan.decode
         self._steps += 1
         if self._steps % CLEAR_CACHE_EVERY == 0:
@@ -410,6 +418,8 @@ class Engine:
             # only when no pending op still reads it).
             mx.eval(self.runner.pool.arrays())
         members = [seq for seq, _ in plan.prefill]
+        t1 = time.perf_counter()
+        self._phase_s["prefill"] += t1 - t0
         if not plan.decode:
             return members, [], None
         B = len(plan.decode)
@@ -434,8 +444,13 @@ class Engine:
         logits = self.runner.forward(self._pad_inputs(inputs, self.batch_bucket(B)),
                                      prev_tokens=self._last_sampled)
         sampled = self._sample(plan.decode, logits[:B])
+        self._phase_s["build"] += time.perf_counter() - t1
+        self._decode_steps += 1
+        self._decode_rows += B
         settle()
+        t2 = time.perf_counter()
         mx.async_eval(sampled, self.runner.pool.arrays())
+        self._phase_s["build"] += time.perf_counter() - t2  # MLX encodes the graph here
         self._last_sampled = sampled
         for i, s in enumerate(plan.decode):
             s.num_computed += 1
@@ -446,11 +461,14 @@ class Engine:
     def _complete(self, flight) -> None:
         """Read back a launched step's tokens and emit them."""
         members, decode, sampled = flight
+        t0 = time.perf_counter()
         if sampled is None:
             mx.eval(self.runner.pool.arrays())
             tokens = []
         else:
             tokens = sampled.tolist()
+        t1 = time.perf_counter()
+        self._phase_s["wait"] += t1 - t0
         for seq, tok in zip(decode, tokens):
             if seq.finished:  # aborted (or failed) while the step was in flight
                 continue
@@ -461,6 +479,7 @@ class Engine:
         for seq in members + decode:
             if not seq.finished and seq.block_table:
                 self.scheduler.register_full_blocks(seq)
+        self._phase_s["emit"] += time.perf_counter() - t1
 
     def _sample(self, seqs: List[Sequence], logits: mx.array) -> mx.array:
         greedy = mx.argmax(logits, axis=-1)

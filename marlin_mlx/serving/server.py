@@ -360,7 +360,12 @@ _ENGINE_METRICS = [
      "Requests finished by the engine."),
     ("marlin_mlx_generation_tokens_total", "generated_tokens_total", "counter",
      "Tokens generated."),
+    ("marlin_mlx_decode_steps_total", "decode_steps_total", "counter", "Batched decode steps."),
+    ("marlin_mlx_decode_rows_total", "decode_rows_total", "counter",
+     "Sequences summed over decode steps (divided by the steps: the mean batch)."),
 ]
+# engine-thread time by phase, as one labelled counter
+_PHASES = ("prefill", "build", "wait", "emit")
 
 
 def _fmt(value) -> str:
@@ -386,6 +391,13 @@ def render_metrics(state: _State) -> str:
         if key in m and m[key] is not None:
             known.add(key)
             metric(name, kind, help_, [f"{name} {_fmt(m[key])}"])
+    phases = [(p, m[f"{p}_seconds_total"]) for p in _PHASES if f"{p}_seconds_total" in m]
+    if phases:
+        known.update(f"{p}_seconds_total" for p, _ in phases)
+        metric("marlin_mlx_engine_seconds_total", "counter",
+               "Engine-thread seconds by phase: prefill chunks, building and launching decode "
+               "steps, waiting for a step's tokens, emitting them.",
+               [f'marlin_mlx_engine_seconds_total{{phase="{p}"}} {_fmt(v)}' for p, v in phases])
     used, total = m.get("kv_blocks_used"), m.get("kv_blocks_total")
     if used is not None and total:
         metric("marlin_mlx_kv_cache_usage_ratio", "gauge", "Fraction of KV blocks in use.",
@@ -453,11 +465,12 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, model_name: 
 
 
 def metrics_snapshot(text: str) -> dict:
-    """Parse Prometheus text (unlabelled samples) into {name: value}; for tests and tools."""
+    """Parse Prometheus text into {name: value} ('name{label="x"}' for labelled samples);
+    for tests and tools."""
     out = {}
     for line in text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, _, value = line.partition(" ")
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
 
