@@ -28,7 +28,6 @@ import sys
 import time
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from marlin_mlx.kernels import QuantizedLinear, quantized_linear, qmv
 

@@ -378,7 +378,7 @@ class CompiledDecoder:
             return self._step(inputs, cache)
         except Exception as e:  # a trace that fails (an op that cannot be compiled)
             for c, n in zip(cache, start):
-                if type(c) is KVCache:
+                if isinstance(n, int):
                     c.trim(c.offset - n)  # undo the layers already written (a paged write
                     # is idempotent: the plain model rewrites the same slots)
             self.failed = f"{type(e).__name__}: {e}"

@@ -216,7 +216,8 @@ class Attention(nn.Module):
         # None: absorbed for single-token steps, expanded otherwise; "absorbed"/"expanded" force one
         self.form = None
 
-    def __call__(self, x: mx.array, cache: Optional[MLACache] = None) -> mx.array:
+    def _project(self, x: mx.array, offset):
+        """(q_nope, q_pe, latent, k_pe) of x (B, L, hidden), RoPE applied at `offset`."""
         B, L, _ = x.shape
         if self.q_lora_rank is None:
             q = self.q_proj(x)
@@ -227,8 +228,26 @@ class Attention(nn.Module):
         kv = self.kv_a_proj_with_mqa(x)
         latent = self.kv_a_layernorm(kv[..., : self.rank]).reshape(B, 1, L, self.rank)
         k_pe = kv[..., self.rank :].reshape(B, 1, L, self.rope_dim)
+        return q_nope, self.rope(q_pe, offset), latent, self.rope(k_pe, offset)
+
+    # The compiled decode step's split (models/base.py CompiledDecoder), absorbed form only:
+    # project -> (absorbed query, latent, rope key); attend over the cache; output projection.
+    def project(self, x: mx.array, offset) -> tuple:
+        q_nope, q_pe, latent, k_pe = self._project(x, offset)
+        return mx.concatenate([self.embed_q(q_nope), q_pe], axis=-1), latent, k_pe
+
+    def attend(self, q, latent, k_pe, cache=None) -> mx.array:
+        entries = cache.update_and_fetch(latent, k_pe)
+        return attention(q, entries, entries[..., : self.rank], self.scale, cache=cache)
+
+    def output(self, out: mx.array) -> mx.array:
+        B, _, L, _ = out.shape  # out: (B, H, L, rank) of the absorbed attention
+        return self.o_proj(self.unembed_out(out).transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def __call__(self, x: mx.array, cache: Optional[MLACache] = None) -> mx.array:
+        B, L, _ = x.shape
         offset = cache.offset if cache is not None else 0
-        q_pe, k_pe = self.rope(q_pe, offset), self.rope(k_pe, offset)
+        q_nope, q_pe, latent, k_pe = self._project(x, offset)
         if cache is not None:
             entries = cache.update_and_fetch(latent, k_pe)  # (B, 1, S, rank + rope)
         else:
@@ -273,6 +292,20 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(args.hidden_size, args.intermediate_size)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    @property
+    def supports_compiled_decode(self) -> bool:
+        return self.self_attn.form in (None, "absorbed")
+
+    def attn_in(self, x: mx.array, offset) -> tuple:
+        return self.self_attn.project(self.input_layernorm(x), offset)
+
+    def attend(self, q, latent, k_pe, cache=None) -> mx.array:
+        return self.self_attn.attend(q, latent, k_pe, cache)
+
+    def attn_out(self, x: mx.array, attn: mx.array) -> mx.array:
+        h = x + self.self_attn.output(attn)
+        return h + self.mlp(self.post_attention_layernorm(h))
 
     def __call__(self, x: mx.array, cache: Optional[MLACache] = None) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), cache)

@@ -15,6 +15,8 @@ import mlx.core as mx
 
 
 class MLACache:
+    compiled_decode = True  # a decode step may run through base.CompiledDecoder
+
     def __init__(self, step: int = 256):
         self.step = step
         self.buffer = None  # (B, 1, capacity, kv_lora_rank + rope_dim)

@@ -10,12 +10,10 @@ top-k, optionally renormalized (`norm_topk_prob`); no shared expert. The expert 
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import mlx.core as mx
-import mlx.nn as nn
 
 
-from .base import MLP, CausalLM, RMSNorm, check_activation, drop_unused, rope_parameters
-from .cache import KVCache
+from .attention import PreNormDecoderLayer
+from .base import MLP, CausalLM, check_activation, drop_unused, rope_parameters
 from .moe import SparseMoE, stack_experts
 from .qwen3 import Attention
 
@@ -76,22 +74,15 @@ class ModelArgs:
         )
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(PreNormDecoderLayer):
     def __init__(self, args: ModelArgs, sparse: bool):
-        super().__init__()
-        self.self_attn = Attention(args, args.sliding_window)
         if sparse:
-            self.mlp = SparseMoE(args.hidden_size, args.moe_intermediate_size, args.num_experts,
-                                 args.num_experts_per_tok, scoring="softmax",
-                                 norm_topk_prob=args.norm_topk_prob)
+            mlp = SparseMoE(args.hidden_size, args.moe_intermediate_size, args.num_experts,
+                            args.num_experts_per_tok, scoring="softmax",
+                            norm_topk_prob=args.norm_topk_prob)
         else:
-            self.mlp = MLP(args.hidden_size, args.intermediate_size)
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-
-    def __call__(self, x: mx.array, cache: Optional[KVCache] = None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+            mlp = MLP(args.hidden_size, args.intermediate_size)
+        super().__init__(args, Attention(args, args.sliding_window), mlp)
 
 
 class Model(CausalLM):

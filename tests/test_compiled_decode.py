@@ -1,5 +1,6 @@
 """The compiled decode step (models.base.CompiledDecoder) and the fused q/k/v projection give
-the plain model's outputs, step after step, for Llama and Qwen3, float and 4-bit."""
+the plain model's outputs, step after step, for Llama, Qwen3, Qwen3-MoE and GLM-4.7-Flash,
+float and 4-bit."""
 
 import mlx.core as mx
 import pytest
@@ -8,6 +9,7 @@ from marlin_mlx.generation import decode_forward, stream_generate
 from marlin_mlx.kernels import QuantizedLinear, quantize_modules
 from marlin_mlx.loader import load, load_model
 from marlin_mlx.models.base import CompiledDecoder, fuse_linears
+from mlx.utils import tree_unflatten
 
 STEPS = 6
 
@@ -89,12 +91,53 @@ def test_switch_and_unsupported_models(make_checkpoint, monkeypatch):
     assert "q_proj" in model.layers[0].self_attn  # not fused with compilation off
     monkeypatch.setenv("MARLIN_MLX_COMPILE", "1")
     assert isinstance(decode_forward(model), CompiledDecoder)
-    from marlin_mlx.models import qwen3_moe
-    moe = qwen3_moe.Model(qwen3_moe.ModelArgs.from_config(dict(
-        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        num_experts=4, num_experts_per_tok=2)))
-    assert moe.compiled_decoder() is None and decode_forward(moe, True) is moe
+    glm = _random_moe("glm4_moe_lite", quantize=False)
+    for layer in glm.layers:  # the expanded attention form has no compiled split
+        layer.self_attn.form = "expanded"
+    assert glm.compiled_decoder() is None and decode_forward(glm, True) is glm
+
+
+def _random_moe(arch, quantize):
+    """A tiny Qwen3-MoE or GLM-4.7-Flash-shaped model with random weights."""
+    from mlx.utils import tree_flatten
+
+    from marlin_mlx.models import glm4_moe_lite, qwen3_moe
+
+    if arch == "qwen3_moe":
+        model = qwen3_moe.Model(qwen3_moe.ModelArgs.from_config(dict(
+            vocab_size=64, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0])))
+    else:
+        model = glm4_moe_lite.Model(glm4_moe_lite.ModelArgs.from_config(dict(
+            vocab_size=64, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+            n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+            topk_group=1, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=32,
+            qk_rope_head_dim=8, v_head_dim=16, routed_scaling_factor=1.8, norm_topk_prob=True,
+            max_position_embeddings=256, rope_theta=1e6, first_k_dense_replace=1)))
+    mx.random.seed(5)
+    model.update(tree_unflatten([(k, 0.1 * mx.random.normal(v.shape))
+                                 for k, v in tree_flatten(model.parameters())]))
+    if quantize:
+        quantize_modules(model, group_size=32, bits=4)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["float", "4bit"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "glm4_moe_lite"])
+def test_compiled_step_matches_plain_moe_models(arch, quantize):
+    model = _random_moe(arch, quantize)
+    prompt = mx.array([3, 17, 5, 9, 40, 2, 11], mx.int32)
+    plain = _decode(model, model, prompt)
+    dec = decode_forward(model, True)
+    assert isinstance(dec, CompiledDecoder)
+    compiled = _decode(dec, model, prompt)
+    for a, c in zip(plain, compiled):
+        assert a.shape == c.shape
+        assert mx.allclose(a, c, rtol=1e-5, atol=1e-5).item()
+    assert dec.failed is None
 
 
 def test_fuse_linears_refuses_mixed_layers():
