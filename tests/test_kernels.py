@@ -89,6 +89,19 @@ def test_quantized_matmul_other_modes_go_builtin():
     assert mx.array_equal(y, ref)
 
 
+@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4"])
+def test_fp4_large_m_dequantize_then_matmul_matches_builtin(mode):
+    # the large-M path for fp4 formats on a GPU (selected there by measurement)
+    from marlin_mlx.kernels.quantized_linear import _dq_matmul_fp4
+
+    mx.random.seed(4)
+    gs = 32 if mode == "mxfp4" else 16
+    q, s = mx.quantize(mx.random.normal((48, 128)), group_size=gs, bits=4, mode=mode)[:2]
+    x = mx.random.normal((70, 128))
+    ref = mx.quantized_matmul(x, q, s, None, transpose=True, group_size=gs, bits=4, mode=mode)
+    assert mx.allclose(_dq_matmul_fp4(x, q, s, mode), ref, rtol=1e-4, atol=1e-4).item()
+
+
 def test_selection_env_and_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MARLIN_MLX_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv(selection.ENV_MODE, "bogus")
