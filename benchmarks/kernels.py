@@ -10,9 +10,8 @@ device-copy bandwidth is the roofline. Writes JSON (and prints a markdown table)
     python benchmarks/kernels.py --formats affine-4,mxfp4 --ms 1,2,4,8,16   # a slice
 
 Formats: affine 4-bit and 8-bit (group 64) and mxfp4 (group 32); ours is the fused qmv kernel
-(affine: `qmv`, mxfp4: `fp4_qmv`) for M <= 16 and, for affine, dequantize + MLX's matmul from
-M = 16 on (the faster of the two is reported); where we have no kernel, MLX's built-in path is
-what runs and is reported as such. The fp16 matmul is timed once per shape and M.
+(affine: `qmv`, mxfp4: `fp4_qmv`) up to QMV_MAX_M rows and, from QMV_MAX_M rows on, dequantize
++ MLX's matmul (affine: our dequantize kernel; mxfp4: MLX's dequantize); the faster is reported. The fp16 matmul is timed once per shape and M.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ import mlx.core as mx
 from marlin_mlx.kernels import launch
 from marlin_mlx.kernels.dequantize import dequantize_kernel
 from marlin_mlx.kernels.fp4_qmv import fp4_qmv_kernel
+from marlin_mlx.kernels.quantized_linear import _dq_matmul_fp4
 from marlin_mlx.kernels.qmv import qmv_kernel
 
 SHAPES = [(4096, 12288), (12288, 4096), (4096, 4096), (8192, 28672), (28672, 8192)]  # K -> N
@@ -138,7 +138,7 @@ def bench_shape(K, N, Ms, fmt="affine-4", dtype=mx.float16, variants=None, check
     def ours_dq_mm(x, s):
         if mode == "affine":
             return x @ dequantize_kernel(*s, gs, bits, dtype).T
-        return None
+        return _dq_matmul_fp4(x, *s, mode)  # fp4: MLX's dequantize, then its matmul
 
     rows = []
     for M in Ms:
@@ -154,7 +154,7 @@ def bench_shape(K, N, Ms, fmt="affine-4", dtype=mx.float16, variants=None, check
         if M == 1:
             fp16_gemv_GBs = row["fp16_GBs"]
         best = None
-        if M >= QMV_MAX_M and mode == "affine":
+        if M >= QMV_MAX_M:
             t = timeit(lambda: [ours_dq_mm(x, s) for s in qsets], len(qsets))
             row["ours_dq+mm_us"] = t * 1e6
             best = ("dq+mm", t)
