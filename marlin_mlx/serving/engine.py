@@ -344,8 +344,8 @@ class Engine:
 
         def settle():
             if pending[0] is not None:
-                done, pending[0] = pending[0], None
-                self._complete(done)
+                self._complete(pending[0])
+                pending[0] = None  # after: a step whose read-back fails ends its requests
 
         try:
             if not self.pipeline:

@@ -271,7 +271,7 @@ class ModelRunner:
 
     def __init__(self, model, num_blocks: int, block_size: int, compile: Optional[bool] = None):
         self.model = model
-        # decode steps replay the model's compiled decoder where it has one (Llama, Qwen3):
+        # decode steps replay the model's compiled decoder (Llama, Qwen3, Qwen3-MoE, GLM):
         # the host builds a few compiled calls per layer instead of the whole graph
         self._decode = decode_forward(model, compile)
         self.spec = cache_spec(model)
