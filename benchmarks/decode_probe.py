@@ -146,6 +146,13 @@ def decode_tps(model, prompt, steps: int) -> float:
         mx.eval(y)
     mx.synchronize()
     t0 = time.perf_counter()
+    pipelined_steps(model, cache, y, steps)
+    return steps / (time.perf_counter() - t0)
+
+
+def pipelined_steps(model, cache, y, steps: int):
+    """`steps` decode steps as a generation loop runs them (step n + 1 launched before step n
+    is read back); returns the last step's token."""
     nxt = step(model, cache, y)
     mx.async_eval(nxt)
     for _ in range(steps - 1):
@@ -154,7 +161,7 @@ def decode_tps(model, prompt, steps: int) -> float:
         mx.async_eval(nxt)
         y.tolist()
     nxt.tolist()
-    return steps / (time.perf_counter() - t0)
+    return nxt
 
 
 def host_split(model, prompt, steps: int = 16) -> dict:
@@ -307,18 +314,7 @@ def profile(model, prompt, steps: int = 8) -> dict:
         mx.eval(y)
     mx.synchronize()
 
-    def run():
-        nonlocal y
-        nxt = step(model, cache, y)
-        mx.async_eval(nxt)
-        for _ in range(steps - 1):
-            y = nxt
-            nxt = step(model, cache, y)
-            mx.async_eval(nxt)
-            y.tolist()
-        nxt.tolist()
-
-    return cupti_profile(run, steps)
+    return cupti_profile(lambda: pipelined_steps(model, cache, y, steps), steps)
 
 
 def cupti_profile(run, steps: int) -> dict:
