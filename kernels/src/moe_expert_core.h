@@ -61,38 +61,12 @@ for (int c = int(simd_id) * 32 + int(lane); c < STEPS; c += 32 * SK) {
   float sx = 0.0f;
   KUNROLL for (int j0 = 0; j0 < 32; j0 += 8) {
     float xf[8];
-    const KDEV uint4* xp = (const KDEV uint4*)(xrow + j0);
-    if (XK == 0) {
-      const uint4 a = xp[0];
-      const uint4 b = xp[1];
-      xf[0] = k_as_float(a.x); xf[1] = k_as_float(a.y); xf[2] = k_as_float(a.z); xf[3] = k_as_float(a.w);
-      xf[4] = k_as_float(b.x); xf[5] = k_as_float(b.y); xf[6] = k_as_float(b.z); xf[7] = k_as_float(b.w);
-    } else {
-      const uint4 a = xp[0];
-      const uint32_t u[4] = {a.x, a.y, a.z, a.w};
-      KUNROLL for (int i = 0; i < 4; ++i) {
-        const float2 f = (XK == 1) ? k_f16x2(u[i]) : k_bf16x2(u[i]);
-        xf[2 * i] = f.x;
-        xf[2 * i + 1] = f.y;
-      }
-    }
+    K_LOAD_X8(xf, xrow + j0)
     KUNROLL for (int jj = 0; jj < 8; ++jj) sx += xf[jj];
     KUNROLL for (int r = 0; r < RR; ++r) {
       KUNROLL for (int jj = 0; jj < 8; ++jj) {
-        const int p = (j0 + jj) * BITS;  // bit position in this step's words (compile time)
-        const int a = p >> 5;
-        const int s = p & 31;
         float q;
-        if (FAST) {
-          const int hs = s & 15;
-          const uint32_t src = (s >= 16) ? (wv[r][a] >> 16) : wv[r][a];
-          q = k_fma(k_as_float((src & (MASK << hs)) | 0x4B000000u), 1.0f / float(1u << hs),
-                    -(8388608.0f / float(1u << hs) + CENTER));
-        } else {
-          uint32_t v = wv[r][a] >> s;
-          if (s + BITS > 32) v |= wv[r][(a + 1 < BITS) ? a + 1 : a] << ((32 - s) & 31);
-          q = k_as_float((v & MASK) | 0x4B000000u) - (8388608.0f + CENTER);
-        }
+        K_AFFINE_CODE(q, wv[r], j0 + jj)
         part[r] = k_fma(xf[jj], q, part[r]);
       }
     }

@@ -58,42 +58,13 @@ for (; c < CH; c += 32 * SK) {
     float xf[M][8];
     KUNROLL for (int m = 0; m < M; ++m) {
       const int mr = (mbase + m < MT) ? (mbase + m) : (MT - 1);
-      const KDEV uint4* xp = (const KDEV uint4*)(x + size_t(mr) * K + size_t(c) * 32 + j0);
-      if (XK == 0) {
-        const uint4 a = xp[0];
-        const uint4 b = xp[1];
-        xf[m][0] = k_as_float(a.x); xf[m][1] = k_as_float(a.y);
-        xf[m][2] = k_as_float(a.z); xf[m][3] = k_as_float(a.w);
-        xf[m][4] = k_as_float(b.x); xf[m][5] = k_as_float(b.y);
-        xf[m][6] = k_as_float(b.z); xf[m][7] = k_as_float(b.w);
-      } else {
-        const uint4 a = xp[0];
-        const uint32_t u[4] = {a.x, a.y, a.z, a.w};
-        KUNROLL for (int i = 0; i < 4; ++i) {
-          const float2 f = (XK == 1) ? k_f16x2(u[i]) : k_bf16x2(u[i]);
-          xf[m][2 * i] = f.x;
-          xf[m][2 * i + 1] = f.y;
-        }
-      }
+      K_LOAD_X8(xf[m], x + size_t(mr) * K + size_t(c) * 32 + j0)
       KUNROLL for (int jj = 0; jj < 8; ++jj) sx[m] += xf[m][jj];
     }
     KUNROLL for (int r = 0; r < RR; ++r) {
       KUNROLL for (int jj = 0; jj < 8; ++jj) {
-        const int p = (j0 + jj) * BITS;  // bit position in this step's words (compile time)
-        const int a = p >> 5;
-        const int s = p & 31;
         float q;
-        if (FAST) {
-          const int hs = s & 15;
-          const uint32_t src = (s >= 16) ? (wv[r][a] >> 16) : wv[r][a];
-          // (2^23 + q * 2^hs) * 2^-hs - (2^(23-hs) + C) = q - C, exact, in one FMA
-          q = k_fma(k_as_float((src & (MASK << hs)) | 0x4B000000u), 1.0f / float(1u << hs),
-                    -(8388608.0f / float(1u << hs) + CENTER));
-        } else {
-          uint32_t v = wv[r][a] >> s;
-          if (s + BITS > 32) v |= wv[r][(a + 1 < BITS) ? a + 1 : a] << ((32 - s) & 31);
-          q = k_as_float((v & MASK) | 0x4B000000u) - (8388608.0f + CENTER);
-        }
+        K_AFFINE_CODE(q, wv[r], j0 + jj)
         KUNROLL for (int m = 0; m < M; ++m) part[r][m] = k_fma(xf[m][jj], q, part[r][m]);
       }
     }

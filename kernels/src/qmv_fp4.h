@@ -13,6 +13,7 @@
 //
 // Template constants: T (x, y), XK (0 float32, 1 float16, 2 bfloat16), FMT, R, SK, M (rows of
 // x per threadgroup), MT (rows of x in all), K, N.
+//// INCLUDE quant_common.h
 //// BODY
 constexpr int GS = (FMT == 0) ? 32 : 16;
 constexpr int KW = K / 8;       // words per weight row
@@ -57,23 +58,7 @@ for (int c = int(simd_id) * 32 + int(lane); c < CH; c += 32 * SK) {
     float xf[M][8];
     KUNROLL for (int m = 0; m < M; ++m) {
       const int mr = (mbase + m < MT) ? (mbase + m) : (MT - 1);
-      const KDEV uint4* xp = (const KDEV uint4*)(x + size_t(mr) * K + size_t(c) * 32 + 8 * i);
-      if (XK == 0) {
-        const uint4 a = xp[0];
-        const uint4 b = xp[1];
-        xf[m][0] = k_as_float(a.x); xf[m][1] = k_as_float(a.y);
-        xf[m][2] = k_as_float(a.z); xf[m][3] = k_as_float(a.w);
-        xf[m][4] = k_as_float(b.x); xf[m][5] = k_as_float(b.y);
-        xf[m][6] = k_as_float(b.z); xf[m][7] = k_as_float(b.w);
-      } else {
-        const uint4 a = xp[0];
-        const uint32_t u[4] = {a.x, a.y, a.z, a.w};
-        KUNROLL for (int j = 0; j < 4; ++j) {
-          const float2 f = (XK == 1) ? k_f16x2(u[j]) : k_bf16x2(u[j]);
-          xf[m][2 * j] = f.x;
-          xf[m][2 * j + 1] = f.y;
-        }
-      }
+      K_LOAD_X8(xf[m], x + size_t(mr) * K + size_t(c) * 32 + 8 * i)
     }
     const int g = (GPS == 1) ? 0 : i / 2;  // a constant once unrolled
     KUNROLL for (int r = 0; r < R; ++r) {
