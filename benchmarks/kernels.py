@@ -10,8 +10,9 @@ device-copy bandwidth is the roofline. Writes JSON (and prints a markdown table)
     python benchmarks/kernels.py --formats affine-4,mxfp4 --ms 1,2,4,8,16   # a slice
 
 Formats: affine 4-bit and 8-bit (group 64) and mxfp4 (group 32); ours is the fused qmv kernel
-(affine: `qmv`, mxfp4: `fp4_qmv`) up to QMV_MAX_M rows and, from QMV_MAX_M rows on, dequantize
-+ MLX's matmul (affine: our dequantize kernel; mxfp4: MLX's dequantize); the faster is reported. The fp16 matmul is timed once per shape and M.
+(affine: `qmv`, mxfp4: `fp4_qmv`) up to QMV_MAX_M rows, the tensor-core `qmm` (affine) up to
+64 rows and, from QMV_MAX_M rows on, dequantize + MLX's matmul (affine: our dequantize kernel;
+mxfp4: MLX's dequantize); the fastest is reported. The fp16 matmul is timed once per shape and M.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ import time
 
 import mlx.core as mx
 
-from marlin_mlx.kernels import launch
+from marlin_mlx.kernels import launch, qmm
 from marlin_mlx.kernels.dequantize import dequantize_kernel
 from marlin_mlx.kernels.fp4_qmv import fp4_qmv_kernel
 from marlin_mlx.kernels.quantized_linear import _dq_matmul_fp4
+from marlin_mlx.kernels.qmm import qmm_kernel
 from marlin_mlx.kernels.qmv import qmv_kernel
 
 SHAPES = [(4096, 12288), (12288, 4096), (4096, 4096), (8192, 28672), (28672, 8192)]  # K -> N
@@ -118,7 +120,7 @@ def fp16_times(K, N, Ms, dtype=mx.float16) -> dict:
 
 
 def bench_shape(K, N, Ms, fmt="affine-4", dtype=mx.float16, variants=None, check=True,
-                fp16=None):
+                fp16=None, qmm_variants=None):
     """Rows of results for one weight shape and format (`fp16`: fp16_times of the shape)."""
     mode, bits, gs = FORMATS[fmt]
     fp16 = fp16 or fp16_times(K, N, Ms, dtype)
@@ -158,15 +160,22 @@ def bench_shape(K, N, Ms, fmt="affine-4", dtype=mx.float16, variants=None, check
             t = timeit(lambda: [ours_dq_mm(x, s) for s in qsets], len(qsets))
             row["ours_dq+mm_us"] = t * 1e6
             best = ("dq+mm", t)
+        candidates = []
         qmv_variants = (variants or {"auto": {}}) if mode == "affine" else {"auto": {}}
         for name, kw in (qmv_variants if M <= QMV_MAX_M else {}).items():
+            candidates.append((name, lambda x, s, kw=kw: ours_qmv(x, s, kw)))
+        if mode == "affine" and M <= qmm.MAX_M:
+            for name, kw in (qmm_variants or {"auto": {}}).items():
+                candidates.append(("qmm" if name == "auto" else f"qmm-{name}",
+                                   lambda x, s, kw=kw: qmm_kernel(x, *s, gs, bits, **kw)))
+        for name, fn in candidates:
             if check:
-                y = ours_qmv(x, qsets[0], kw)
+                y = fn(x, qsets[0])
                 ref = builtin(x, qsets[0])
                 err = (mx.linalg.norm((y - ref).astype(mx.float32)) /
                        mx.linalg.norm(ref.astype(mx.float32))).item()
                 row[f"err_{name}"] = err
-            t = timeit(lambda: [ours_qmv(x, s, kw) for s in qsets], len(qsets))
+            t = timeit(lambda: [fn(x, s) for s in qsets], len(qsets))
             row[f"ours_{name}_us"] = t * 1e6
             if best is None or t < best[1]:
                 best = (name, t)
@@ -221,15 +230,15 @@ def plot(rows, path):
     fig.savefig(path, dpi=110)
 
 
-def parse_variants(spec: str | None):
-    """'auto;R4SK2;R8' -> {'auto': {}, 'R4SK2': {'R': 4, 'SK': 2}, ...}"""
+def parse_variants(spec: str | None, keys=("PF", "SK", "R")):
+    """'auto;R4SK2;R8' -> {'auto': {}, 'R4SK2': {'R': 4, 'SK': 2}, ...} (qmm: keys SK, NT)"""
     if not spec:
         return None
     out = {}
     for v in spec.split(";"):
         kw = {}
         rest = v
-        for key in ("PF", "SK", "R"):
+        for key in keys:
             if key in rest:
                 i = rest.index(key)
                 num = "".join(ch for ch in rest[i + len(key):] if ch.isdigit())
@@ -246,8 +255,11 @@ def main(argv=None):
     ap.add_argument("--formats", default=",".join(FORMATS),
                     help=f"comma-separated, of {', '.join(FORMATS)}")
     ap.add_argument("--ms", default=None)
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"],
+                    help="activation (and fp16-baseline) dtype")
     ap.add_argument("--shapes", default=None, help="K:N,K:N")
-    ap.add_argument("--variants", default=None)
+    ap.add_argument("--variants", default=None, help="qmv launch variants, e.g. 'auto;R4SK2'")
+    ap.add_argument("--qmm-variants", default=None, help="qmm launch variants, e.g. 'auto;NT2SK4'")
     args = ap.parse_args(argv)
     if launch.backend() is None:
         print("no GPU backend: nothing to benchmark", file=sys.stderr)
@@ -256,7 +268,10 @@ def main(argv=None):
                                              for s in args.shapes.split(",")]
     Ms = [int(m) for m in args.ms.split(",")] if args.ms else ([1, 4, 8] if args.quick else MS)
     variants = parse_variants(args.variants)
+    qmm_variants = parse_variants(args.qmm_variants, ("SK", "NT"))
+    dtype = getattr(mx, args.dtype)
     meta = {"device": device_name(), "backend": launch.backend(), "mlx": mx.__version__,
+            "dtype": args.dtype,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node()}
     bw = copy_bandwidth()
@@ -270,10 +285,11 @@ def main(argv=None):
             return 2
     fp16 = {}
     for K, N in shapes:
-        fp16[(K, N)] = fp16_times(K, N, Ms)
+        fp16[(K, N)] = fp16_times(K, N, Ms, dtype)
     for fmt in args.formats.split(","):
         for K, N in shapes:
-            rows += bench_shape(K, N, Ms, fmt=fmt, variants=variants, fp16=fp16[(K, N)])
+            rows += bench_shape(K, N, Ms, fmt=fmt, dtype=dtype, variants=variants, fp16=fp16[(K, N)],
+                                qmm_variants=qmm_variants)
             mx.clear_cache()
             if args.out:  # partial results survive a timeout
                 os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

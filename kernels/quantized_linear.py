@@ -14,6 +14,7 @@ import mlx.nn as nn
 from . import dequantize as _dq
 from . import fp4_qmv as _fp4
 from . import gated_mlp as _gated
+from . import qmm as _qmm
 from . import qmv as _qmv
 from . import selection
 from .formats import reference_matmul
@@ -23,6 +24,8 @@ from .launch import backend
 Linear = nn.Linear
 
 QMV_MAX_M = 8  # rows of x up to which the fused GEMV kernel is a candidate
+# From this many rows on (to qmm.MAX_M), 16-bit x goes to the tensor-core qmm kernel instead
+QMM_MIN_M = int(os.environ.get("MARLIN_MLX_QMM_MIN_M", "2"))
 SELF_TEST_TOL = {mx.float32: 1e-4, mx.float16: 3e-3, mx.bfloat16: 1.5e-2}
 
 
@@ -40,8 +43,9 @@ def quantized_matmul(x, w, scales, biases=None, group_size: int = 64, bits: int 
     """y = x @ dequant(w).T, choosing the op by M, format and backend.
 
     On the CPU backend this is MLX's own quantized_matmul (the reference path). On a GPU, rows
-    of x up to QMV_MAX_M go to the fused qmv kernel (affine, mxfp4, nvfp4), larger M (affine)
-    to the dequantize kernel followed by MLX's native matmul, each only when the measured
+    of x up to QMV_MAX_M go to the fused qmv kernel (affine, mxfp4, nvfp4), affine float16 /
+    bfloat16 x of QMM_MIN_M to 64 rows to the tensor-core qmm kernel, larger M (affine) to the
+    dequantize kernel followed by MLX's native matmul, each only when the measured
     selection keeps it (first use per shape class: self-test against the reference, timing
     against MLX's built-in); everything else goes to MLX's built-in op.
 
@@ -64,6 +68,8 @@ def quantized_matmul(x, w, scales, biases=None, group_size: int = 64, bits: int 
             path = _PATHS[key] = _choose(x, w, scales, biases, group_size, bits, mode)
         if path == _QMV:
             return _qmv.qmv_kernel(x, w, scales, biases, group_size, bits)
+        if path == _QMM:
+            return _qmm.qmm_kernel(x, w, scales, biases, group_size, bits)
         if path == _FP4:
             return _fp4.fp4_qmv_kernel(x, w, scales, mode)
         if path == _DQMM:
@@ -74,7 +80,7 @@ def quantized_matmul(x, w, scales, biases=None, group_size: int = 64, bits: int 
                                bits=bits, mode=mode)
 
 
-_BUILTIN, _QMV, _FP4, _DQMM, _DQMM_FP4 = range(5)
+_BUILTIN, _QMV, _FP4, _DQMM, _DQMM_FP4, _QMM = range(6)
 # os.environ.get costs ~1 µs (key encoding); its backing dict answers in ~50 ns
 _ENV_DATA = getattr(os.environ, "_data", None)
 _ENV_KEY = selection.ENV_MODE.encode() if isinstance(_ENV_DATA, dict) else None
@@ -96,13 +102,22 @@ def _choose(x, w, scales, biases, group_size, bits, mode) -> int:
             use = _DECISIONS[key] = _decide_fp4(x, w, scales, mode, M)
         return (_FP4 if M <= QMV_MAX_M else _DQMM_FP4) if use else _BUILTIN
     if mode == "affine":
-        key = (_m_class(M), x.dtype, scales.dtype, w.shape, bits, group_size, selection.mode())
+        op = _affine_op(x, w, scales, biases, group_size, bits, M)
+        key = (_m_class(M), op, x.dtype, scales.dtype, w.shape, bits, group_size,
+               selection.mode())
         use = _DECISIONS.get(key)
         if use is None:
-            use = _DECISIONS[key] = _decide(x, w, scales, biases, group_size, bits, M)
+            use = _DECISIONS[key] = _decide(x, w, scales, biases, group_size, bits, M, op)
         if use:
-            return _QMV if M <= QMV_MAX_M else _DQMM
+            return {"qmv": _QMV, "qmm": _QMM, "dq+mm": _DQMM}[op]
     return _BUILTIN
+
+
+def _affine_op(x, w, scales, biases, group_size, bits, M) -> str:
+    """Our candidate for an affine product of M rows (the selection then times it)."""
+    if M >= QMM_MIN_M and _qmm.supported(x, w, scales, biases, group_size, bits):
+        return "qmm"
+    return "qmv" if M <= QMV_MAX_M else "dq+mm"
 
 
 _DECISIONS: dict = {}
@@ -114,14 +129,13 @@ def _dq_matmul(x, w, scales, biases, group_size, bits):
     return x @ wd.T
 
 
-def _decide(x, w, scales, biases, group_size, bits, M) -> bool:
+def _decide(x, w, scales, biases, group_size, bits, M, op) -> bool:
     if w.ndim != 2 or not _qmv.supported(x, w, scales, biases, group_size, bits):
         return False
     N, K = w.shape[0], x.shape[-1]
     fmt = f"affine-b{bits}-g{group_size}"
     cls = f"{_m_class(M)}|{x.dtype}|{scales.dtype}|K{K}|N{N}"
     Mt = _M_REP[_m_class(M)]
-    op = "qmv" if M <= QMV_MAX_M else "dq+mm"
     xdt, sdt = x.dtype, scales.dtype
 
     def make_inputs():
@@ -132,6 +146,8 @@ def _decide(x, w, scales, biases, group_size, bits, M) -> bool:
     def custom(xx, q, s, b):
         if op == "qmv":
             return _qmv.qmv_kernel(xx, q, s, b, group_size, bits)
+        if op == "qmm":
+            return _qmm.qmm_kernel(xx, q, s, b, group_size, bits)
         return _dq_matmul(xx, q, s, b, group_size, bits)
 
     def builtin(xx, q, s, b):
@@ -349,7 +365,8 @@ def doctor_report(shape=(4096, 4096)) -> list[dict]:
     N, K = shape
     rows = []
     cases = [("qmv", 1, bits, dt) for bits in (4, 8, 2) for dt in (mx.float16, mx.bfloat16)]
-    cases += [("dq+mm", 32, 4, mx.float16), ("dq+mm", 32, 4, mx.bfloat16)]
+    cases += [("qmm", 32, 4, mx.float16), ("qmm", 32, 4, mx.bfloat16),
+              ("dq+mm", 512, 4, mx.float16)]
     for op, M, bits, dtype in cases:
         fmt = f"affine-b{bits}-g64"
         row = {"op": op, "format": fmt, "dtype": str(dtype).split(".")[-1]}

@@ -38,6 +38,11 @@ KINLINE uint32_t k_pack_f16x2(float a, float b) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
+KINLINE uint32_t k_pack_bf16x2(float a, float b) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
 KINLINE uint4 k_uint4(uint32_t a, uint32_t b, uint32_t c, uint32_t d) { return make_uint4(a, b, c, d); }
 
 // Lane exchange within a warp (xor butterfly), exp, and MLX's own sigmoid formula on this
@@ -58,3 +63,45 @@ KINLINE float k_simd_max(float v) {
 }
 KINLINE float k_exp2(float v) { return exp2f(v); }
 KINLINE float4 k_float4(float a, float b, float c, float d) { return make_float4(a, b, c, d); }
+
+// Tensor cores: d (16x8, float) += a (16x16) * b (16x8) with PTX's mma.m16n8k16 fragments
+// (lane = 4 g + c; pairs of 16-bit values of kind XK, 1 float16 or 2 bfloat16, low half first):
+// a[0] = A[g][2c, 2c+1], a[1] = A[g+8][2c, 2c+1], a[2] = A[g][2c+8, 2c+9], a[3] = A[g+8][2c+8, 2c+9];
+// b[0] = B[2c, 2c+1][g], b[1] = B[2c+8, 2c+9][g]; d = D[g][2c], D[g][2c+1], D[g+8][2c], D[g+8][2c+1].
+template <int XK>
+KINLINE void k_mma16816(KTHREAD float* d, KTHREAD const uint32_t* a, KTHREAD const uint32_t* b,
+                        uint32_t lane) {
+  (void)lane;
+  if (XK == 1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+// Two affine weights (m - base) * s + b from two codes OR-ed into the exponent of `base`
+// (float16 1024, bfloat16 128: the code lands in the mantissa, exactly), in 16-bit pair
+// arithmetic: one subtraction and one FMA per two weights. s2, b2: s and b twice, kind XK.
+template <int XK>
+KINLINE uint32_t k_dq_pair(uint32_t m, uint32_t s2, uint32_t b2) {
+  uint32_t r;
+  if (XK == 1) {
+    const uint32_t base = 0x64006400u;
+    __half2 v = __hsub2(*reinterpret_cast<__half2*>(&m), *reinterpret_cast<const __half2*>(&base));
+    v = __hfma2(v, *reinterpret_cast<__half2*>(&s2), *reinterpret_cast<__half2*>(&b2));
+    r = *reinterpret_cast<uint32_t*>(&v);
+  } else {
+    const uint32_t base = 0x43004300u;
+    __nv_bfloat162 v = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&m),
+                               *reinterpret_cast<const __nv_bfloat162*>(&base));
+    v = __hfma2(v, *reinterpret_cast<__nv_bfloat162*>(&s2), *reinterpret_cast<__nv_bfloat162*>(&b2));
+    r = *reinterpret_cast<uint32_t*>(&v);
+  }
+  return r;
+}

@@ -1,14 +1,11 @@
 // Shared pieces of the quantized kernels (included by qmv.h, gated_mlp.h, dequantize.h, the MoE
-// expert kernels and qmv_fp4.h).
+// expert kernels, qmv_fp4.h and qmm.h).
 
-// bfloat16 from float by round-to-nearest-even on the bits (same on both backends).
-KINLINE uint32_t k_bf16_bits(float f) {
-  const uint32_t u = k_as_uint(f);
-  return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+// Two floats as a packed pair of the activation kind XK (1 float16, 2 bfloat16), low first.
+template <int XK> KINLINE uint32_t k_pack16x2(float a, float b) {
+  return (XK == 1) ? k_pack_f16x2(a, b) : k_pack_bf16x2(a, b);
 }
-KINLINE uint32_t k_pack_bf16x2(float a, float b) {
-  return k_bf16_bits(a) | (k_bf16_bits(b) << 16);
-}
+
 
 // Load the BITS words holding 32 consecutive codes (16-byte loads where BITS allows).
 #define K_LOAD_CODES(dst, wp)                                                              \

@@ -23,7 +23,7 @@ template <typename T> struct vec2 { T x, y; vec2() = default; vec2(T a, T b) : x
   template <typename U> explicit vec2(const vec2<U>& o) : x(T(o.x)), y(T(o.y)) {} };
 template <typename T> struct vec3 { T x, y, z; };
 template <typename T> struct vec4 { T x, y, z, w; vec4() = default; vec4(T a, T b, T c, T d) : x(a), y(b), z(c), w(d) {} };
-typedef unsigned int uint;
+typedef unsigned int uint; typedef unsigned short ushort;
 typedef vec2<float> float2; typedef vec4<float> float4; typedef vec2<half> half2;
 typedef vec2<uint> uint2; typedef vec3<uint> uint3; typedef vec4<uint> uint4;
 template <typename To, typename From> To as_type(From v) { static_assert(sizeof(To) == sizeof(From)); To t; memcpy(&t, &v, sizeof(To)); return t; }
@@ -44,6 +44,10 @@ template <typename V> inline V simd_shuffle_xor(V v, unsigned short m) {
   static_assert(sizeof(V) == 4);
   float f; memcpy(&f, &v, 4); g_simd[t_sid][t_lane] = f; g_sbar[t_sid]->arrive_and_wait();
   f = g_simd[t_sid][t_lane ^ m]; g_sbar[t_sid]->arrive_and_wait(); memcpy(&v, &f, 4); return v; }
+template <typename V> inline V simd_shuffle(V v, unsigned short l) {
+  static_assert(sizeof(V) == 4);
+  float f; memcpy(&f, &v, 4); g_simd[t_sid][t_lane] = f; g_sbar[t_sid]->arrive_and_wait();
+  f = g_simd[t_sid][l & 31]; g_sbar[t_sid]->arrive_and_wait(); memcpy(&v, &f, 4); return v; }
 inline float exp2(float a) { return std::exp2(a); }
 }
 using namespace metal;

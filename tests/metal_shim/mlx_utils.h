@@ -5,9 +5,10 @@
 using namespace metal;
 typedef half float16_t;
 typedef bfloat bfloat16_t;
-// simdgroup lane exchange (used by the MoE router), not in the stand-in <metal_stdlib>
+// simdgroup lane exchange (the MoE router; qmm's Metal multiply-accumulate), not in the stand-in <metal_stdlib>
 namespace metal {
 float simd_shuffle_xor(float, unsigned short);
 uint simd_shuffle_xor(uint, unsigned short);
+uint simd_shuffle(uint, unsigned short);
 }
 namespace metal { float exp2(float); }
