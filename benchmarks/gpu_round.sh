@@ -9,6 +9,9 @@
 # kernels: the kernel matrix (benchmarks/kernels.py)
 # alltests: every GPU test of the suite (pytest -m gpu tests/)
 # serving: benchmarks/serving.py on a random Qwen3-8B-shaped 4-bit checkpoint, 32 clients
+# qmmtests:   the tensor-core qmm kernel's GPU tests
+# qmmkernels: the kernel matrix for affine 4-bit, M 1-64, bfloat16 x, with qmm launch variants
+# engine:     benchmarks/engine_probe.py (serving engine step by batch size), qmm on and off
 # moe:     benchmarks/gpu_moe.sh (GLM-4.7-Flash and Qwen3-30B-A3B shapes vs mlx-lm)
 # PROBE_VARIANTS / PROBE_PROFILE override the probe's variant lists.
 set -o pipefail
@@ -68,6 +71,19 @@ PY
         --save-random /tmp/q8s --clients ${SERVING_CLIENTS:-32} --duration ${SERVING_DURATION:-30} \
         --drain-timeout 60 --out "$OUT/serving_qwen3-8b-4bit_h200.json" 2>&1 \
         | tail -40 | tee "$OUT/serving.log" ;;
+    qmmtests)
+      timeout ${TESTS_TIMEOUT:-170} python3 -m pytest -q -m gpu tests/test_qmm.py -p no:cacheprovider 2>&1 \
+        | tail -30 | tee "$OUT/pytest_qmm.log" ;;
+    qmmkernels)
+      timeout ${KERNELS_TIMEOUT:-240} python3 benchmarks/kernels.py --formats affine-4 --dtype bfloat16 \
+        --ms ${KERNEL_MS:-1,2,4,8,16,32,64} --qmm-variants "${QMM_VARIANTS:-auto;NT2;NT1;NT4SK4}" \
+        --out "$OUT/kernels_qmm_h200.json" 2>&1 | tail -80 | tee "$OUT/kernels_qmm.log" ;;
+    engine)
+      for qmin in ${ENGINE_QMM_MIN:-2 999}; do
+        MARLIN_MLX_QMM_MIN_M=$qmin timeout ${ENGINE_TIMEOUT:-100} python3 benchmarks/engine_probe.py \
+          --preset qwen3-8b --batch ${ENGINE_BATCH:-1,4,8,16,32} \
+          --json "$OUT/engine_probe_qwen3-8b_qmm$qmin.json" 2>&1 | tail -20 | tee -a "$OUT/engine.log"
+      done ;;
     moe)
       timeout ${MOE_TIMEOUT:-540} bash benchmarks/gpu_moe.sh 2>&1 | tail -60 | tee "$OUT/moe.log" ;;
     *) echo "unknown part $part" ;;

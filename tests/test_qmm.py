@@ -83,7 +83,7 @@ def _gpu():
 @pytest.mark.skipif(not _gpu(), reason="needs an MLX GPU backend")
 @pytest.mark.parametrize("bits", qmm.BITS)
 @pytest.mark.parametrize("dtype", qmm.X_DTYPES)
-@pytest.mark.parametrize("MT", [1, 2, 8, 17, 32, 64])
+@pytest.mark.parametrize("MT", [2, 17, 64])
 def test_qmm_gpu_matches_float64(bits, dtype, MT, monkeypatch):
     monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
     gs = 32 if bits in (3, 5) else 64
