@@ -25,6 +25,7 @@ X_DTYPES = (mx.float16, mx.bfloat16)  # the tensor cores' 16-bit inputs
 XKIND = {mx.float16: 1, mx.bfloat16: 2}
 MAX_M = 64
 SHARED_BYTES = 32 * 1024   # the split-K buffer fits Metal's threadgroup memory
+MAX_SK = 8
 # Simdgroups in flight to cover memory latency (H200: 132 SMs); tunable for the benchmarks.
 TARGET_WARPS = int(132 * 16 * float(os.environ.get("MARLIN_MLX_QMM_TW", "1")))
 
@@ -50,7 +51,9 @@ def config(MT: int, N: int, K: int, NT: int | None = None, SK: int | None = None
     room = max(1, SHARED_BYTES // (4 * 16 * mtiles * 8 * NT))
     if SK is None:
         SK = cdiv(TARGET_WARPS, cdiv(N, 8 * NT))
-    return NT, max(1, min(SK, steps, room, 32))
+    # at most 256 threads: the kernel takes 130-170 registers at 8 bits, and a 512-thread
+    # threadgroup of those does not fit an SM's register file (the launch fails)
+    return NT, max(1, min(SK, steps, room, MAX_SK))
 
 
 def qmm(x, w, scales, biases, group_size: int = 64, bits: int = 4, *, NT: int | None = None,
