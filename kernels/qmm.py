@@ -18,7 +18,7 @@ from .formats import validate_quantized
 from .launch import KernelSpec, backend, cdiv, cuda_plan_kernel, launch, prod
 from .qmv import DTYPES as S_DTYPES
 
-SPEC = KernelSpec("marlin_qmm", "qmm.h", ("x", "w", "scales", "biases"), ("y",))
+SPEC = KernelSpec("marlin_qmm", "qmm.h", ("x", "w", "scales", "biases", "rows"), ("y",))
 
 BITS = (2, 3, 4, 5, 6, 8)
 X_DTYPES = (mx.float16, mx.bfloat16)  # the tensor cores' 16-bit inputs
@@ -67,11 +67,24 @@ def qmm(x, w, scales, biases, group_size: int = 64, bits: int = 4, *, NT: int | 
 
 
 _PLANS: dict = {}
+_ROWS: dict = {}
+
+
+def rows_input(MT: int) -> mx.array:
+    """The kernel's run-time row count: one int32 array per value, built once (8 entries, so
+    that Metal passes it in the `device` address space like the other inputs)."""
+    a = _ROWS.get(MT)
+    if a is None:
+        a = _ROWS[MT] = mx.full((8,), MT, mx.int32)
+        mx.eval(a)
+    return a
 
 
 def plan(xdt, sdt, bits, group_size, xshape, N, NT=None, SK=None):
-    """(template, grid, threadgroup, output shapes, output dtypes, kernel object, its template),
-    cached per x shape (as qmv's plans: the host cost of a launch counts at decode)."""
+    """(template, grid, threadgroup, output shapes, output dtypes, kernel object, its template,
+    rows input), cached per x shape (as qmv's plans: the host cost of a launch counts at
+    decode). The template holds the number of 16-row tiles, not the row count, so batches of
+    different sizes share a compiled kernel."""
     key = (xdt, sdt, bits, group_size, xshape, N, NT, SK)
     p = _PLANS.get(key)
     if p is None:
@@ -79,26 +92,27 @@ def plan(xdt, sdt, bits, group_size, xshape, N, NT=None, SK=None):
         MT = prod(lead)
         NT, SK = config(MT, N, K, NT, SK)
         template = [("T", xdt), ("S", sdt), ("XK", XKIND[xdt]), ("BITS", bits),
-                    ("GS", group_size), ("NT", NT), ("SK", SK), ("MT", MT), ("K", K), ("N", N)]
+                    ("GS", group_size), ("NT", NT), ("SK", SK), ("MTILES", cdiv(MT, 16)),
+                    ("K", K), ("N", N)]
         kern, ktemplate = (cuda_plan_kernel(SPEC, template) if backend() == "cuda"
                            else (None, None))
         p = _PLANS[key] = (template, (32 * SK * cdiv(N, 8 * NT), 1, 1), (32 * SK, 1, 1),
-                           [(*lead, N)], [xdt], kern, ktemplate)
+                           [(*lead, N)], [xdt], kern, ktemplate, rows_input(MT))
     return p
 
 
 def qmm_kernel(x, w, scales, biases, group_size, bits, *, NT=None, SK=None):
     """The custom kernel alone (no validation, no fallback)."""
     sdt = scales.dtype
-    template, grid, tg, oshape, odt, kern, ktemplate = plan(x.dtype, sdt, bits, group_size,
-                                                            x.shape, w.shape[0], NT, SK)
+    template, grid, tg, oshape, odt, kern, ktemplate, rows = plan(
+        x.dtype, sdt, bits, group_size, x.shape, w.shape[0], NT, SK)
     if biases.dtype != sdt:
         biases = biases.astype(sdt)
     if kern is not None:
-        return kern(inputs=[x, w, scales, biases], template=ktemplate, grid=grid, threadgroup=tg,
-                    output_shapes=oshape, output_dtypes=odt,
+        return kern(inputs=[x, w, scales, biases, rows], template=ktemplate, grid=grid,
+                    threadgroup=tg, output_shapes=oshape, output_dtypes=odt,
                     init_value=float("nan") if _launch.POISON_OUTPUTS else None)[0]
-    return launch(SPEC, [x, w, scales, biases], template, grid, tg, oshape, odt)[0]
+    return launch(SPEC, [x, w, scales, biases, rows], template, grid, tg, oshape, odt)[0]
 
 
 def compile_cases():
@@ -110,5 +124,5 @@ def compile_cases():
             for MT in (16, 64):
                 t = plan(dt, dt, bits, 64, (MT, 4096), 12288)[0]
                 out.append((f"qmm-b{bits}-{dt}-M{MT}".replace("mlx.core.", ""), SPEC,
-                            [dt, mx.uint32, dt, dt], [1 << 20] * 4, [dt], t))
+                            [dt, mx.uint32, dt, dt, mx.int32], [1 << 20] * 4 + [8], [dt], t))
     return out

@@ -16,7 +16,8 @@
 // bits decode through K_AFFINE_CODE in float.
 //
 // Template constants: T (x and y), S (scales, biases), XK (1 float16, 2 bfloat16), BITS, GS,
-// NT, SK, MT (rows of x, <= 64), K, N.
+// NT, SK, MTILES (16-row tiles of x, 1 to 4), K, N. The number of rows of x, MT, is read at
+// run time from `rows` (a batch of any size up to 16 * MTILES reuses one compiled kernel).
 //// INCLUDE quant_common.h
 //// BODY
 constexpr int KW = K * BITS / 32;      // words per weight row
@@ -29,8 +30,8 @@ constexpr float CENTER = float(1 << (BITS - 1));
 constexpr bool MAGIC = (BITS == 2 || BITS == 4 || (BITS == 8 && XK == 1));
 constexpr int PW = 16 / BITS;          // MAGIC: codes j and j + PW of a word share its 16-bit halves
 constexpr uint32_t MAGIC_BITS = (XK == 1) ? 0x64006400u : 0x43004300u;
-constexpr int MTILES = (MT + 15) / 16;
 constexpr int TN = 8 * NT;
+const int MT = rows[0];
 
 const int g = int(lane) >> 2;
 const int c = int(lane) & 3;
