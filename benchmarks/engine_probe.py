@@ -143,13 +143,8 @@ def time_batch(runner, B, context, steps, profile: bool) -> dict:
 
 
 def time_prefill(runner, length: int, reps: int = 3) -> dict:
-    bs = runner.pool.block_size
-    table = np.arange(-(-length // bs), dtype=np.int32)
-    pos = np.arange(length)
-    inp = StepInputs(kind=PREFILL, token_ids=np.zeros((1, length), np.int32),
-                     positions=np.array([0], np.int32), block_tables=table[None],
-                     slot_mapping=(table[pos // bs] * bs + pos % bs).astype(np.int32),
-                     context_lens=np.array([length], np.int32))
+    """Median time of a prefill chunk of `length` tokens, repeated (the shape seen before)."""
+    inp = prefill_inputs(runner, length)
     times = []
     for _ in range(reps + 1):
         t0 = time.perf_counter()
@@ -159,6 +154,39 @@ def time_prefill(runner, length: int, reps: int = 3) -> dict:
     t = statistics.median(times[1:])
     print(f"prefill {length}: {1e3 * t:.1f} ms ({length / t:.0f} tok/s)", flush=True)
     return {"tokens": length, "ms": 1e3 * t, "tokens_per_s": length / t}
+
+
+def time_fresh_prefills(runner, count: int, lo: int = 32, hi: int = 512) -> dict:
+    """Prefill chunks of `count` lengths never seen before (as a server meets prompts): the
+    first-use cost of a new shape shows against `time_prefill`'s repeated lengths."""
+    rng = np.random.default_rng(7)
+    lengths = rng.choice(np.arange(lo, hi + 1), size=count, replace=False).tolist()
+    rows = []
+    for n in lengths:
+        inp = prefill_inputs(runner, n)
+        t0 = time.perf_counter()
+        runner.forward(inp)
+        mx.eval(runner.pool.arrays())
+        t1 = time.perf_counter()
+        runner.forward(inp)
+        mx.eval(runner.pool.arrays())
+        rows.append({"tokens": n, "first_ms": 1e3 * (t1 - t0),
+                     "again_ms": 1e3 * (time.perf_counter() - t1)})
+    first = statistics.mean(r["first_ms"] for r in rows)
+    again = statistics.mean(r["again_ms"] for r in rows)
+    print(f"fresh prefill lengths ({count}, {lo}-{hi}): first use {first:.1f} ms, "
+          f"again {again:.1f} ms on average", flush=True)
+    return {"rows": rows, "first_ms_mean": first, "again_ms_mean": again}
+
+
+def prefill_inputs(runner, length: int) -> StepInputs:
+    bs = runner.pool.block_size
+    table = np.arange(-(-length // bs), dtype=np.int32)
+    pos = np.arange(length)
+    return StepInputs(kind=PREFILL, token_ids=np.zeros((1, length), np.int32),
+                      positions=np.array([0], np.int32), block_tables=table[None],
+                      slot_mapping=(table[pos // bs] * bs + pos % bs).astype(np.int32),
+                      context_lens=np.array([length], np.int32))
 
 
 def engine_throughput(model, requests: int, prompt: int, output: int, concurrent: bool) -> dict:
@@ -220,6 +248,8 @@ def main(argv=None) -> int:
                    "for 32 sequences of 2048 tokens is 4096 + 1 scratch block)")
     p.add_argument("--profile", default="", help="batch sizes to profile with CUPTI")
     p.add_argument("--prefill", default="", help="comma-separated prefill chunk lengths")
+    p.add_argument("--prefill-fresh", type=int, default=0,
+                   help="time this many never-seen prefill lengths (32-512), first use and again")
     p.add_argument("--engine", type=int, default=0, help="requests for the in-process engine run")
     p.add_argument("--engine-prompt", type=int, default=128)
     p.add_argument("--engine-output", type=int, default=64)
@@ -254,6 +284,8 @@ def main(argv=None) -> int:
         if variant == a.variants.split(",")[0]:
             for L in ints(a.prefill):
                 res["prefill"].append(time_prefill(runner, L))
+            if a.prefill_fresh:
+                res["prefill_fresh"] = time_fresh_prefills(runner, a.prefill_fresh)
                 save()
         del runner
         mx.clear_cache()
