@@ -437,7 +437,7 @@ def shard_model(model, group):
 # ---------------------------------------------------------------- serving: rank 0 leads, the others follow
 
 _STOP, _STEP, _RESET = 0, 1, 2
-_HEADER = 8  # cmd, kind (0 prefill / 1 decode), B, L, table width, has prev_rows, prev B, pad
+_HEADER = 8  # cmd, kind (0 prefill / 1 decode), B, L, table width, has prev_rows, prev B, unused
 
 
 def _bcast(x: mx.array, group) -> mx.array:
@@ -490,7 +490,7 @@ def make_runner_class():
             B, L = inputs.token_ids.shape
             header = np_header(_STEP, int(inputs.kind == "decode"), B, L,
                                inputs.block_tables.shape[1], int(prev),
-                               prev_tokens.shape[0] if prev else 0, int(inputs.pad))
+                               prev_tokens.shape[0] if prev else 0)
             parts = [inputs.token_ids, inputs.positions, inputs.block_tables,
                      inputs.slot_mapping, inputs.context_lens]
             if prev:
@@ -533,7 +533,7 @@ def follow(model, group) -> int:
     runner = ModelRunner(model, num_blocks, block_size)
     steps = 0
     while True:
-        cmd, kind, B, L, width, has_prev, prev_b, pad = _bcast(
+        cmd, kind, B, L, width, has_prev, prev_b, _ = _bcast(
             mx.zeros((_HEADER,), mx.int32), group).tolist()
         if cmd == _STOP:
             return steps
@@ -547,7 +547,7 @@ def follow(model, group) -> int:
         inputs = StepInputs(kind="decode" if kind else "prefill", token_ids=cut[0].reshape(B, L),
                             positions=cut[1], block_tables=cut[2].reshape(B, width),
                             slot_mapping=cut[3], context_lens=cut[4],
-                            prev_rows=cut[5] if has_prev else None, pad=pad)
+                            prev_rows=cut[5] if has_prev else None)
         prev = _bcast(mx.zeros((prev_b,), mx.int32), group) if has_prev else None
         logits = runner.forward(inputs, prev_tokens=prev)
         mx.eval(([logits] if logits is not None else []) + runner.pool.arrays())

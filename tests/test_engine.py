@@ -371,38 +371,3 @@ def test_warmup_and_padded_batches_give_the_same_tokens(tokenizer):
         assert eng.runner.pool.num_blocks == eng.num_kv_blocks + 1
     finally:
         eng.stop()
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "glm4_moe_lite"])
-def test_padded_prefill_chunks_give_the_same_tokens(arch, tokenizer):
-    # Prefill chunks padded at the front to a multiple of prefill_bucket (the GPU default, 64,
-    # saves MLX's first-use cost of every new prompt length): the padding tokens write scratch
-    # slots and are masked out of the real rows' attention, so no token changes. Warmup runs
-    # each padded length once. MLA's latent cache never pads.
-    model = random_model(arch, seed=5)
-    eng = Engine(model, tokenizer, block_size=4, prefill_chunk=12, prefill_bucket=8,
-                 max_waiting_time=0.01)
-    assert eng.prefill_bucket == (1 if arch == "glm4_moe_lite" else 8)
-    seen = []
-    forward = eng.runner.forward
-
-    def watch(inputs, prev_tokens=None):
-        seen.append((inputs.kind, inputs.token_ids.shape[1], inputs.pad))
-        return forward(inputs, prev_tokens)
-
-    eng.runner.forward = watch
-    eng.start(warmup=True)
-    try:
-        prompts = prompts_of(4, seed=21, lo=2, hi=30)
-        col, rids = run(eng, prompts, SamplingParams(max_tokens=6, temperature=0))
-        for p, rid in zip(prompts, rids):
-            assert col.tokens(rid) == reference(model, tokenizer, p, 6)
-        assert eng.metrics()["kv_blocks_used"] == 0
-    finally:
-        eng.stop()
-    prefills = [(L, pad) for kind, L, pad in seen if kind == "prefill"]
-    if arch != "glm4_moe_lite":
-        assert all(L % 8 == 0 for L, _ in prefills) and any(pad > 0 for _, pad in prefills)
-        assert {L for L, _ in prefills[:2]} == {8, 16}  # warmup: every padded length
-    else:
-        assert all(pad == 0 for _, pad in prefills)

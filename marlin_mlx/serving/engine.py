@@ -105,8 +105,7 @@ class Engine:
                  num_kv_blocks: Optional[int] = None, block_size: int = 16,
                  max_waiting_time: float = 0.05, scheduler: str = "fifo",
                  max_model_len: Optional[int] = None, prefill_chunk: int = 512,
-                 enable_prefix_cache: bool = True, runner_factory=None,
-                 prefill_bucket: Optional[int] = None):
+                 enable_prefix_cache: bool = True, runner_factory=None):
         # runner_factory(model, num_blocks, block_size) builds the model runner; a tensor-parallel
         # rank 0 passes distributed.runner_factory(group) so each step reaches the other ranks
         if block_size < 1 or max_batch_size < 1 or prefill_chunk < 1:
@@ -135,15 +134,6 @@ class Engine:
         self.scratch_block = self.num_kv_blocks
         self.max_batch_size = max_batch_size
         self.runner = (runner_factory or ModelRunner)(model, self.num_kv_blocks + 1, block_size)
-        # Prefill chunks are padded (at the front, into scratch slots) to a multiple of this:
-        # a new chunk length costs MLX first-use work per shape (~60 ms of a ~30 ms forward on
-        # an H200), and prompts come in every length. Default: 64 on a GPU, off on the CPU
-        # (the padding is compute there) and for MLA's latent cache.
-        if prefill_bucket is None:
-            prefill_bucket = 64 if mx.default_device().type == mx.DeviceType.gpu else 1
-        if prefill_bucket < 1:
-            raise ValueError(f"prefill_bucket must be >= 1, got {prefill_bucket}")
-        self.prefill_bucket = 1 if self.runner.spec.latent else int(prefill_bucket)
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -185,23 +175,15 @@ class Engine:
         return min(1 << max(n - 1, 0).bit_length(), max(self.max_batch_size, n))
 
     def warmup(self) -> None:
-        """Run each decode batch bucket and the prefill shapes on the scratch block only: every
-        padded chunk length (one real token behind the padding), or without padding one short
-        prefill."""
+        """Run each decode batch bucket and a short prefill on the scratch block only."""
         sizes = sorted({self.batch_bucket(n) for n in range(1, self.max_batch_size + 1)})
-        step = self.prefill_bucket
-        top = -(-self.scheduler.prefill_chunk // step) * step
-        lengths = range(step, top + 1, step) if step > 1 else [min(self.block_size,
-                                                                    self.max_model_len)]
-        for L in lengths:
-            pad = L - 1 if step > 1 else 0
-            self.runner.forward(StepInputs(
-                kind=PREFILL, token_ids=np.zeros((1, L), np.int32),
-                positions=np.array([-pad], np.int32),
-                block_tables=np.array([[self.scratch_block]], np.int32),
-                slot_mapping=self._scratch_slots(L).astype(np.int32),
-                context_lens=np.array([L - pad], np.int32), pad=pad))
-            mx.eval(self.runner.pool.arrays())
+        n = min(self.block_size, self.max_model_len)
+        self.runner.forward(self._pad_inputs(StepInputs(
+            kind=PREFILL, token_ids=np.zeros((1, n), np.int32),
+            positions=np.zeros(1, np.int32), block_tables=np.array([[self.scratch_block]], np.int32),
+            slot_mapping=(self.scratch_block * self.block_size + np.arange(n)).astype(np.int32),
+            context_lens=np.array([n], np.int32)), 0))
+        mx.eval(self.runner.pool.arrays())
         for B in sizes:
             empty = StepInputs(kind=DECODE, token_ids=np.zeros((0, 1), np.int32),
                                positions=np.zeros(0, np.int32),
@@ -209,9 +191,6 @@ class Engine:
                                slot_mapping=np.zeros(0, np.int32),
                                context_lens=np.zeros(0, np.int32))
             mx.eval(self.runner.forward(self._pad_inputs(empty, B)), self.runner.pool.arrays())
-
-    def _scratch_slots(self, n: int) -> np.ndarray:
-        return self.scratch_block * self.block_size + np.arange(n) % self.block_size
 
     def _pad_inputs(self, inputs: StepInputs, rows: int) -> StepInputs:
         """Decode inputs grown to `rows` rows by rows that attend to one token of the scratch
@@ -426,16 +405,13 @@ class Engine:
             start = seq.num_computed
             positions = np.arange(start, start + n)
             table = np.array(seq.block_table, np.int32)
-            pad = -n % self.prefill_bucket
             self.runner.forward(StepInputs(
                 kind=PREFILL,
-                token_ids=np.array([[0] * pad + seq.tokens[start : start + n]], np.int32),
-                positions=np.array([start - pad], np.int32),
+                token_ids=np.array([seq.tokens[start : start + n]], np.int32),
+                positions=np.array([start], np.int32),
                 block_tables=table[None],
-                slot_mapping=np.concatenate([self._scratch_slots(pad),
-                                             table[positions // bs] * bs + positions % bs]
-                                            ).astype(np.int32),
-                context_lens=np.array([start + n], np.int32), pad=pad))
+                slot_mapping=(table[positions // bs] * bs + positions % bs).astype(np.int32),
+                context_lens=np.array([start + n], np.int32)))
             seq.num_computed += n
             # A prefill reads the pool it writes (its context); evaluated now, the next write to
             # the pool updates it in place instead of copying it (MLX donates an input buffer

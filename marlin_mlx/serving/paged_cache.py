@@ -15,9 +15,7 @@ How a model uses the pools: the engine passes one `PagedKVCache` / `PagedLatentC
 as the model's `cache`. Its `offset` is an array of per-sequence start positions (RoPE takes an
 array offset), `update_and_fetch` writes the new entries into the pool and
 - in a prefill step (one sequence, inputs (1, L)) returns the sequence's whole context gathered
-  from its blocks, so the model's own causal attention runs unchanged (a prefill row with
-  `pad` leading padding tokens instead attends through `attend` with a mask that keeps the
-  padding out of the real rows' attention);
+  from its blocks, so the model's own causal attention runs unchanged;
 - in a decode step (B sequences of different lengths, inputs (B, 1)) returns the inputs, and
   `attend(q, k, v, scale, window)`, which models/base.py `attention` calls when present,
   computes paged attention over the pool.
@@ -55,10 +53,6 @@ class StepInputs:
       is row prev_rows[i] of the previous decode step's sampled tokens (not read back yet);
       -1 takes token_ids[i]. (A distributed engine that broadcasts token ids reads the previous
       tokens back first and leaves this None.)
-    pad: prefill only: the first `pad` tokens of the row are padding. Their slots are scratch
-      slots, `positions` is the real start minus `pad`, `context_lens` counts real tokens only.
-      The engine rounds chunk lengths up to a few sizes this way: each new shape costs MLX
-      first-use work (~60 ms a forward on an H200), and prompts come in every length.
     """
 
     kind: str
@@ -68,7 +62,6 @@ class StepInputs:
     slot_mapping: np.ndarray
     context_lens: np.ndarray
     prev_rows: Optional[np.ndarray] = None
-    pad: int = 0
 
 
 # --- plain-MLX paged ops (the reference semantics of kernels/paged_attention.py) ---
@@ -197,24 +190,6 @@ class _StepArrays:
         self._index: dict = {}
         self.context_lens = mx.array(inputs.context_lens, mx.int32)
         self.prefill_len = int(inputs.context_lens[0]) if inputs.kind == PREFILL else None
-        self.pad = int(inputs.pad)
-        self.rows = int(inputs.token_ids.shape[1])
-        self._masks: dict = {}
-
-    def padded_mask(self, window: Optional[int]) -> mx.array:
-        """(L, S) mask of a padded prefill row (built once per window): real queries see their
-        causal context (within `window`); padding queries, whose positions precede the
-        sequence, see key 0 only, so that no row of the softmax is empty."""
-        mask = self._masks.get(window)
-        if mask is None:
-            S = self.prefill_len
-            qpos = mx.arange(S - self.rows, S)[:, None]
-            kpos = mx.arange(S)[None, :]
-            mask = kpos <= qpos
-            if window is not None:
-                mask = mask & (kpos > qpos - window)
-            mask = self._masks[window] = mask | ((kpos == 0) & (qpos < 0))
-        return mask
 
     def slots(self, block_size: int, heads: int):
         """The step's write positions for a pool of this block size and heads (built once)."""
@@ -250,18 +225,10 @@ class PagedKVCache:
         return self._store(self.pool.keys, keys), self._store(self.pool.values, values)
 
     def __getattr__(self, name):
-        # `attend` exists only in decode steps and padded prefills: a prefill attends with the
-        # model's own code
-        if name == "attend":
-            if self.step.kind == DECODE:
-                return self._attend
-            if self.step.pad:
-                return self._attend_padded
+        # `attend` exists only in decode steps: a prefill attends with the model's own code
+        if name == "attend" and self.step.kind == DECODE:
+            return self._attend
         raise AttributeError(name)
-
-    def _attend_padded(self, q, k, v, scale, window=None):
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale,
-                                                    mask=self.step.padded_mask(window))
 
     def _attend(self, q, k, v, scale, window=None):
         if q.shape[2] != 1:
@@ -273,8 +240,7 @@ class PagedKVCache:
 
 
 class PagedLatentCache(PagedKVCache):
-    """MLA's latent cache over a KVPool with `values = None` (GLM-4.7-Flash). Its prefill expands
-    keys and values from the latent in the model's own code: no padded prefill rows."""
+    """MLA's latent cache over a KVPool with `values = None` (GLM-4.7-Flash)."""
 
     def update_and_fetch(self, latent: mx.array, rope_keys: mx.array) -> mx.array:
         self.rank = latent.shape[-1]
@@ -314,8 +280,6 @@ class ModelRunner:
 
     def forward(self, inputs: StepInputs,
                 prev_tokens: Optional[mx.array] = None) -> Optional[mx.array]:
-        if inputs.pad and self.spec.latent:
-            raise ValueError("padded prefill rows need a key/value cache, not MLA's latent cache")
         step = _StepArrays(inputs)
         caches = [self._cache_class(self.pool, i, step) for i in range(self.spec.num_layers)]
         tokens = mx.array(inputs.token_ids, mx.int32)
