@@ -46,9 +46,9 @@ def test_qmm_body_on_cpu_emulator(bits, dtype, MT, gs, tmp_path):
     N, K = 20, 320
     x, q, s, b = _case(MT, N, K, bits, gs, dtype, sdt=mx.float32 if bits == 3 else None)
     t, grid, tg, osh, odt, _, _, rows = qmm.plan(dtype, s.dtype, bits, gs, (MT, K), N, SK=2)
-    y = metal_emulator.emulate([dict(spec=qmm.SPEC, inputs=[x, q, s, b, rows], template=t, grid=grid,
-                                     threadgroup=tg, output_shapes=osh, output_dtypes=odt)],
-                               tmp_path)[0]
+    y = metal_emulator.emulate([dict(spec=qmm.SPEC, inputs=[x, q, s, b, rows], template=t,
+                                     grid=grid, threadgroup=tg, output_shapes=osh,
+                                     output_dtypes=odt)], tmp_path)[0]
     assert _rel_err(y, x, q, s, b, bits, gs) < TOL[dtype]
 
 

@@ -28,7 +28,7 @@ constexpr bool FAST = (BITS == 2 || BITS == 4 || BITS == 8);
 constexpr uint32_t MASK = (1u << BITS) - 1u;
 constexpr float CENTER = float(1 << (BITS - 1));
 constexpr bool MAGIC = (BITS == 2 || BITS == 4 || (BITS == 8 && XK == 1));
-constexpr int PW = 16 / BITS;          // MAGIC: codes j and j + PW of a word share its 16-bit halves
+constexpr int PW = 16 / BITS;  // MAGIC: codes j and j + PW of a word sit in its two 16-bit halves
 constexpr uint32_t MAGIC_BITS = (XK == 1) ? 0x64006400u : 0x43004300u;
 constexpr int TN = 8 * NT;
 const int MT = rows[0];
