@@ -33,7 +33,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decode_probe import build, cupti_profile  # noqa: E402
 
-from marlin_mlx.serving.paged_cache import DECODE, PREFILL, ModelRunner, StepInputs  # noqa: E402
+from marlin_mlx.serving.paged_cache import (  # noqa: E402
+    DECODE, PREFILL, ModelRunner, StepInputs, pack_prefill)
 
 
 class Batch:
@@ -142,9 +143,11 @@ def time_batch(runner, B, context, steps, profile: bool) -> dict:
     return out
 
 
-def time_prefill(runner, length: int, reps: int = 3) -> dict:
-    """Median time of a prefill chunk of `length` tokens, repeated (the shape seen before)."""
-    inp = prefill_inputs(runner, length)
+def time_prefill(runner, shape: str, reps: int = 3) -> dict:
+    """Median time of a prefill forward of S rows of L tokens ("SxL", or "L" for one row),
+    repeated (the shape seen before): how a packed forward's cost grows with its rows."""
+    S, L = (int(x) for x in shape.split("x")) if "x" in shape else (1, int(shape))
+    inp = prefill_inputs(runner, L, rows=S)
     times = []
     for _ in range(reps + 1):
         t0 = time.perf_counter()
@@ -152,41 +155,76 @@ def time_prefill(runner, length: int, reps: int = 3) -> dict:
         mx.eval(runner.pool.arrays())
         times.append(time.perf_counter() - t0)
     t = statistics.median(times[1:])
-    print(f"prefill {length}: {1e3 * t:.1f} ms ({length / t:.0f} tok/s)", flush=True)
-    return {"tokens": length, "ms": 1e3 * t, "tokens_per_s": length / t}
+    print(f"prefill {S}x{L}: {1e3 * t:.1f} ms ({S * L / t:.0f} tok/s)", flush=True)
+    return {"rows": S, "tokens": L, "ms": 1e3 * t, "tokens_per_s": S * L / t}
 
 
 def time_fresh_prefills(runner, count: int, lo: int = 32, hi: int = 512) -> dict:
-    """Prefill chunks of `count` lengths never seen before (as a server meets prompts): the
-    first-use cost of a new shape shows against `time_prefill`'s repeated lengths."""
+    """Prefill chunks of `count` lengths never seen before (as a server meets prompts), with
+    exact shapes and with the engine's shape buckets (pack_prefill): the first-use cost of a
+    new shape shows as first against again."""
     rng = np.random.default_rng(7)
     lengths = rng.choice(np.arange(lo, hi + 1), size=count, replace=False).tolist()
-    rows = []
-    for n in lengths:
-        inp = prefill_inputs(runner, n)
-        t0 = time.perf_counter()
-        runner.forward(inp)
-        mx.eval(runner.pool.arrays())
-        t1 = time.perf_counter()
-        runner.forward(inp)
-        mx.eval(runner.pool.arrays())
-        rows.append({"tokens": n, "first_ms": 1e3 * (t1 - t0),
-                     "again_ms": 1e3 * (time.perf_counter() - t1)})
-    first = statistics.mean(r["first_ms"] for r in rows)
-    again = statistics.mean(r["again_ms"] for r in rows)
-    print(f"fresh prefill lengths ({count}, {lo}-{hi}): first use {first:.1f} ms, "
-          f"again {again:.1f} ms on average", flush=True)
-    return {"rows": rows, "first_ms_mean": first, "again_ms_mean": again}
+    out = {}
+    for name, bucket in (("exact", None), ("bucketed", 512)):
+        rows = []
+        for n in lengths:
+            inp = prefill_inputs(runner, n, bucket=bucket)
+            t0 = time.perf_counter()
+            runner.forward(inp)
+            mx.eval(runner.pool.arrays())
+            t1 = time.perf_counter()
+            runner.forward(inp)
+            mx.eval(runner.pool.arrays())
+            rows.append({"tokens": n, "shape": list(inp.token_ids.shape),
+                         "first_ms": 1e3 * (t1 - t0), "again_ms": 1e3 * (time.perf_counter() - t1)})
+        first = statistics.mean(r["first_ms"] for r in rows)
+        again = statistics.mean(r["again_ms"] for r in rows)
+        print(f"fresh prefill lengths, {name} shapes ({count}, {lo}-{hi}): first use "
+              f"{first:.1f} ms, again {again:.1f} ms on average", flush=True)
+        out[name] = {"rows": rows, "first_ms_mean": first, "again_ms_mean": again}
+    return out
 
 
-def prefill_inputs(runner, length: int) -> StepInputs:
+def check_packed_prefill(runner, vocab: int, length: int = 300) -> dict:
+    """The next-token logits after a prompt prefilled alone with exact shapes, and again as
+    one row of a bucketed packed forward beside another prompt: they should agree to the
+    compute dtype's rounding (on a GPU the two take different attention kernels)."""
+    bs, scratch = runner.pool.block_size, runner.pool.num_blocks - 1
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(1, vocab, length + 1).tolist()
+    other = rng.integers(1, vocab, 77).tolist()
+    nb = -(-(length + 1) // bs)
+    tables = [list(range(nb)), list(range(nb, 2 * nb)), list(range(2 * nb, 3 * nb))]
+    logits = []
+    for table, chunks, bucket in (
+            (tables[0], [(prompt, 0, length, tables[0])], None),
+            (tables[1], [(other, 0, 76, tables[2]), (prompt, 0, 200, tables[1])], 512),
+            (tables[1], [(prompt, 200, length - 200, tables[1])], 512)):
+        runner.forward(pack_prefill(chunks, bs, scratch, bucket))
+        mx.eval(runner.pool.arrays())
+        if chunks[-1][1] + chunks[-1][2] == length:
+            t = np.array([table], np.int32)
+            out = runner.forward(StepInputs(
+                kind=DECODE, token_ids=np.array([[prompt[-1]]], np.int32),
+                positions=np.array([length], np.int32), block_tables=t,
+                slot_mapping=np.array([t[0, length // bs] * bs + length % bs], np.int32),
+                context_lens=np.array([length + 1], np.int32)))
+            logits.append(np.array(out[0].astype(mx.float32)))
+    a, b = logits
+    rel = float(np.abs(a - b).max() / np.abs(a).max())
+    same = bool(a.argmax() == b.argmax())
+    print(f"packed prefill check: max |diff| / max |logit| = {rel:.2e}, same argmax: {same}",
+          flush=True)
+    return {"length": length, "max_rel_diff": rel, "same_argmax": same}
+
+
+def prefill_inputs(runner, length: int, rows: int = 1, bucket=None) -> StepInputs:
+    """`rows` sequences of `length` new tokens each, on blocks of their own (pack_prefill)."""
     bs = runner.pool.block_size
-    table = np.arange(-(-length // bs), dtype=np.int32)
-    pos = np.arange(length)
-    return StepInputs(kind=PREFILL, token_ids=np.zeros((1, length), np.int32),
-                      positions=np.array([0], np.int32), block_tables=table[None],
-                      slot_mapping=(table[pos // bs] * bs + pos % bs).astype(np.int32),
-                      context_lens=np.array([length], np.int32))
+    nb = -(-length // bs)
+    chunks = [([0] * length, 0, length, list(range(r * nb, (r + 1) * nb))) for r in range(rows)]
+    return pack_prefill(chunks, bs, runner.pool.num_blocks - 1, bucket)
 
 
 def engine_throughput(model, requests: int, prompt: int, output: int, concurrent: bool) -> dict:
@@ -247,9 +285,12 @@ def main(argv=None) -> int:
     p.add_argument("--num-blocks", type=int, default=4097, help="pool size (the server's default "
                    "for 32 sequences of 2048 tokens is 4096 + 1 scratch block)")
     p.add_argument("--profile", default="", help="batch sizes to profile with CUPTI")
-    p.add_argument("--prefill", default="", help="comma-separated prefill chunk lengths")
+    p.add_argument("--prefill", default="",
+                   help="comma-separated prefill shapes: L (one row) or SxL (S rows of L tokens)")
     p.add_argument("--prefill-fresh", type=int, default=0,
                    help="time this many never-seen prefill lengths (32-512), first use and again")
+    p.add_argument("--prefill-check", action="store_true",
+                   help="compare logits after an exact and a bucketed packed prefill")
     p.add_argument("--engine", type=int, default=0, help="requests for the in-process engine run")
     p.add_argument("--engine-prompt", type=int, default=128)
     p.add_argument("--engine-output", type=int, default=64)
@@ -282,8 +323,11 @@ def main(argv=None) -> int:
             res["batches"].append({"variant": variant, **r})
             save()
         if variant == a.variants.split(",")[0]:
-            for L in ints(a.prefill):
-                res["prefill"].append(time_prefill(runner, L))
+            for shape in a.prefill.split(","):
+                if shape:
+                    res["prefill"].append(time_prefill(runner, shape))
+            if a.prefill_check:
+                res["prefill_check"] = check_packed_prefill(runner, int(model.args.vocab_size))
             if a.prefill_fresh:
                 res["prefill_fresh"] = time_fresh_prefills(runner, a.prefill_fresh)
                 save()

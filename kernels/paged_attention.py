@@ -12,8 +12,8 @@ Layouts:
                kernel, 0 gives zeros from the kernel and NaN from the reference).
   GQA: query head j reads kv head j // (num_heads // num_kv_heads).
 
-`write_paged` scatters new rows into a cache, `gather_paged` reads one sequence back as a
-contiguous (1, heads, length, dim) array (for prefill chunks through MLX's fused SDPA), and
+`write_paged` scatters new rows into a cache, `gather_paged` reads sequences back as a
+contiguous (S, heads, length, dim) array (for prefill chunks through MLX's fused SDPA), and
 `paged_attention` is the decode step: one query token per sequence against its cached context.
 On the CPU backend it runs `reference_paged_attention` (plain MLX, float32 softmax); on a GPU
 the custom kernel (body: src/paged_attention.h, partial results combined by
@@ -119,18 +119,24 @@ def write_paged(cache: mx.array, entries: mx.array, slot_mapping) -> mx.array:
 
 
 def gather_paged(cache: mx.array, block_table: mx.array, length: int) -> mx.array:
-    """(1, num_kv_heads, length, dim): the first `length` rows of one sequence, contiguous."""
+    """The first `length` rows of sequences, contiguous: a block table (max_blocks,) gives
+    (1, num_kv_heads, length, dim); a batch of tables (S, max_blocks) gives
+    (S, num_kv_heads, length, dim) (a packed prefill step's rows)."""
     _check_cache(cache)
-    _check_index(block_table, "block_table", 1)
+    if not isinstance(block_table, mx.array) or block_table.ndim not in (1, 2):
+        raise ValueError("block_table: expected a (max_blocks,) or (S, max_blocks) int32 array, "
+                         f"got shape {getattr(block_table, 'shape', None)}")
+    _check_index(block_table, "block_table", block_table.ndim)
+    tables = block_table if block_table.ndim == 2 else block_table[None]
     nb, h, bs, d = cache.shape
     length = int(length)
-    if not 0 <= length <= block_table.shape[0] * bs:
-        raise ValueError(f"gather_paged: length {length} exceeds the {block_table.shape[0]} "
+    if not 0 <= length <= tables.shape[1] * bs:
+        raise ValueError(f"gather_paged: length {length} exceeds the {tables.shape[1]} "
                          f"blocks of {bs} tokens in the block table")
     n = cdiv(length, bs)
-    rows = cache[block_table[:n]]                       # (n, h, bs, d)
-    rows = rows.transpose(1, 0, 2, 3).reshape(h, n * bs, d)
-    return rows[None, :, :length]
+    rows = cache[tables[:, :n]]                         # (S, n, h, bs, d)
+    rows = rows.transpose(0, 2, 1, 3, 4).reshape(tables.shape[0], h, n * bs, d)
+    return rows[:, :, :length]
 
 
 # --------------------------------------------------------------------------- attention

@@ -91,11 +91,14 @@ def engine_of():
         eng.stop()
 
 
-def test_greedy_equals_generate(model_tok, engine_of):
+@pytest.mark.parametrize("chunk,pad", [(8, False), (32, True)])
+def test_greedy_equals_generate(model_tok, engine_of, chunk, pad):
     model, tok = model_tok
     prompts = prompts_of(5, lo=1, hi=30)
-    # small blocks and chunks: prompts span several blocks and several prefill steps
-    eng = engine_of(model, tok, block_size=4, prefill_chunk=8, max_waiting_time=0.01)
+    # small blocks and chunks: prompts span several blocks and several prefill steps; with 32,
+    # chunks of several prompts share a forward, padded to the GPU's shape buckets
+    eng = engine_of(model, tok, block_size=4, prefill_chunk=chunk, max_waiting_time=0.01,
+                    pad_prefill=pad)
     col, rids = run(eng, prompts, SamplingParams(max_tokens=12, temperature=0))
     for p, rid in zip(prompts, rids):
         want = reference(model, tok, p, 12)
@@ -354,12 +357,15 @@ def test_unpipelined_mode_gives_the_same_tokens(tokenizer):
         assert col.tokens(rid) == reference(model, tokenizer, p, 8)
 
 
-def test_warmup_and_padded_batches_give_the_same_tokens(tokenizer):
+@pytest.mark.parametrize("pad_prefill", [False, True])
+def test_warmup_and_padded_batches_give_the_same_tokens(tokenizer, pad_prefill):
     # decode batches are padded to a power of two (here 3 -> 4, 5 -> 6 = max_batch_size) with
-    # rows on the scratch block; warmup runs every bucket first. Neither may change a token, and
-    # the scratch block is never handed to a request.
+    # rows on the scratch block, and (a GPU's default) prefill rows to shape buckets; warmup
+    # runs every bucket first. Neither may change a token, and the scratch block is never
+    # handed to a request.
     model = random_model("llama", seed=4)
-    eng = Engine(model, tokenizer, block_size=4, max_batch_size=6, max_waiting_time=0.01)
+    eng = Engine(model, tokenizer, block_size=4, max_batch_size=6, max_waiting_time=0.01,
+                 prefill_chunk=64, pad_prefill=pad_prefill)
     assert [eng.batch_bucket(n) for n in (1, 2, 3, 4, 5, 6)] == [1, 2, 4, 4, 6, 6]
     eng.start(warmup=True)
     try:

@@ -147,6 +147,42 @@ def test_paged_prefill_and_batched_decode_match_contiguous_cache(arch):
     del ref_logits
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_prefill_rows_match_contiguous_cache(arch):
+    """Chunks of three sequences in one prefill forward (`pack_prefill`), once padded to the
+    GPU's shape buckets (a padding row, longer rows, a wider block table) and once exact, the
+    second step starting after cached tokens; then a batched decode step equals each sequence
+    run alone with the model's own cache (GLM: latent cache; qwen3: window 8 masks in prefill)."""
+    model = random_model(arch)
+    bs, scratch = 4, 39
+    runner = ModelRunner(model, num_blocks=40, block_size=bs)
+    rng = np.random.RandomState(3)
+    lens = [5, 17, 23]
+    prompts = [rng.randint(0, 400, n).tolist() for n in lens]
+    free = rng.permutation(39).tolist()
+    tables = [[free.pop() for _ in range(-(-(n + 1) // bs))] for n in lens]
+    done = [0, 0, 0]
+    for chunk, budget in ((9, 64), (16, None)):  # bucketed shapes (padding), then exact ones
+        idx = [i for i in range(3) if lens[i] - 1 > done[i]]
+        rows = [(prompts[i], done[i], min(chunk, lens[i] - 1 - done[i]), tables[i]) for i in idx]
+        inputs = pc.pack_prefill(rows, bs, scratch, budget)
+        if budget:  # rows 9 -> 16 tokens, 3 -> 4 rows, context -> 256 tokens
+            assert inputs.token_ids.shape == (4, 16) and inputs.block_tables.shape == (4, 64)
+        for i, (_, _, n, _) in zip(idx, rows):
+            done[i] += n
+        runner.forward(inputs)
+        mx.eval(runner.pool.arrays())
+    assert done == [n - 1 for n in lens]
+    ref_caches = [model.make_cache() for _ in prompts]
+    for p, c in zip(prompts, ref_caches):
+        model(mx.array([p[:-1]]), cache=c)
+    logits = runner.forward(_inputs_decode(tables, bs, [p[-1] for p in prompts],
+                                           [n - 1 for n in lens]))
+    for i, p in enumerate(prompts):
+        ref = model(mx.array([[p[-1]]]), cache=ref_caches[i])[0, -1]
+        np.testing.assert_allclose(np.array(logits[i]), np.array(ref), rtol=1e-4, atol=1e-4)
+
+
 def test_paged_ops_fall_back_to_plain_mlx(monkeypatch):
     """The plain-MLX path of paged_cache (used when kernels/paged_attention.py is absent) gives
     the same logits as the kernel module's path."""
@@ -172,3 +208,26 @@ def test_paged_ops_reference_semantics():
     np.testing.assert_array_equal(out, want)
     g = np.array(pc.gather_paged_ref(mx.array(out), mx.array([5, 0], mx.int32), 6))
     np.testing.assert_array_equal(g[0], np.concatenate([want[5], want[0][:, :2]], axis=1))
+    rows = np.array(pc.gather_paged_ref(mx.array(out), mx.array([[5, 0], [2, 4]], mx.int32), 8))
+    assert rows.shape == (2, 2, 8, 8)
+    np.testing.assert_array_equal(rows[1], np.concatenate([want[2], want[4]], axis=1))
+
+
+# --------------------------------------------------------------------------- prefill rows
+
+
+def _scheduled(prompt_lens, chunk):
+    from marlin_mlx.serving.scheduler import Scheduler, Sequence
+    sched = Scheduler(BlockManager(256, 16), max_batch_size=32, prefill_chunk=chunk)
+    for i, n in enumerate(prompt_lens):
+        sched.add(Sequence(f"r{i}", n, 8, list(range(1, n + 1)), i))
+    return [n for _, n in sched.schedule().prefill]
+
+
+def test_prefill_rows_pick_the_row_length_that_computes_most():
+    assert _scheduled([1000, 20, 20], 512) == [512]  # one long prompt: one full row
+    assert _scheduled([501, 13], 512) == [500]  # 256 + 12 would compute less
+    assert _scheduled([201, 151, 101], 512) == [128, 128, 100]  # 356 tokens in 4 rows of 128
+    assert _scheduled([31] * 40, 512) == [16] * 32  # 32 rows of 16 beat 16 rows of 30 (480)
+    assert _scheduled([2], 512) == [1]  # the last token is left to the decode step
+    assert _scheduled([5, 9], 8) == [4]  # below the shortest bucket: one row of the budget

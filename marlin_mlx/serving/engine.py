@@ -35,8 +35,9 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from ..generation import _StopMatcher
 from ..sampling import make_sampler
 from .block_manager import BlockManager
-from .paged_cache import DECODE, PREFILL, KVPool, ModelRunner, StepInputs, cache_spec
-from .scheduler import Scheduler, Sequence
+from .paged_cache import (DECODE, PREFILL_CONTEXT_BUCKET, KVPool, ModelRunner, StepInputs,
+                          cache_spec, pack_prefill)
+from .scheduler import MIN_PREFILL_ROW, Scheduler, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,8 @@ class Engine:
                  num_kv_blocks: Optional[int] = None, block_size: int = 16,
                  max_waiting_time: float = 0.05, scheduler: str = "fifo",
                  max_model_len: Optional[int] = None, prefill_chunk: int = 512,
-                 enable_prefix_cache: bool = True, runner_factory=None):
+                 enable_prefix_cache: bool = True, runner_factory=None,
+                 pad_prefill: Optional[bool] = None):
         # runner_factory(model, num_blocks, block_size) builds the model runner; a tensor-parallel
         # rank 0 passes distributed.runner_factory(group) so each step reaches the other ranks
         if block_size < 1 or max_batch_size < 1 or prefill_chunk < 1:
@@ -151,6 +153,10 @@ class Engine:
         self._building: List[Sequence] = []  # the sequences of the step being launched
         self._steps = 0
         self._launched = False
+        # prefill shapes from a few buckets (see pack_prefill): on a GPU a new shape costs
+        # kernels and an attention plan; on the CPU the padding would cost compute
+        self.pad_prefill = (mx.default_device().type == mx.DeviceType.gpu
+                            if pad_prefill is None else pad_prefill)
         # engine-thread seconds by phase, and decode steps / rows: where a step's time goes
         self._phase_s = {"prefill": 0.0, "build": 0.0, "wait": 0.0, "emit": 0.0}
         self._decode_steps = 0
@@ -175,15 +181,26 @@ class Engine:
         return min(1 << max(n - 1, 0).bit_length(), max(self.max_batch_size, n))
 
     def warmup(self) -> None:
-        """Run each decode batch bucket and a short prefill on the scratch block only."""
+        """Run each decode batch bucket and prefill shape bucket on the scratch block only."""
         sizes = sorted({self.batch_bucket(n) for n in range(1, self.max_batch_size + 1)})
-        n = min(self.block_size, self.max_model_len)
-        self.runner.forward(self._pad_inputs(StepInputs(
-            kind=PREFILL, token_ids=np.zeros((1, n), np.int32),
-            positions=np.zeros(1, np.int32), block_tables=np.array([[self.scratch_block]], np.int32),
-            slot_mapping=(self.scratch_block * self.block_size + np.arange(n)).astype(np.int32),
-            context_lens=np.array([n], np.int32)), 0))
-        mx.eval(self.runner.pool.arrays())
+        n = min(self.block_size, self.max_model_len - 1)
+        scratch = [self.scratch_block] * (-(-self.max_model_len // self.block_size))
+        prefills = [[([0] * n, 0, n, scratch)]]
+        if self.pad_prefill:  # every (row length, row count) bucket, at the first two contexts
+            budget = self.scheduler.prefill_chunk
+            for ctx in (PREFILL_CONTEXT_BUCKET, 2 * PREFILL_CONTEXT_BUCKET):
+                L = min(MIN_PREFILL_ROW, budget)
+                while L <= budget and ctx <= self.max_model_len:
+                    S = 1
+                    while S * L <= budget:
+                        prefills.append([([0] * ctx, ctx - L, L, scratch)] * S)
+                        S *= 2
+                    L = budget if L < budget < 2 * L else 2 * L
+        for rows in prefills:
+            self.runner.forward(pack_prefill(rows, self.block_size, self.scratch_block,
+                                             self.scheduler.prefill_chunk
+                                             if self.pad_prefill else None))
+            mx.eval(self.runner.pool.arrays())
         for B in sizes:
             empty = StepInputs(kind=DECODE, token_ids=np.zeros((0, 1), np.int32),
                                positions=np.zeros(0, np.int32),
@@ -401,18 +418,13 @@ class Engine:
         if self._steps % CLEAR_CACHE_EVERY == 0:
             mx.clear_cache()  # buffers of past shapes (prefill chunks, batch sizes) pile up
         bs = self.block_size
-        for seq, n in plan.prefill:
-            start = seq.num_computed
-            positions = np.arange(start, start + n)
-            table = np.array(seq.block_table, np.int32)
-            self.runner.forward(StepInputs(
-                kind=PREFILL,
-                token_ids=np.array([seq.tokens[start : start + n]], np.int32),
-                positions=np.array([start], np.int32),
-                block_tables=table[None],
-                slot_mapping=(table[positions // bs] * bs + positions % bs).astype(np.int32),
-                context_lens=np.array([start + n], np.int32)))
-            seq.num_computed += n
+        if plan.prefill:
+            rows = [(seq.tokens, seq.num_computed, n, seq.block_table) for seq, n in plan.prefill]
+            self.runner.forward(pack_prefill(
+                rows, bs, self.scratch_block,
+                self.scheduler.prefill_chunk if self.pad_prefill else None))
+            for seq, n in plan.prefill:
+                seq.num_computed += n
             # A prefill reads the pool it writes (its context); evaluated now, the next write to
             # the pool updates it in place instead of copying it (MLX donates an input buffer
             # only when no pending op still reads it).

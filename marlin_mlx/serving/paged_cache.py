@@ -14,11 +14,13 @@ engine can broadcast exactly these from rank 0 and run the same forward on every
 How a model uses the pools: the engine passes one `PagedKVCache` / `PagedLatentCache` per layer
 as the model's `cache`. Its `offset` is an array of per-sequence start positions (RoPE takes an
 array offset), `update_and_fetch` writes the new entries into the pool and
-- in a prefill step (one sequence, inputs (1, L)) returns the sequence's whole context gathered
-  from its blocks, so the model's own causal attention runs unchanged;
+- in a prefill step (chunks of S sequences as right-padded rows, inputs (S, L)) returns each
+  row's context gathered from its blocks, (S, heads, C, dim) with C the block tables' width in
+  tokens; the model then calls `attend(q, k, v, scale, window)` (models/base.py `attention`
+  does when a cache has it), which attends over those keys with each row's causal mask (query
+  i of row r sees key j when j <= positions[r] + i): one forward prefills several sequences;
 - in a decode step (B sequences of different lengths, inputs (B, 1)) returns the inputs, and
-  `attend(q, k, v, scale, window)`, which models/base.py `attention` calls when present,
-  computes paged attention over the pool.
+  `attend` computes paged attention over the pool.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..generation import decode_forward
+from .scheduler import MIN_PREFILL_ROW
 
 try:  # the paged-attention op family (kernels/paged_attention.py); plain MLX below until it lands
     from marlin_mlx.kernels import paged_attention as _ops
@@ -43,12 +46,18 @@ PREFILL, DECODE = "prefill", "decode"
 class StepInputs:
     """One model forward, as plain int32 numpy arrays.
 
-    kind: "prefill" (one sequence, B == 1, L new tokens) or "decode" (B sequences, L == 1).
-    token_ids: (B, L) the new tokens.
+    kind: "prefill" (B rows of up to L new tokens, one chunk of a sequence per row) or
+      "decode" (B sequences, L == 1).
+    token_ids: (B, L) the new tokens. A prefill row's chunk is its first
+      context_lens - positions tokens; the rest of the row is padding, as are whole rows past the
+      sequences (padding tokens get slots in a scratch block and are never attended by a real
+      token, since they come after it).
     positions: (B,) position of each row's first new token (= tokens already cached).
-    block_tables: (B, max_blocks) each row's blocks in order, padded with 0 (never read: masked).
+    block_tables: (B, max_blocks) each row's blocks in order, padded with any valid block (never
+      read by a real token: masked). A prefill attends over max_blocks * block_size keys, so the
+      width sets the attention's shape (the engine rounds it up to reuse shapes).
     slot_mapping: (B * L,) pool slot of each new token, row-major.
-    context_lens: (B,) tokens cached for each row after this step (positions + L).
+    context_lens: (B,) tokens cached for each row after this step (positions + its new tokens).
     prev_rows: None, or (B,) for a decode step pipelined behind the previous one: row i's token
       is row prev_rows[i] of the previous decode step's sampled tokens (not read back yet);
       -1 takes token_ids[i]. (A distributed engine that broadcasts token ids reads the previous
@@ -64,6 +73,47 @@ class StepInputs:
     prev_rows: Optional[np.ndarray] = None
 
 
+PREFILL_CONTEXT_BUCKET = 256  # a bucketed prefill attends over a multiple of this many tokens
+
+
+def pack_prefill(rows, block_size: int, scratch_block: int,
+                 bucket_budget: Optional[int] = None) -> StepInputs:
+    """One prefill forward for chunks of several sequences, a right-padded row each.
+
+    rows: (tokens, start, n, block_table) per sequence: its tokens[start : start + n] are
+    computed, with tokens [0, start) already cached. Padding tokens (and padding rows) write
+    into `scratch_block` and attend only to it.
+
+    With `bucket_budget` (the engine's prefill chunk, on a GPU) the shapes come from a few
+    buckets, so kernels and attention plans are reused instead of built for each new prompt
+    length: the row length and the row count go up to powers of two (their product within the
+    budget; rows at least MIN_PREFILL_ROW long), and the attended context up to a multiple of
+    PREFILL_CONTEXT_BUCKET tokens."""
+    bs = block_size
+    S = len(rows)
+    L = max(n for _, _, n, _ in rows)
+    ctx = max(start + n for _, start, n, _ in rows)
+    if bucket_budget is not None:
+        L = min(max(1 << (L - 1).bit_length(), MIN_PREFILL_ROW), max(bucket_budget, L))
+        S = min(1 << (S - 1).bit_length(), max(bucket_budget // L, S))
+        ctx = -(-ctx // PREFILL_CONTEXT_BUCKET) * PREFILL_CONTEXT_BUCKET
+    width = -(-ctx // bs)
+    tokens = np.zeros((S, L), np.int32)
+    positions = np.zeros(S, np.int32)
+    lens = np.zeros(S, np.int32)
+    tables = np.full((S, width), scratch_block, np.int32)
+    slots = scratch_block * bs + np.arange(S * L, dtype=np.int32).reshape(S, L) % bs
+    for r, (ids, start, n, table) in enumerate(rows):
+        tokens[r, :n] = ids[start : start + n]
+        positions[r], lens[r] = start, start + n
+        table = np.asarray(table[:width], np.int32)
+        tables[r, : len(table)] = table
+        pos = np.arange(start, start + n)
+        slots[r, :n] = table[pos // bs] * bs + pos % bs
+    return StepInputs(kind=PREFILL, token_ids=tokens, positions=positions, block_tables=tables,
+                      slot_mapping=slots.reshape(-1), context_lens=lens)
+
+
 # --- plain-MLX paged ops (the reference semantics of kernels/paged_attention.py) ---
 
 def write_paged_ref(cache: mx.array, entries: mx.array, slot_mapping: mx.array) -> mx.array:
@@ -76,11 +126,14 @@ def write_paged_ref(cache: mx.array, entries: mx.array, slot_mapping: mx.array) 
 
 
 def gather_paged_ref(cache: mx.array, block_table: mx.array, length: int) -> mx.array:
-    """(1, kv_heads, length, dim): the first `length` tokens of the sequence with `block_table`."""
+    """(S, kv_heads, length, dim): the first `length` tokens of the sequences with block tables
+    (S, max_blocks); a single table (max_blocks,) gives S = 1."""
     _, heads, bs, dim = cache.shape
+    tables = block_table if block_table.ndim == 2 else block_table[None]
     n = -(-length // bs)
-    blocks = cache[block_table[:n]]  # (n, heads, bs, dim)
-    return blocks.transpose(1, 0, 2, 3).reshape(1, heads, n * bs, dim)[:, :, :length]
+    blocks = cache[tables[:, :n]]  # (S, n, heads, bs, dim)
+    S = tables.shape[0]
+    return blocks.transpose(0, 2, 1, 3, 4).reshape(S, heads, n * bs, dim)[:, :, :length]
 
 
 def paged_attention_ref(queries, key_cache, value_cache, block_tables, context_lens, scale, *,
@@ -189,7 +242,22 @@ class _StepArrays:
         self.slot_mapping = inputs.slot_mapping  # host copy: each pool builds its SlotIndex
         self._index: dict = {}
         self.context_lens = mx.array(inputs.context_lens, mx.int32)
-        self.prefill_len = int(inputs.context_lens[0]) if inputs.kind == PREFILL else None
+        self.row_len = inputs.token_ids.shape[1]
+        self._masks: dict = {}
+
+    def prefill_mask(self, length: int, window: Optional[int], dtype: mx.Dtype) -> mx.array:
+        """(B, 1, L, length) additive mask of a prefill step: 0 where query i of row r may see
+        key j (j <= positions[r] + i, and within `window`), -inf elsewhere. Built once per step
+        and shared by the layers; key j = 0 is always visible, so no row is all -inf."""
+        key = (length, window, dtype)
+        if key not in self._masks:
+            qpos = self.positions[:, None] + mx.arange(self.row_len)[None, :]  # (B, L)
+            kpos = mx.arange(length)[None, None, :]
+            seen = kpos <= qpos[:, :, None]
+            if window is not None:
+                seen = seen & (kpos > qpos[:, :, None] - window)
+            self._masks[key] = mx.where(seen, 0.0, -mx.inf).astype(dtype)[:, None]
+        return self._masks[key]
 
     def slots(self, block_size: int, heads: int):
         """The step's write positions for a pool of this block size and heads (built once)."""
@@ -213,7 +281,8 @@ class PagedKVCache:
         slots = self.step.slots(self.pool.block_size, heads)
         which[self.layer] = _write(which[self.layer], flat, slots)
         if self.step.kind == PREFILL:
-            return _gather(which[self.layer], self.step.block_tables[0], self.step.prefill_len)
+            tables = self.step.block_tables
+            return _gather(which[self.layer], tables, tables.shape[1] * self.pool.block_size)
         return new
 
     @property
@@ -225,10 +294,15 @@ class PagedKVCache:
         return self._store(self.pool.keys, keys), self._store(self.pool.values, values)
 
     def __getattr__(self, name):
-        # `attend` exists only in decode steps: a prefill attends with the model's own code
-        if name == "attend" and self.step.kind == DECODE:
-            return self._attend
+        # models/base.py `attention` hands the attention to a cache that has `attend`
+        if name == "attend":
+            return self._attend if self.step.kind == DECODE else self._attend_prefill
         raise AttributeError(name)
+
+    def _attend_prefill(self, q, k, v, scale, window=None):
+        """The rows' queries over their gathered contexts k, v (B, kv_heads, C, dim)."""
+        mask = self.step.prefill_mask(k.shape[2], window, q.dtype)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
     def _attend(self, q, k, v, scale, window=None):
         if q.shape[2] != 1:

@@ -2,8 +2,10 @@
 
 A sequence's `tokens` are its prompt followed by what it has generated; `num_computed` of them
 have their keys and values in the cache. A step computes `tokens[num_computed:]`:
-- prefill: a sequence with more than one token to compute gets up to `prefill_chunk` of them,
-  always leaving its last token out;
+- prefill: sequences with more than one token to compute get chunks, always leaving their last
+  token out, run as the rows of one forward: up to `prefill_chunk // L` rows of at most L tokens,
+  with the row length L (`prefill_chunk` or a power of two below it) that computes the most
+  tokens (one long prompt: one row of `prefill_chunk`; many short ones: many short rows);
 - decode: every running sequence with exactly one token to compute (its latest, or a prompt's
   last) is fed in one batched forward whose logits give its next token.
 
@@ -22,6 +24,7 @@ from typing import Any, Callable, List, Optional, Tuple
 from .block_manager import ROOT_KEY, BlockManager
 
 POLICIES = ("fifo", "sjf")
+MIN_PREFILL_ROW = 16  # the shortest prefill row length tried
 
 
 @dataclass
@@ -138,16 +141,24 @@ class Scheduler:
                 if self.waiting[0].pending or not self._admit(self.waiting[0]):
                     break
                 self.running.append(self.waiting.pop(0))
-        # 3. prefill chunks within the token budget, then the decode batch
-        budget = self.prefill_chunk
-        for seq in self.running:
-            if budget > 0 and seq.to_compute > 1:
-                n = min(budget, seq.to_compute - 1)
-                plan.prefill.append((seq, n))
-                budget -= n
+        # 3. prefill chunks (the rows of one forward), then the decode batch
+        plan.prefill = self._prefill_rows([s for s in self.running if s.to_compute > 1])
         plan.decode = [s for s in self.running if s.decodes
                        or any(p is s and n == s.to_compute - 1 for p, n in plan.prefill)]
         return plan
+
+    def _prefill_rows(self, ready: List[Sequence]) -> List[Tuple[Sequence, int]]:
+        """The prefill chunks of one forward: rows of at most L tokens, at most
+        prefill_chunk // L rows, in admission order, for the L that computes the most tokens
+        (the longest on a tie: fewer rows)."""
+        best: List[Tuple[Sequence, int]] = []
+        L = self.prefill_chunk
+        while ready and L >= 1:
+            rows = [(s, min(L, s.to_compute - 1)) for s in ready[: self.prefill_chunk // L]]
+            if sum(n for _, n in rows) > sum(n for _, n in best):
+                best = rows
+            L = 1 << ((L - 1).bit_length() - 1) if L > MIN_PREFILL_ROW else 0
+        return best
 
     def _grow(self, seq: Sequence, n_tokens: int) -> bool:
         while len(seq.block_table) < self._blocks_for(n_tokens):
