@@ -365,7 +365,7 @@ def test_warmup_and_padded_batches_give_the_same_tokens(tokenizer, pad_prefill):
     # handed to a request.
     model = random_model("llama", seed=4)
     eng = Engine(model, tokenizer, block_size=4, max_batch_size=6, max_waiting_time=0.01,
-                 prefill_chunk=64, pad_prefill=pad_prefill)
+                 pad_prefill=pad_prefill)
     assert [eng.batch_bucket(n) for n in (1, 2, 3, 4, 5, 6)] == [1, 2, 4, 4, 6, 6]
     eng.start(warmup=True)
     try:

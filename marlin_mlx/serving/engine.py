@@ -190,7 +190,7 @@ class Engine:
             budget = self.scheduler.prefill_chunk
             for ctx in (PREFILL_CONTEXT_BUCKET, 2 * PREFILL_CONTEXT_BUCKET):
                 L = min(MIN_PREFILL_ROW, budget)
-                while L <= budget and ctx <= self.max_model_len:
+                while L <= min(budget, ctx) and ctx <= self.max_model_len:
                     S = 1
                     while S * L <= budget:
                         prefills.append([([0] * ctx, ctx - L, L, scratch)] * S)
