@@ -172,11 +172,14 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, window: Optio
     last key, which is what a prefill after cached tokens needs. GQA is handled by the kernel.
     `window` limits each query to the last `window` keys (sliding-window layers).
     A cache with an `attend(q, k, v, scale, window)` method (the serving engine's paged
-    caches) computes the attention itself over its own storage; other caches change nothing.
+    caches, MLACache at decode) computes the attention itself over its own storage unless it
+    returns None; other caches change nothing.
     """
     attend = getattr(cache, "attend", None)
     if attend is not None:
-        return attend(q, k, v, scale, window)
+        out = attend(q, k, v, scale, window)
+        if out is not None:
+            return out
     L, S = q.shape[2], k.shape[2]
     if window is not None and S > window:
         qpos = mx.arange(S - L, S)[:, None]

@@ -9,13 +9,27 @@ Both parts live side by side in one buffer (B, 1, capacity, kv_lora_rank + rope_
 absorbed decode reads it directly as its key (latent | rope key) and the first
 kv_lora_rank columns as its value, with no concatenation per step. The buffer grows in
 steps of `step` tokens, like `KVCache`.
+
+On a GPU the absorbed single-token step attends through the serving engine's paged-attention
+kernel (kernels/paged_attention.py), reading this buffer in place as blocks of `step` tokens:
+one split-K pass over the latent rows instead of MLX's SDPA, which does not cover 576-wide
+heads and so runs as separate matmul and softmax ops over copies of the keys and values.
 """
 
+from typing import Optional
+
 import mlx.core as mx
+
+from marlin_mlx.kernels import paged_attention as _paged
+from marlin_mlx.kernels.launch import backend
+
+_INDEX: dict = {}  # (B, blocks, offset) -> (block tables, context lengths), shared by layers
 
 
 class MLACache:
     compiled_decode = True  # a decode step may run through base.CompiledDecoder
+    # None: the paged kernel for decode steps on a GPU, MLX's SDPA elsewhere; True/False force
+    paged_decode: Optional[bool] = None
 
     def __init__(self, step: int = 256):
         self.step = step
@@ -50,6 +64,29 @@ class MLACache:
         self.offset += n
         self.buffer[..., prev : self.offset, :] = entries
         return self.buffer[..., : self.offset, :]
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float, window=None):
+        """Absorbed decode attention (q: (B, H, 1, rank + rope)) over the whole buffer, or None
+        (models/base.py `attention` then runs MLX's SDPA on k and v)."""
+        use = self.paged_decode
+        if use is None:
+            use = backend() is not None
+        if (not use or q.shape[2] != 1 or window is not None or self.buffer is None
+                or q.shape[-1] != self.buffer.shape[-1] or q.dtype != self.buffer.dtype):
+            return None
+        B, _, cap, D = self.buffer.shape
+        nb = cap // self.step
+        key = (B, nb, self.offset)
+        index = _INDEX.get(key)
+        if index is None:
+            if len(_INDEX) > 64:
+                _INDEX.clear()
+            tables = mx.arange(B * nb, dtype=mx.int32).reshape(B, nb)
+            index = _INDEX[key] = (tables, mx.full((B,), self.offset, mx.int32))
+        blocks = self.buffer.reshape(B * nb, 1, self.step, D)  # a view: no copy
+        out = _paged.paged_attention(q[:, :, 0, :], blocks, None, *index, scale,
+                                     v_dim=self.kv_lora_rank, validate=False)
+        return out[:, :, None, :]
 
     def trim(self, n: int) -> int:
         """Forget the last `n` tokens (speculative decoding, prompt-cache reuse)."""

@@ -108,6 +108,36 @@ def test_decode_with_cache_equals_full_forward(ckpt, forms):
     assert forms == ["expanded"] * 2 * n + ["absorbed"] * 4 * n + ["expanded"] * n
 
 
+def test_decode_through_the_paged_kernel_op_equals_sdpa(ckpt, monkeypatch):
+    """MLACache's decode attention through kernels/paged_attention.py (the default on a GPU;
+    forced here, where the op runs its reference): the buffer read in place as blocks of
+    `step` tokens, two sequences, decode steps across several blocks, a trim, and a regrowth."""
+    _, _, model = ckpt
+    ids = ids_of((2, 14), seed=4)
+    calls = []
+    orig = MLACache.attend
+
+    def spy(self, *a, **k):
+        out = orig(self, *a, **k)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(MLACache, "attend", spy)
+    results = []
+    for paged in (False, True):
+        monkeypatch.setattr(MLACache, "paged_decode", paged)
+        cache = [MLACache(step=4) for _ in model.layers]
+        out = [model(mx.array(ids[:, :3]), cache=cache)]
+        out += [model(mx.array(ids[:, t : t + 1]), cache=cache) for t in range(3, 10)]
+        for c in cache:
+            c.trim(2)  # decode again over the trimmed tail
+        out += [model(mx.array(ids[:, t : t + 1]), cache=cache) for t in range(8, 14)]
+        results.append(np.concatenate([np.array(o) for o in out], axis=1))
+    n = len(model.layers)
+    assert calls.count(True) == 13 * n  # every decode step of the second pass, no prefill
+    assert rel_err(results[1], results[0]) < TOL
+
+
 def test_absorbed_equals_expanded(ckpt, forms):
     _, _, model = ckpt
     ids = ids_of((1, 10), seed=3)

@@ -218,6 +218,21 @@ def test_kernel_matches_reference(shape, dtype, poison):
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["f16", "bf16"])
+def test_kernel_with_the_mla_cache_blocks_of_256(dtype, poison):
+    # models/mla_cache.py reads its contiguous buffer as blocks of its growth step (256 tokens)
+    nh, kvh, dk, dv, mla = GPU_SHAPES["glm-mla"]
+    rng = np.random.default_rng(np.random.randint(1 << 30))
+    lens = [1, 255, 256, 257, 3000, 8300]
+    q, kc, _, tables, cl = _make(rng, len(lens), nh, kvh, dk, dv, mla, lens, bs=256, dtype=dtype)
+    y = pa.paged_attention_kernel(q, kc, None, tables, cl, 0.07, dv)
+    y64 = _to64(y)
+    assert np.isfinite(y64).all(), "unwritten (NaN-poisoned) or non-finite outputs"
+    assert _rel(y, _attention64(q, kc, None, tables, cl, 0.07, dv)) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@needs_gpu
 def test_kernel_empty_context_and_padding_blocks(poison):
     rng = np.random.default_rng(11)
     q, kc, vc, tables, cl = _make(rng, 3, 8, 2, 128, 128, False, [1, 600, 40], dtype=mx.float16)
