@@ -16,6 +16,7 @@ one split-K pass over the latent rows instead of MLX's SDPA, which does not cove
 heads and so runs as separate matmul and softmax ops over copies of the keys and values.
 """
 
+import os
 from typing import Optional
 
 import mlx.core as mx
@@ -24,12 +25,16 @@ from marlin_mlx.kernels import paged_attention as _paged
 from marlin_mlx.kernels.launch import backend
 
 _INDEX: dict = {}  # (B, blocks, offset) -> (block tables, context lengths), shared by layers
+# the GPU default (benchmarks/mla_attention.py measures the three); MARLIN_MLX_MLA_DECODE overrides
+DECODE_ATTENTION_GPU = os.environ.get("MARLIN_MLX_MLA_DECODE", "").strip() or "paged"
 
 
 class MLACache:
     compiled_decode = True  # a decode step may run through base.CompiledDecoder
-    # None: the paged kernel for decode steps on a GPU, MLX's SDPA elsewhere; True/False force
-    paged_decode: Optional[bool] = None
+    # how a single-token (absorbed) step attends: "paged" (kernels/paged_attention.py over the
+    # buffer), "matmul" (two MLX matmuls and a softmax over the buffer in place), "sdpa" (the
+    # model's MLX SDPA); None: DECODE_ATTENTION_GPU on a GPU, "sdpa" elsewhere
+    decode_attention: Optional[str] = None
 
     def __init__(self, step: int = 256):
         self.step = step
@@ -68,12 +73,16 @@ class MLACache:
     def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float, window=None):
         """Absorbed decode attention (q: (B, H, 1, rank + rope)) over the whole buffer, or None
         (models/base.py `attention` then runs MLX's SDPA on k and v)."""
-        use = self.paged_decode
-        if use is None:
-            use = backend() is not None
-        if (not use or q.shape[2] != 1 or window is not None or self.buffer is None
+        how = self.decode_attention
+        if how is None:
+            how = DECODE_ATTENTION_GPU if backend() is not None else "sdpa"
+        if (how == "sdpa" or q.shape[2] != 1 or window is not None or self.buffer is None
                 or q.shape[-1] != self.buffer.shape[-1] or q.dtype != self.buffer.dtype):
             return None
+        if how == "matmul":
+            return self._attend_matmul(q, scale)
+        if how != "paged":
+            raise ValueError(f"decode_attention {how!r} is not one of paged, matmul, sdpa")
         B, _, cap, D = self.buffer.shape
         nb = cap // self.step
         key = (B, nb, self.offset)
@@ -87,6 +96,16 @@ class MLACache:
         out = _paged.paged_attention(q[:, :, 0, :], blocks, None, *index, scale,
                                      v_dim=self.kv_lora_rank, validate=False)
         return out[:, :, None, :]
+
+    def _attend_matmul(self, q: mx.array, scale: float) -> mx.array:
+        """q (B, H, 1, D) against the buffer's first `offset` rows, read in place: the keys are
+        whole rows and the values their first kv_lora_rank columns (a row-strided view that
+        a matmul takes without a copy)."""
+        keys = self.buffer[:, 0, : self.offset, :]  # (B, T, D)
+        values = keys[..., : self.kv_lora_rank]
+        scores = (q[:, :, 0, :] * scale) @ keys.swapaxes(-1, -2)  # (B, H, T)
+        probs = mx.softmax(scores, axis=-1, precise=True)
+        return (probs @ values)[:, :, None, :]
 
     def trim(self, n: int) -> int:
         """Forget the last `n` tokens (speculative decoding, prompt-cache reuse)."""

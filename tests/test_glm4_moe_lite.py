@@ -108,10 +108,11 @@ def test_decode_with_cache_equals_full_forward(ckpt, forms):
     assert forms == ["expanded"] * 2 * n + ["absorbed"] * 4 * n + ["expanded"] * n
 
 
-def test_decode_through_the_paged_kernel_op_equals_sdpa(ckpt, monkeypatch):
-    """MLACache's decode attention through kernels/paged_attention.py (the default on a GPU;
-    forced here, where the op runs its reference): the buffer read in place as blocks of
-    `step` tokens, two sequences, decode steps across several blocks, a trim, and a regrowth."""
+@pytest.mark.parametrize("how", ["paged", "matmul"])
+def test_decode_attention_over_the_buffer_equals_sdpa(ckpt, monkeypatch, how):
+    """MLACache's decode attention over its buffer in place: through kernels/paged_attention.py
+    (blocks of `step` tokens; on the CPU the op runs its reference) or two matmuls; two
+    sequences, decode steps across several blocks, a trim, and a regrowth."""
     _, _, model = ckpt
     ids = ids_of((2, 14), seed=4)
     calls = []
@@ -124,8 +125,8 @@ def test_decode_through_the_paged_kernel_op_equals_sdpa(ckpt, monkeypatch):
 
     monkeypatch.setattr(MLACache, "attend", spy)
     results = []
-    for paged in (False, True):
-        monkeypatch.setattr(MLACache, "paged_decode", paged)
+    for mode in ("sdpa", how):
+        monkeypatch.setattr(MLACache, "decode_attention", mode)
         cache = [MLACache(step=4) for _ in model.layers]
         out = [model(mx.array(ids[:, :3]), cache=cache)]
         out += [model(mx.array(ids[:, t : t + 1]), cache=cache) for t in range(3, 10)]
