@@ -269,11 +269,12 @@ def _plan(dtype, B, nh, kvh, bs, dk, dv, mb, mla):
         template = [("T", dtype), ("XK", XKIND[dtype]), ("DK", dk), ("DV", dv),
                     ("VS", dk if mla else dv), ("BS", bs), ("KVH", kvh), ("G", g), ("GC", gc),
                     ("NHC", nhc), ("NT", NT)]
-        rtemplate = [("T", dtype), ("DV", dv), ("NT", NT)]
+        ch = cdiv(dv, NT)  # the reduce's column chunks
+        rtemplate = [("T", dtype), ("DV", dv), ("NT", NT), ("CH", ch)]
         plan = _PLANS[key] = (
             template, (NT * np_, B * kvh * nhc, 1), (NT, 1, 1),
             [(B, nh, np_, dv), (B, nh, np_, 2)], [mx.float32, mx.float32],
-            rtemplate, (NT * B * nh, 1, 1), (NT, 1, 1), np_)
+            rtemplate, (NT * B * nh * ch, 1, 1), (NT, 1, 1), np_)
     return plan
 
 
