@@ -357,6 +357,20 @@ def test_unpipelined_mode_gives_the_same_tokens(tokenizer):
         assert col.tokens(rid) == reference(model, tokenizer, p, 8)
 
 
+def test_prefill_split_over_forwards_gives_the_same_tokens(tokenizer, engine_of, monkeypatch):
+    # a step's prefill rows go to several forwards when their gathered contexts would be large
+    # (here: every row alone)
+    from marlin_mlx.serving import paged_cache
+
+    monkeypatch.setattr(paged_cache, "PREFILL_GATHER_TOKENS", 1)
+    model = random_model("qwen3", seed=6)
+    prompts = prompts_of(5, seed=12, lo=5, hi=30)
+    eng = engine_of(model, tokenizer, block_size=4, prefill_chunk=64, max_waiting_time=0.05)
+    col, rids = run(eng, prompts, SamplingParams(max_tokens=6, temperature=0))
+    for p, rid in zip(prompts, rids):
+        assert col.tokens(rid) == reference(model, tokenizer, p, 6)
+
+
 @pytest.mark.parametrize("pad_prefill", [False, True])
 def test_warmup_and_padded_batches_give_the_same_tokens(tokenizer, pad_prefill):
     # decode batches are padded to a power of two (here 3 -> 4, 5 -> 6 = max_batch_size) with

@@ -231,3 +231,12 @@ def test_prefill_rows_pick_the_row_length_that_computes_most():
     assert _scheduled([31] * 40, 512) == [16] * 32  # 32 rows of 16 beat 16 rows of 30 (480)
     assert _scheduled([2], 512) == [1]  # the last token is left to the decode step
     assert _scheduled([5, 9], 8) == [4]  # below the shortest bucket: one row of the budget
+
+
+def test_prefill_groups_bound_the_gathered_context():
+    rows = [([0] * 9000, 8990, 10, []), ([0] * 40, 0, 40, []), ([0] * 9000, 8980, 16, []),
+            ([0] * 100, 0, 99, [])]
+    sizes = lambda gs: [[r[2] for r in g] for g in gs]  # noqa: E731
+    assert sizes(pc.prefill_groups(rows, 1 << 16)) == [[10, 40, 16, 99]]
+    assert sizes(pc.prefill_groups(rows, 18000)) == [[10, 40], [16, 99]]  # 3 x 9000 > 18000
+    assert sizes(pc.prefill_groups(rows, 100)) == [[10], [40], [16], [99]]  # alone if too long

@@ -36,7 +36,7 @@ from ..generation import _StopMatcher
 from ..sampling import make_sampler
 from .block_manager import BlockManager
 from .paged_cache import (DECODE, PREFILL_CONTEXT_BUCKET, KVPool, ModelRunner, StepInputs,
-                          cache_spec, pack_prefill)
+                          cache_spec, pack_prefill, prefill_groups)
 from .scheduler import MIN_PREFILL_ROW, Scheduler, Sequence
 
 log = logging.getLogger(__name__)
@@ -418,17 +418,17 @@ class Engine:
         if self._steps % CLEAR_CACHE_EVERY == 0:
             mx.clear_cache()  # buffers of past shapes (prefill chunks, batch sizes) pile up
         bs = self.block_size
-        if plan.prefill:
-            rows = [(seq.tokens, seq.num_computed, n, seq.block_table) for seq, n in plan.prefill]
+        rows = [(seq.tokens, seq.num_computed, n, seq.block_table) for seq, n in plan.prefill]
+        for group in prefill_groups(rows):
             self.runner.forward(pack_prefill(
-                rows, bs, self.scratch_block,
+                group, bs, self.scratch_block,
                 self.scheduler.prefill_chunk if self.pad_prefill else None))
-            for seq, n in plan.prefill:
-                seq.num_computed += n
             # A prefill reads the pool it writes (its context); evaluated now, the next write to
             # the pool updates it in place instead of copying it (MLX donates an input buffer
             # only when no pending op still reads it).
             mx.eval(self.runner.pool.arrays())
+        for seq, n in plan.prefill:
+            seq.num_computed += n
         members = [seq for seq, _ in plan.prefill]
         t1 = time.perf_counter()
         self._phase_s["prefill"] += t1 - t0

@@ -74,6 +74,26 @@ class StepInputs:
 
 
 PREFILL_CONTEXT_BUCKET = 256  # a bucketed prefill attends over a multiple of this many tokens
+# keys gathered by one prefill forward, rows x context (per layer: this many tokens' keys and
+# values, transient): short chunks after long cached prefixes go to several forwards
+PREFILL_GATHER_TOKENS = 1 << 16
+
+
+def prefill_groups(rows, max_gathered: Optional[int] = None) -> list:
+    """`rows` (as pack_prefill takes them) in order, split into forwards whose row count times
+    longest context stays within `max_gathered` (default PREFILL_GATHER_TOKENS; a row alone may
+    exceed it)."""
+    max_gathered = PREFILL_GATHER_TOKENS if max_gathered is None else max_gathered
+    groups, ctx = [], 0
+    for row in rows:
+        c = max(ctx, row[1] + row[2])
+        if groups and (len(groups[-1]) + 1) * c <= max_gathered:
+            groups[-1].append(row)
+            ctx = c
+        else:
+            groups.append([row])
+            ctx = row[1] + row[2]
+    return groups
 
 
 def pack_prefill(rows, block_size: int, scratch_block: int,
