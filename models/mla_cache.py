@@ -17,6 +17,7 @@ heads and so runs as separate matmul and softmax ops over copies of the keys and
 """
 
 import os
+import warnings
 from typing import Optional
 
 import mlx.core as mx
@@ -25,8 +26,13 @@ from marlin_mlx.kernels import paged_attention as _paged
 from marlin_mlx.kernels.launch import backend
 
 _INDEX: dict = {}  # (B, blocks, offset) -> (block tables, context lengths), shared by layers
+DECODE_ATTENTION_PATHS = ("paged", "matmul", "sdpa")
 # the GPU default (benchmarks/mla_attention.py measures the three); MARLIN_MLX_MLA_DECODE overrides
 DECODE_ATTENTION_GPU = os.environ.get("MARLIN_MLX_MLA_DECODE", "").strip() or "paged"
+if DECODE_ATTENTION_GPU not in DECODE_ATTENTION_PATHS:
+    warnings.warn(f"MARLIN_MLX_MLA_DECODE={DECODE_ATTENTION_GPU!r} is not one of "
+                  f"{', '.join(DECODE_ATTENTION_PATHS)}; using 'paged'")
+    DECODE_ATTENTION_GPU = "paged"
 
 
 class MLACache:
@@ -82,7 +88,8 @@ class MLACache:
         if how == "matmul":
             return self._attend_matmul(q, scale)
         if how != "paged":
-            raise ValueError(f"decode_attention {how!r} is not one of paged, matmul, sdpa")
+            raise ValueError(f"MLACache.decode_attention {how!r} is not one of "
+                             f"{', '.join(DECODE_ATTENTION_PATHS)}")
         B, _, cap, D = self.buffer.shape
         nb = cap // self.step
         key = (B, nb, self.offset)
