@@ -11,7 +11,8 @@ Also the host cost of building one quantized-matmul node (ours vs MLX's).
 
     python benchmarks/decode_probe.py --preset qwen3-8b --json out.json --profile
 Variants: builtin (MLX's quantized_matmul everywhere), custom (our kernels forced), auto (the
-measured selection), with suffixes -nofuse (separate gate/up), -pf1 (software-pipelined qmv),
+measured selection), with suffixes -nofuse (separate gate/up), -nofd (no norm / residual /
+q-k-norm-RoPE fusions of kernels.fused_linear and kernels.qk_rope), -pf1 (software-pipelined qmv),
 -qkv (q/k/v as one launch, patched in here for measurement only), -nobake (CUDA launches
 through MLX's template path instead of per-template kernel objects), -rN (N rows per simdgroup
 at M <= 4), -twN (N times the split-K warp target).
@@ -29,7 +30,7 @@ import time
 
 import mlx.core as mx
 
-from marlin_mlx.kernels import QuantizedLinear, quantized_linear, qmv
+from marlin_mlx.kernels import QuantizedLinear, fused_linear, quantized_linear, qmv
 
 
 def build(preset: str, bits: int, group_size: int, dtype=mx.bfloat16, layers: int | None = None,
@@ -92,6 +93,7 @@ def apply_variant(model, variant: str):
     parts = variant.split("-")
     os.environ["MARLIN_MLX_KERNELS"] = parts[0]
     quantized_linear.FUSE_GATE_UP = "nofuse" not in parts
+    fused_linear.ENABLED = "nofd" not in parts  # norm/residual/q-k-rope decode fusions
     qmv.PREFETCH = 1 if "pf1" in parts else 0
     from marlin_mlx.kernels import gated_mlp, launch
     # rN: N rows per simdgroup at M <= 4; twN: N times the default split-K warp target

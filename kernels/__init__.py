@@ -11,4 +11,5 @@ from .quantized_linear import (Linear, QuantizedEmbedding, QuantizedLinear, doct
 
 __all__ = ["Linear", "QuantizedLinear", "QuantizedEmbedding", "quantize_modules",
            "quantized_matmul", "swiglu", "doctor_report"]
-# the op modules: marlin_mlx.kernels.qmv (fused GEMV), .dequantize, .formats, .selection
+# the op modules: marlin_mlx.kernels.qmv (fused GEMV), .dequantize, .formats, .selection,
+# .fused_linear and .qk_rope (decode-step fusions the models call), ...

@@ -79,9 +79,11 @@ def _plan(xdt, sdt, bits, group_size, xshape, N, R, SK, PF=None):
     return plan
 
 
-def build_plan(spec, xdt, sdt, bits, group_size, xshape, N, R, SK, PF, gated: bool = False):
+def build_plan(spec, xdt, sdt, bits, group_size, xshape, N, R, SK, PF, gated: bool = False,
+               extra: tuple = ()):
     """The launch plan of a GEMV-shaped kernel (this one, or the fused gated MLP with
-    `gated`, whose simdgroups each read R gate rows and R up rows)."""
+    `gated`, whose simdgroups each read R gate rows and R up rows); `extra` template constants
+    go after the shared ones (the fused norm variants' EPS)."""
     K, lead = xshape[-1], tuple(xshape[:-1])
     MT = prod(lead)
     M = min(MT, M_TILE)
@@ -90,7 +92,7 @@ def build_plan(spec, xdt, sdt, bits, group_size, xshape, N, R, SK, PF, gated: bo
         R = max(1, R // 2)
     template = [("T", xdt), ("S", sdt), ("XK", XKIND[xdt]), ("BITS", bits),
                 ("GS", group_size), ("R", R), ("SK", SK), ("PF", PF), ("M", M), ("MT", MT),
-                ("K", K), ("N", N)]
+                ("K", K), ("N", N), *extra]
     kern, ktemplate = cuda_plan_kernel(spec, template) if backend() == "cuda" else (None, None)
     return (template, (32 * SK * cdiv(N, R), cdiv(MT, M), 1), (32 * SK, 1, 1),
             [(*lead, N)], [xdt], kern, ktemplate)

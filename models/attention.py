@@ -14,9 +14,9 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from marlin_mlx.kernels import Linear
+from marlin_mlx.kernels import Linear, fused_linear, qk_rope
 
-from .base import RMSNorm, RoPE, attention, fuse_linears
+from .base import MLP, RMSNorm, RoPE, attention, fuse_linears
 from .cache import KVCache
 
 
@@ -36,6 +36,7 @@ class GQAAttention(nn.Module):
             # normalizes each head's vector, so the weight has head_dim entries
             self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+        self._norm_eps = args.rms_norm_eps
         self.rope = RoPE(self.head_dim, args.rope, args.max_position_embeddings)
 
     def fuse_qkv(self) -> bool:
@@ -52,16 +53,35 @@ class GQAAttention(nn.Module):
         self.qkv_proj = fused
         return True
 
-    def project(self, x: mx.array, offset) -> tuple:
-        """q, k, v as (B, heads, L, head_dim), q and k normed (Qwen3) and rotated from `offset`."""
+    def project(self, x: mx.array, offset, norm: Optional[RMSNorm] = None) -> tuple:
+        """q, k, v as (B, heads, L, head_dim) of norm(x) (when a norm is given), q and k normed
+        (Qwen3) and rotated from `offset`.
+
+        With q/k/v fused, a GPU decode step can run the input norm inside the projection's
+        launch and the split, q/k norms and RoPE as one launch (kernels.fused_linear,
+        kernels.qk_rope), each where the selection measured it faster."""
         B, L, _ = x.shape
+        qk_norm = "q_norm" in self
         if "qkv_proj" in self:
             nq, nk = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-            qkv = self.qkv_proj(x)
+            qkv = None if norm is None else fused_linear.norm_linear(x, norm["weight"], norm.eps,
+                                                                      self.qkv_proj)
+            if qkv is None:
+                qkv = self.qkv_proj(x if norm is None else norm(x))
+            rope = self.rope
+            qn = self["q_norm"]["weight"] if qk_norm else None
+            if L == 1 and qk_rope.use_kernel(qkv, self.n_heads, self.n_kv_heads, self.head_dim,
+                                             offset, rope.base, rope._freqs, qn,
+                                             self._norm_eps, rope.scale):
+                return qk_rope.qk_norm_rope(qkv, self.n_heads, self.n_kv_heads, self.head_dim,
+                                            offset, rope._inv_freq, qn,
+                                            self["k_norm"]["weight"] if qk_norm else None,
+                                            self._norm_eps, rope.scale)
             q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
         else:
+            if norm is not None:
+                x = norm(x)
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        qk_norm = "q_norm" in self
         if L == 1:  # (B, 1, H*D) is (B, H, 1, D) in memory: no transpose nodes at decode
             q = q.reshape(B, self.n_heads, 1, -1)
             k = k.reshape(B, self.n_kv_heads, 1, -1)
@@ -82,11 +102,17 @@ class GQAAttention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
         return attention(q, k, v, self.scale, window=self.window, cache=cache)
 
-    def output(self, out: mx.array) -> mx.array:
+    def output(self, out: mx.array, residual: Optional[mx.array] = None) -> mx.array:
+        """o_proj of the heads' outputs, plus `residual` when given (fused into the projection's
+        launch at batch-1 decode on a GPU, where measured faster)."""
         B, _, L, _ = out.shape
         if L > 1:
             out = out.transpose(0, 2, 1, 3)
-        return self.o_proj(out.reshape(B, L, -1))
+        out = out.reshape(B, L, -1)
+        if residual is None:
+            return self.o_proj(out)
+        y = fused_linear.linear_residual(out, self.o_proj, residual)
+        return y if y is not None else residual + self.o_proj(out)
 
     def __call__(self, x: mx.array, cache: Optional[KVCache] = None) -> mx.array:
         q, k, v = self.project(x, cache.offset if cache is not None else 0)
@@ -104,13 +130,15 @@ class PreNormDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def attn_in(self, x: mx.array, offset) -> tuple:
-        return self.self_attn.project(self.input_layernorm(x), offset)
+        return self.self_attn.project(x, offset, norm=self.input_layernorm)
 
     def attend(self, q, k, v, cache=None) -> mx.array:
         return self.self_attn.attend(q, k, v, cache)
 
     def attn_out(self, x: mx.array, attn: mx.array) -> mx.array:
-        h = x + self.self_attn.output(attn)
+        h = self.self_attn.output(attn, residual=x)
+        if type(self.mlp) is MLP:
+            return self.mlp.norm_residual(h, self.post_attention_layernorm)
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def __call__(self, x: mx.array, cache: Optional[KVCache] = None) -> mx.array:

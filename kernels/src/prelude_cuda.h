@@ -29,6 +29,10 @@ KINLINE float k_simd_sum(float v) {
 }
 
 KINLINE float k_silu(float v) { return v / (1.0f + __expf(-v)); }
+KINLINE float k_rsqrt(float v) { return rsqrtf(v); }
+// sin and cos of an angle in radians, full float accuracy (RoPE angles reach ~1e5)
+KINLINE float k_sin(float v) { return sinf(v); }
+KINLINE float k_cos(float v) { return cosf(v); }
 
 KINLINE float k_fma(float a, float b, float c) { return fmaf(a, b, c); }
 

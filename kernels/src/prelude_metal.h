@@ -17,6 +17,9 @@ KINLINE float2 k_bf16x2(uint32_t u) {
 KINLINE float k_simd_sum(float v) { return simd_sum(v); }
 
 KINLINE float k_silu(float v) { return v / (1.0f + metal::exp(-v)); }
+KINLINE float k_rsqrt(float v) { return metal::precise::rsqrt(v); }
+KINLINE float k_sin(float v) { return metal::precise::sin(v); }
+KINLINE float k_cos(float v) { return metal::precise::cos(v); }
 
 KINLINE float k_fma(float a, float b, float c) { return fma(a, b, c); }
 

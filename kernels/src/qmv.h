@@ -14,11 +14,17 @@
 // Template constants: T (x and y), S (scales, biases), XK (0 float32, 1 float16, 2 bfloat16),
 // BITS, GS, R, SK, PF (prefetch the next step), M (rows of x per threadgroup), MT (rows of x
 // in all), K, N.
-// The body is qmv_core.h, shared with gated_mlp.h (GATED = 1 reads a second weight set).
+// The body is qmv_core.h, shared with gated_mlp.h (GATED = 1 reads a second weight set) and
+// the fused decode variants qmv_norm.h, qmv_res.h and gated_norm.h (NORM, RES).
 //// INCLUDE quant_common.h
 #define GATED 0
 #define QW2 w
 #define QS2 scales
 #define QB2 biases
+#define NORM 0
+#define QNW x
+#define QEPS 0.0f
+#define RES 0
+#define QRES x
 //// BODY
 //// INCLUDE qmv_core.h

@@ -10,8 +10,10 @@ const int row0 = int(tg_x) * R;
 const int mbase = int(tg_y) * M;
 
 float acc[RR][M];
-KUNROLL for (int r = 0; r < RR; ++r) {
-  KUNROLL for (int m = 0; m < M; ++m) acc[r][m] = 0.0f;
+float ssq[M];  // NORM: this lane's share of sum(x^2) of each row
+KUNROLL for (int m = 0; m < M; ++m) {
+  ssq[m] = 0.0f;
+  KUNROLL for (int r = 0; r < RR; ++r) acc[r][m] = 0.0f;
 }
 
 // Codes, scales and biases of step cc for all RR rows (rows past N clamp to N - 1: valid
@@ -56,9 +58,17 @@ for (; c < CH; c += 32 * SK) {
   KUNROLL for (int j0 = 0; j0 < 32; j0 += 8) {
     // x for 8 consecutive k: one 16-byte load per row of x (two for float32).
     float xf[M][8];
+    float gw[8];  // NORM: the RMSNorm weight of these k (x's dtype; not `nw`, the input)
+    if (NORM) K_LOAD_X8(gw, QNW + size_t(c) * 32 + j0)
     KUNROLL for (int m = 0; m < M; ++m) {
       const int mr = (mbase + m < MT) ? (mbase + m) : (MT - 1);
       K_LOAD_X8(xf[m], x + size_t(mr) * K + size_t(c) * 32 + j0)
+      if (NORM) {  // x * w now, x / rms(x) once per output (the rms is a scalar per row)
+        KUNROLL for (int jj = 0; jj < 8; ++jj) {
+          ssq[m] = k_fma(xf[m][jj], xf[m][jj], ssq[m]);
+          xf[m][jj] *= gw[jj];
+        }
+      }
       KUNROLL for (int jj = 0; jj < 8; ++jj) sx[m] += xf[m][jj];
     }
     KUNROLL for (int r = 0; r < RR; ++r) {
@@ -74,25 +84,40 @@ for (; c < CH; c += 32 * SK) {
   }
 }
 
-KSHARED float red[SK][RR * M];
+KSHARED float red[SK][(RR + 1) * M];  // the last M: NORM's sums of squares
 KUNROLL for (int r = 0; r < RR; ++r) {
   KUNROLL for (int m = 0; m < M; ++m) {
     const float v = k_simd_sum(acc[r][m]);
     if (lane == 0) red[simd_id][r * M + m] = v;
   }
 }
+if (NORM) {  // every k of a row passes through exactly one lane of this threadgroup
+  KUNROLL for (int m = 0; m < M; ++m) {
+    const float v = k_simd_sum(ssq[m]);
+    if (lane == 0) red[simd_id][RR * M + m] = v;
+  }
+}
 KBARRIER();
 if (simd_id == 0) {
   for (int i = int(lane); i < R * M; i += 32) {
-    float v = 0.0f;
+    float v = 0.0f, u = 0.0f;
     KUNROLL for (int k = 0; k < SK; ++k) v += red[k][i];
-    if (GATED) {  // silu(gate) * up
-      float u = 0.0f;
+    if (GATED) {
       KUNROLL for (int k = 0; k < SK; ++k) u += red[k][R * M + i];
-      v = k_silu(v) * u;
     }
+    if (NORM) {
+      float s2 = 0.0f;
+      KUNROLL for (int k = 0; k < SK; ++k) s2 += red[k][RR * M + i % M];
+      const float inv = k_rsqrt(s2 / float(K) + QEPS);
+      v *= inv;
+      u *= inv;
+    }
+    if (GATED) v = k_silu(v) * u;  // silu(gate) * up
     const int row = row0 + i / M;
     const int m = mbase + i % M;
-    if (row < N && m < MT) y[size_t(m) * N + row] = static_cast<T>(v);
+    if (row < N && m < MT) {
+      if (RES) v += float(QRES[size_t(m) * N + row]);
+      y[size_t(m) * N + row] = static_cast<T>(v);
+    }
   }
 }

@@ -40,6 +40,8 @@ inline float simd_max(float v) { g_simd[t_sid][t_lane] = v; g_sbar[t_sid]->arriv
 inline float fma(float a, float b, float c) { return std::fma(a, b, c); }
 inline float exp(float a) { return std::exp(a); }
 inline float abs(float a) { return std::fabs(a); }
+namespace precise { inline float rsqrt(float a) { return 1.0f / std::sqrt(a); }
+  inline float sin(float a) { return std::sin(a); } inline float cos(float a) { return std::cos(a); } }
 template <typename V> inline V simd_shuffle_xor(V v, unsigned short m) {
   static_assert(sizeof(V) == 4);
   float f; memcpy(&f, &v, 4); g_simd[t_sid][t_lane] = f; g_sbar[t_sid]->arrive_and_wait();

@@ -1,0 +1,257 @@
+"""The decode-step fusions: RMSNorm in front of / residual add behind a quantized GEMV
+(kernels.fused_linear) and the q/k/v split + q/k norm + RoPE kernel (kernels.qk_rope).
+
+CPU: the kernels' Metal renderings run by the emulator (tests/metal_emulator.py) against
+float64 NumPy references, and the models' decode path unchanged where nothing fuses.
+GPU (`-m gpu`): the CUDA/Metal kernels against the same references with poisoned outputs, and
+a quantized Llama/Qwen3 decode step with the fusions against MLX's own ops.
+"""
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+
+from marlin_mlx.kernels import formats, fused_linear, launch, qk_rope
+from marlin_mlx.kernels import selection
+
+TOL = {mx.float32: 1e-5, mx.float16: 2e-3, mx.bfloat16: 1e-2}
+gpu = pytest.mark.skipif(launch.backend() is None, reason="needs an MLX GPU backend")
+
+
+def _np(a):
+    return np.array(a.astype(mx.float32), np.float64)
+
+
+def _affine64(q, s, b, bits, gs):
+    codes = np.array(formats.unpack(q, "affine", bits), np.float64)
+    return codes * np.repeat(_np(s), gs, 1) + np.repeat(_np(b), gs, 1)
+
+
+def _rmsnorm64(x, w, eps):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def _rope64(x, pos, inv_freq):
+    """x (..., D) at positions pos (broadcast against x's leading dims), HF half-split layout."""
+    half = x.shape[-1] // 2
+    ang = pos[..., None] * inv_freq
+    c, s = np.cos(ang), np.sin(ang)
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+
+
+def _err(y, ref):
+    y = _np(y).reshape(ref.shape)
+    assert np.isfinite(y).all(), "unwritten (NaN-poisoned) or non-finite outputs"
+    return np.linalg.norm(y - ref) / np.linalg.norm(ref)
+
+
+def _case(op, dt, N=40, K=320, bits=4, gs=64, seed=0):
+    mx.random.seed(seed)
+    n_w = 2 if op == "gated_norm" else 1
+    ws = [mx.quantize(mx.random.normal((N, K)), group_size=gs, bits=bits) for _ in range(n_w)]
+    ws = [(q, s.astype(dt), b.astype(dt)) for q, s, b in ws]
+    x = mx.random.normal((1, K)).astype(dt)
+    nw = (1.0 + 0.2 * mx.random.normal((K,))).astype(dt)
+    res = mx.random.normal((1, N)).astype(dt)
+    x64, W = _np(x), [_affine64(*w, bits, gs) for w in ws]
+    if op == "qmv_norm":
+        ref = _rmsnorm64(x64, _np(nw), 1e-5) @ W[0].T
+        inputs = [x, *ws[0], nw]
+    elif op == "qmv_res":
+        ref = _np(res) + x64 @ W[0].T
+        inputs = [x, *ws[0], res]
+    else:
+        n = _rmsnorm64(x64, _np(nw), 1e-5)
+        g, u = n @ W[0].T, n @ W[1].T
+        ref = g / (1 + np.exp(-g)) * u
+        inputs = [x, *ws[0], *ws[1], nw]
+    return inputs, ref
+
+
+SPECS = {"qmv_norm": fused_linear.SPEC_NORM, "qmv_res": fused_linear.SPEC_RES,
+         "gated_norm": fused_linear.SPEC_GATED_NORM}
+
+
+@pytest.mark.parametrize("op", list(SPECS))
+@pytest.mark.parametrize("dt", [mx.float16, mx.bfloat16])
+def test_fused_gemv_bodies_on_cpu_emulator(op, dt, tmp_path):
+    import metal_emulator
+    if not metal_emulator.available():
+        pytest.skip("no C++20 g++")
+    inputs, ref = _case(op, dt)
+    spec = SPECS[op]
+    eps = None if op == "qmv_res" else 1e-5
+    t, grid, tg, osh, odt, _, _ = fused_linear._plan(spec, dt, dt, 4, 64, (1, 320), 40, eps)
+    y = metal_emulator.emulate([dict(spec=spec, inputs=inputs, template=t, grid=grid,
+                                     threadgroup=tg, output_shapes=osh, output_dtypes=odt)],
+                               tmp_path)[0]
+    assert _err(y, ref) < TOL[dt] * 2
+
+
+def _qkv_case(dt, B, H, KV, D, norm, seed=0):
+    mx.random.seed(seed)
+    qkv = mx.random.normal((B, 1, (H + 2 * KV) * D)).astype(dt)
+    qn = (1.0 + 0.2 * mx.random.normal((D,))).astype(dt)
+    kn = (1.0 + 0.2 * mx.random.normal((D,))).astype(dt)
+    return qkv, (qn if norm else None), (kn if norm else None)
+
+
+def _qkv_ref(qkv, qn, kn, B, H, KV, D, pos, inv_freq, eps, scale):
+    a = _np(qkv).reshape(B, H + 2 * KV, D)
+    q, k, v = a[:, :H], a[:, H:H + KV], a[:, H + KV:]
+    if qn is not None:
+        q, k = _rmsnorm64(q, _np(qn), eps), _rmsnorm64(k, _np(kn), eps)
+    p = np.asarray(pos, np.float64).reshape(-1, 1)  # (B or 1, 1): per row
+    inv = np.array(inv_freq, np.float64)
+    return _rope64(q * scale, p, inv), _rope64(k * scale, p, inv), v
+
+
+@pytest.mark.parametrize("norm,per_row,scale", [(True, False, 1.0), (False, True, 1.25)])
+def test_qk_rope_body_on_cpu_emulator(norm, per_row, scale, tmp_path):
+    import metal_emulator
+    if not metal_emulator.available():
+        pytest.skip("no C++20 g++")
+    B, H, KV, D, dt = 2, 3, 1, 64, mx.float16
+    qkv, qn, kn = _qkv_case(dt, B, H, KV, D, norm)
+    pos = mx.array([5, 1000] if per_row else [77], dtype=mx.int32)
+    inv = qk_rope.inv_freq_table(D, base=10000.0)
+    monkey = {}
+
+    def run(spec, inputs, template, grid, tg, oshape, odt, init_value=None):
+        monkey["t"] = template
+        return metal_emulator.run(spec, inputs, template, grid, tg, oshape, odt, init_value)
+
+    orig = qk_rope.launch
+    qk_rope.launch, saved_plans = run, dict(qk_rope._PLANS)
+    try:
+        qk_rope._PLANS.clear()
+        q, k, v = qk_rope.qk_norm_rope(qkv, H, KV, D, pos, inv, qn, kn, 1e-6, scale)
+    finally:
+        qk_rope.launch = orig
+        qk_rope._PLANS.clear()
+        qk_rope._PLANS.update(saved_plans)
+    rq, rk, rv = _qkv_ref(qkv, qn, kn, B, H, KV, D, np.array(pos), np.array(inv), 1e-6, scale)
+    assert q.shape == (B, H, 1, D) and k.shape == (B, KV, 1, D) and v.shape == (B, KV, 1, D)
+    assert _err(q, rq[:, :, None]) < 3e-3 and _err(k, rk[:, :, None]) < 3e-3
+    assert _err(v, rv[:, :, None]) == 0.0
+
+
+def test_reference_matches_float64():
+    # the MLX-op reference (the CPU path and the selection's builtin) is the same math
+    B, H, KV, D = 2, 4, 2, 64
+    qkv, qn, kn = _qkv_case(mx.float32, B, H, KV, D, True)
+    pos = mx.array([3, 300], dtype=mx.int32)
+    q, k, v = qk_rope.reference(qkv, H, KV, D, pos, 1e6, None, qn, kn, 1e-6, 1.0)
+    inv = qk_rope.inv_freq_table(D, base=1e6)
+    rq, rk, rv = _qkv_ref(qkv, qn, kn, B, H, KV, D, np.array(pos), np.array(inv), 1e-6, 1.0)
+    assert _err(q, rq[:, :, None]) < 1e-5 and _err(k, rk[:, :, None]) < 1e-5
+    assert _err(v, rv[:, :, None]) == 0.0
+
+
+def test_nothing_fuses_on_cpu():
+    # the CPU backend keeps MLX's ops: the fusions decline, the models run their own path
+    from marlin_mlx.kernels import QuantizedLinear
+    if launch.backend() is not None:
+        pytest.skip("CPU-only check")
+    lin = QuantizedLinear(128, 64)
+    x = mx.zeros((1, 1, 128))
+    assert fused_linear.norm_linear(x, mx.ones((128,)), 1e-6, lin) is None
+    assert fused_linear.linear_residual(x, lin, mx.zeros((1, 1, 64))) is None
+    assert fused_linear.norm_swiglu(x, mx.ones((128,)), 1e-6, lin, lin) is None
+    assert not qk_rope.use_kernel(mx.zeros((1, 1, 4 * 64)), 2, 1, 64, 0, 1e4, None)
+
+
+def test_eps_bits_round_trip():
+    import struct
+    for eps in (1e-6, 1e-5, 1.0, 1.25):
+        bits = fused_linear.eps_bits(eps)
+        assert 0 < bits < 2**31
+        assert struct.unpack("<f", struct.pack("<i", bits))[0] == np.float32(eps)
+
+
+# ------------------------------------------------------------------------------------- GPU
+
+@pytest.fixture
+def poison():
+    launch.POISON_OUTPUTS = True
+    yield
+    launch.POISON_OUTPUTS = False
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("op", list(SPECS))
+@pytest.mark.parametrize("dt", [mx.float16, mx.bfloat16, mx.float32])
+@pytest.mark.parametrize("bits", [4, 8, 3])
+def test_fused_gemv_kernels_gpu(op, dt, bits, poison):
+    N, K = 300, 64 * 40
+    inputs, ref = _case(op, dt, N=N, K=K, bits=bits, seed=np.random.randint(1 << 20))
+    if op == "qmv_norm":
+        y = fused_linear.qmv_norm_kernel(*inputs[:4], inputs[4], 1e-5, 64, bits)
+    elif op == "qmv_res":
+        y = fused_linear.qmv_res_kernel(*inputs, 64, bits)
+    else:
+        y = fused_linear.gated_norm_kernel(inputs[0], tuple(inputs[1:4]), tuple(inputs[4:7]),
+                                           inputs[7], 1e-5, 64, bits)
+    assert y.shape == (1, N) and y.dtype == dt
+    assert _err(y, ref) < TOL[dt] * (2 if op != "qmv_res" else 1)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dt", [mx.bfloat16, mx.float16, mx.float32])
+@pytest.mark.parametrize("B,norm,per_row,scale,D", [(1, True, False, 1.0, 128),
+                                                    (5, False, True, 1.1, 128),
+                                                    (3, True, True, 1.0, 64)])
+def test_qk_rope_kernel_gpu(dt, B, norm, per_row, scale, D, poison):
+    H, KV = 8, 2
+    qkv, qn, kn = _qkv_case(dt, B, H, KV, D, norm, seed=np.random.randint(1 << 20))
+    pos = mx.array(list(range(7, 7 + 997 * B, 997)) if per_row else [8191], dtype=mx.int32)
+    inv = qk_rope.inv_freq_table(D, base=1e6)
+    q, k, v = qk_rope.qk_norm_rope(qkv, H, KV, D, pos, inv, qn, kn, 1e-6, scale)
+    rq, rk, rv = _qkv_ref(qkv, qn, kn, B, H, KV, D, np.array(pos), np.array(inv), 1e-6, scale)
+    tol = {mx.float32: 1e-4, mx.float16: 3e-3, mx.bfloat16: 1.5e-2}[dt]
+    assert _err(q, rq[:, :, None]) < tol and _err(k, rk[:, :, None]) < tol
+    assert _err(v, rv[:, :, None]) == 0.0
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_decode_step_fused_equals_mlx_ops(arch, make_checkpoint, monkeypatch, tmp_path):
+    # A 4-bit bfloat16 model's compiled decode steps with every fusion forced on against MLX's
+    # own ops (fusions off, MLX's kernels): same greedy tokens, logits within bf16 rounding.
+    from marlin_mlx.generation import decode_forward
+    from marlin_mlx.kernels import quantize_modules
+    from marlin_mlx.loader import load_model
+    monkeypatch.setenv("MARLIN_MLX_CACHE_DIR", str(tmp_path))
+    path = make_checkpoint(arch, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=64)
+    prompt = mx.array([[1, 5, 9, 200, 31, 7]])
+
+    def decode(fused: bool):
+        monkeypatch.setattr(fused_linear, "ENABLED", fused)
+        monkeypatch.setenv(selection.ENV_MODE, "custom" if fused else "builtin")
+        for d in (fused_linear._DECISIONS, qk_rope._DECISIONS):
+            d.clear()
+        model, _ = load_model(path)
+        model.set_dtype(mx.bfloat16)
+        quantize_modules(model, group_size=64, bits=4)
+        mx.eval(model.parameters())
+        step = decode_forward(model, compile=True)
+        cache = model.make_cache()
+        logits = model(prompt, cache=cache)
+        outs = []
+        for _ in range(4):  # the first step warms up, the next ones replay the compiled graphs
+            tok = mx.argmax(logits[:, -1], -1, keepdims=True).astype(mx.int32)
+            logits = step(tok, cache=cache)
+            mx.eval(logits)
+            outs.append(_np(logits))
+        return outs
+
+    fused, plain = decode(True), decode(False)
+    for a, b in zip(fused, plain):
+        assert np.argmax(a[0, -1]) == np.argmax(b[0, -1])
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 3e-2
