@@ -13,7 +13,8 @@ Also the host cost of building one quantized-matmul node (ours vs MLX's).
 Variants: builtin (MLX's quantized_matmul everywhere), custom (our kernels forced), auto (the
 measured selection), with suffixes -nofuse (separate gate/up), -nofd (no norm / residual /
 q-k-norm-RoPE fusions of kernels.fused_linear and kernels.qk_rope), -pf1 (software-pipelined qmv),
--qkv (q/k/v as one launch, patched in here for measurement only), -nobake (CUDA launches
+-qkv (q/k/v as one launch, patched in here for measurement only), -hN (at most N query heads
+per paged-attention threadgroup), -nobake (CUDA launches
 through MLX's template path instead of per-template kernel objects), -rN (N rows per simdgroup
 at M <= 4), -twN (N times the split-K warp target).
 """
@@ -94,6 +95,12 @@ def apply_variant(model, variant: str):
     os.environ["MARLIN_MLX_KERNELS"] = parts[0]
     quantized_linear.FUSE_GATE_UP = "nofuse" not in parts
     fused_linear.ENABLED = "nofd" not in parts  # norm/residual/q-k-rope decode fusions
+    from marlin_mlx.kernels import paged_attention
+    # hN: at most N query heads per paged-attention threadgroup (GLM's batch-1 MLA decode)
+    cap = next((int(x[1:]) for x in parts if x[:1] == "h" and x[1:].isdigit()), 0)
+    if cap != paged_attention.HEADS_CAP:
+        paged_attention.HEADS_CAP = cap
+        paged_attention._PLANS.clear()
     qmv.PREFETCH = 1 if "pf1" in parts else 0
     from marlin_mlx.kernels import gated_mlp, launch
     # rN: N rows per simdgroup at M <= 4; twN: N times the default split-K warp target
@@ -376,6 +383,8 @@ def main(argv=None):
                    help="after the variants: plain,qkv,compiled (fused q/k/v, compiled step)")
     p.add_argument("--vocab", type=int, default=None, help="smaller vocabulary (CPU checks)")
     p.add_argument("--profile-compiled", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--compiled", action="store_true",
+                   help="time the variants through the compiled decode step (as generate runs)")
     p.add_argument("--buffer-sweep", default="",
                    help="MLX_MAX_OPS_PER_BUFFER values to time (subprocesses), e.g. 60,200")
     p.add_argument("--sweep-variants", default="custom")
@@ -419,6 +428,10 @@ def main(argv=None):
         print("host µs per graph node:",
               {k: round(v, 2) for k, v in report["node_host_us"].items()}, flush=True)
     ref_logits = None
+    if a.compiled:
+        from marlin_mlx.generation import decode_forward
+        _FORWARD[id(model)] = decode_forward(model, True)
+        report["compiled"] = True
     for v in a.variants.split(","):
         apply_variant(model, v)
         try:

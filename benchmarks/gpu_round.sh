@@ -13,6 +13,11 @@
 # qmmkernels: the kernel matrix for affine 4-bit, M 1-64, bfloat16 x, with qmm launch variants
 # engine:     benchmarks/engine_probe.py (serving engine step by batch size), qmm on and off
 # moe:     benchmarks/gpu_moe.sh (GLM-4.7-Flash and Qwen3-30B-A3B shapes vs mlx-lm)
+# fusedtests: the decode fusions' GPU tests, the compiled step's, and the paged-attention GPU
+#          tests with at most 2 query heads per threadgroup (MARLIN_MLX_PAGED_HEADS=2)
+# glmheads: GLM-4.7-Flash batch-1 decode through the compiled step (decode_probe --compiled),
+#          prompts GLM_PROMPTS (128 8192), paged-attention heads per threadgroup as the
+#          variants (GLM_VARIANTS: auto,auto-h4,auto-h2)
 # PROBE_VARIANTS / PROBE_PROFILE override the probe's variant lists.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -86,6 +91,18 @@ PY
       done ;;
     moe)
       timeout ${MOE_TIMEOUT:-540} bash benchmarks/gpu_moe.sh 2>&1 | tail -60 | tee "$OUT/moe.log" ;;
+    fusedtests)
+      timeout ${TESTS_TIMEOUT:-200} python3 -m pytest -q --tb=short -p no:cacheprovider \
+        tests/test_compiled_decode.py tests/test_fused_decode.py 2>&1 | tail -30 | tee "$OUT/pytest_fused.log"
+      MARLIN_MLX_PAGED_HEADS=2 timeout ${TESTS_TIMEOUT:-200} python3 -m pytest -q --tb=short \
+        -p no:cacheprovider -m gpu tests/test_paged_attention.py 2>&1 | tail -20 | tee "$OUT/pytest_paged_h2.log" ;;
+    glmheads)
+      for p in ${GLM_PROMPTS:-128 8192}; do
+        timeout ${GLM_TIMEOUT:-200} python3 benchmarks/decode_probe.py --preset glm-4.7-flash \
+          --prompt "$p" --steps 32 --compiled --variants "${GLM_VARIANTS:-auto,auto-h4,auto-h2}" \
+          --json "$OUT/decode_probe_glm_heads_p$p.json" 2>&1 | grep -v "^ *[0-9.]* µs x" | tail -8 \
+          | tee -a "$OUT/glmheads.log"
+      done ;;
     *) echo "unknown part $part" ;;
   esac
   echo "== $part: $(( $(date +%s) - t0 )) s"

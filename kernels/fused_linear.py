@@ -136,14 +136,14 @@ def _decide(op, x, layers, eps=None) -> bool:
     w, sdt = l0["weight"], l0["scales"].dtype
     key = (op, x.dtype, sdt, w.shape, l0.bits, l0.group_size, eps, selection.mode())
     use = _DECISIONS.get(key)
-    if use is None:
-        use = _DECISIONS[key] = _measure(op, x.dtype, sdt, w.shape, l0.bits, l0.group_size,
-                                         eps)
+    if use is None:  # (N, K): the packed weight's rows, x's length (not the packed words)
+        use = _DECISIONS[key] = _measure(op, x.dtype, sdt, (w.shape[0], x.shape[-1]), l0.bits,
+                                         l0.group_size, eps)
     return use
 
 
-def _measure(op, xdt, sdt, wshape, bits, gs, eps) -> bool:
-    N, K = wshape
+def _measure(op, xdt, sdt, shape, bits, gs, eps) -> bool:
+    N, K = shape
 
     def make_inputs():
         ws = [mx.quantize(mx.random.normal((N, K), dtype=sdt), group_size=gs, bits=bits)

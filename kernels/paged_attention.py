@@ -34,6 +34,7 @@ kernel rescales and combines the partitions and casts to the query dtype.
 from __future__ import annotations
 
 import math
+import os
 import struct
 
 import mlx.core as mx
@@ -48,6 +49,10 @@ NT = 128                      # threads per threadgroup = tokens per context par
 SMEM_BUDGET = 30 * 1024       # bytes of threadgroup memory (Metal allows 32 KiB)
 MAX_V_DIM = 4 * NT            # the p @ V phase gives each thread 4 columns of one row
 LOG2E = 1.4426950408889634
+# At most this many query heads per threadgroup (MARLIN_MLX_PAGED_HEADS; 0: as many as fit).
+# Fewer heads per group spread a batch-1 decode (GLM: 20 heads on one latent "kv head") over
+# more SMs, at the cost of reading each key row once per group.
+HEADS_CAP = int(os.environ.get("MARLIN_MLX_PAGED_HEADS", "0") or 0)
 
 SPEC = KernelSpec("marlin_paged_attn", "paged_attention.h",
                   ("queries", "key_cache", "value_cache", "block_tables", "context_lens", "meta"),
@@ -264,6 +269,8 @@ def _plan(dtype, B, nh, kvh, bs, dk, dv, mb, mla):
     if plan is None:
         g = nh // kvh
         gc = _heads_per_group(g, dk, dv)
+        if HEADS_CAP > 0:
+            gc = cdiv(g, cdiv(g, min(gc, HEADS_CAP)))
         nhc = cdiv(g, gc)
         np_ = cdiv(mb * bs, NT)
         template = [("T", dtype), ("XK", XKIND[dtype]), ("DK", dk), ("DV", dv),

@@ -163,6 +163,38 @@ def test_nothing_fuses_on_cpu():
     assert not qk_rope.use_kernel(mx.zeros((1, 1, 4 * 64)), 2, 1, 64, 0, 1e4, None)
 
 
+def test_selection_inputs_have_the_layer_shapes(monkeypatch):
+    # What the first-use selection would time and check on a GPU, run here through MLX's ops:
+    # inputs of the layer's real shapes (x of K values, not of the packed words), and the
+    # built-in composition agreeing with the float32 reference.
+    from marlin_mlx.kernels import QuantizedLinear
+    seen = []
+
+    def fake_use_custom(op, fmt, cls, make_inputs, custom, builtin, reference, tol):
+        inputs = make_inputs()
+        err = selection.rel_err(builtin(*inputs), reference(*inputs))
+        seen.append((op, cls, inputs[0].shape, err))
+        return False
+
+    monkeypatch.setattr(selection, "use_custom", fake_use_custom)
+    monkeypatch.setattr(fused_linear, "_one_row", lambda x: True)
+    monkeypatch.setattr(fused_linear, "_DECISIONS", {})
+    monkeypatch.setattr(qk_rope, "_DECISIONS", {})
+    K, N, gs = 96, 40, 32
+    lin = QuantizedLinear(K, N, False, gs, 4)
+    x = mx.random.normal((1, 1, K))
+    assert fused_linear.norm_linear(x, mx.ones((K,)), 1e-6, lin) is None
+    assert fused_linear.linear_residual(x, lin, mx.zeros((1, 1, N))) is None
+    assert fused_linear.norm_swiglu(x, mx.ones((K,)), 1e-6, lin, lin) is None
+    monkeypatch.setattr(qk_rope, "backend", lambda: "cuda")
+    assert not qk_rope.use_kernel(mx.zeros((2, 1, 4 * 64)), 2, 1, 64, mx.array([3, 4]), 1e4,
+                                  None, mx.ones((64,)))
+    assert [s[0] for s in seen] == ["qmv_norm", "qmv_res", "gated_norm", "qk_rope"]
+    for op, cls, xshape, err in seen:
+        assert xshape[-1] == (4 * 64 if op == "qk_rope" else K), (op, cls, xshape)
+        assert err < 1e-5, (op, err)
+
+
 def test_eps_bits_round_trip():
     import struct
     for eps in (1e-6, 1e-5, 1.0, 1.25):
