@@ -103,6 +103,13 @@ PY
           --json "$OUT/decode_probe_glm_heads_p$p.json" 2>&1 | grep -v "^ *[0-9.]* µs x" | tail -8 \
           | tee -a "$OUT/glmheads.log"
       done ;;
+    glmtest)
+      # the GLM-shaped compiled-step tests with their tracebacks, MLA decode paged then sdpa
+      for how in paged sdpa; do
+        MARLIN_MLX_MLA_DECODE=$how timeout ${TESTS_TIMEOUT:-120} python3 -m pytest -q --tb=long \
+          -p no:cacheprovider tests/test_compiled_decode.py -k glm4_moe_lite 2>&1 | tail -60 \
+          | tee -a "$OUT/pytest_glm.log"
+      done ;;
     *) echo "unknown part $part" ;;
   esac
   echo "== $part: $(( $(date +%s) - t0 )) s"
