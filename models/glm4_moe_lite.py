@@ -29,6 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from marlin_mlx.kernels import Linear
+from marlin_mlx.kernels.launch import backend
 
 from .base import MLP, CausalLM, RMSNorm, RoPE, attention, check_activation, rope_parameters
 from .mla_cache import MLACache
@@ -186,6 +187,12 @@ class QuantizedPerHeadLinear(nn.Module):
         self.freeze()
 
     def __call__(self, x: mx.array, transpose: bool = True) -> mx.array:
+        if not transpose and x.dtype == mx.float32 and backend() == "cuda":
+            # MLX 0.32's CUDA quantized_matmul has no non-transposed float32 kernel ("No
+            # implementation for problem shape"): multiply by the dequantized matrices instead
+            w = mx.dequantize(self.weight, self.scales, self.get("biases"),
+                              group_size=self.group_size, bits=self.bits, mode=self.mode)
+            return x @ w
         return mx.quantized_matmul(x, self.weight, self.scales, self.get("biases"), transpose=transpose,
                                    group_size=self.group_size, bits=self.bits, mode=self.mode)
 
