@@ -187,12 +187,12 @@ class QuantizedPerHeadLinear(nn.Module):
         self.freeze()
 
     def __call__(self, x: mx.array, transpose: bool = True) -> mx.array:
-        if not transpose and x.dtype == mx.float32 and backend() == "cuda":
-            # MLX 0.32's CUDA quantized_matmul has no non-transposed float32 kernel ("No
-            # implementation for problem shape"): multiply by the dequantized matrices instead
+        if x.dtype == mx.float32 and backend() == "cuda":
+            # MLX 0.32's CUDA quantized_matmul has no float32 kernel for per-head (batched)
+            # weights ("No implementation for problem shape"): use the dequantized matrices
             w = mx.dequantize(self.weight, self.scales, self.get("biases"),
                               group_size=self.group_size, bits=self.bits, mode=self.mode)
-            return x @ w
+            return x @ (w.swapaxes(-1, -2) if transpose else w)
         return mx.quantized_matmul(x, self.weight, self.scales, self.get("biases"), transpose=transpose,
                                    group_size=self.group_size, bits=self.bits, mode=self.mode)
 

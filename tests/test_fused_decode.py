@@ -253,8 +253,10 @@ def test_qk_rope_kernel_gpu(dt, B, norm, per_row, scale, D, poison):
 @gpu
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 def test_decode_step_fused_equals_mlx_ops(arch, make_checkpoint, monkeypatch, tmp_path):
-    # A 4-bit bfloat16 model's compiled decode steps with every fusion forced on against MLX's
-    # own ops (fusions off, MLX's kernels): same greedy tokens, logits within bf16 rounding.
+    # A 4-bit float32 model's compiled decode steps with every fusion forced on against MLX's
+    # own ops (fusions off, MLX's kernels): same greedy tokens, logits within float32 rounding.
+    # (In bfloat16 the two paths round at different places: a few % on this random model, which
+    # flips near-tied argmaxes.)
     from marlin_mlx.generation import decode_forward
     from marlin_mlx.kernels import quantize_modules
     from marlin_mlx.loader import load_model
@@ -269,7 +271,6 @@ def test_decode_step_fused_equals_mlx_ops(arch, make_checkpoint, monkeypatch, tm
         for d in (fused_linear._DECISIONS, qk_rope._DECISIONS):
             d.clear()
         model, _ = load_model(path)
-        model.set_dtype(mx.bfloat16)
         quantize_modules(model, group_size=64, bits=4)
         mx.eval(model.parameters())
         step = decode_forward(model, compile=True)
@@ -286,4 +287,4 @@ def test_decode_step_fused_equals_mlx_ops(arch, make_checkpoint, monkeypatch, tm
     fused, plain = decode(True), decode(False)
     for a, b in zip(fused, plain):
         assert np.argmax(a[0, -1]) == np.argmax(b[0, -1])
-        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 3e-2
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-4
