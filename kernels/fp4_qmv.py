@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from . import launch as _launch
 from .formats import validate_quantized
-from .launch import KernelSpec, backend, cdiv, cuda_plan_kernel, launch, prod
+from .launch import KernelSpec, backend, cdiv, cuda_plan_kernel, launch_planned, prod
 from .qmv import DTYPES, M_TILE, XKIND, config
 
 SPEC = KernelSpec("marlin_qmv_fp4", "qmv_fp4.h", ("x", "w", "scales"), ("y",))
@@ -67,11 +66,8 @@ def fp4_qmv_kernel(x, w, scales, mode, *, R=None, SK=None):
     """The custom kernel alone (no validation, no fallback)."""
     template, grid, tg, oshape, odt, kern, ktemplate = _plan(x.dtype, mode, x.shape, w.shape[0],
                                                              R, SK)
-    if kern is not None:
-        return kern(inputs=[x, w, scales], template=ktemplate, grid=grid, threadgroup=tg,
-                    output_shapes=oshape, output_dtypes=odt,
-                    init_value=float("nan") if _launch.POISON_OUTPUTS else None)[0]
-    return launch(SPEC, [x, w, scales], template, grid, tg, oshape, odt)[0]
+    return launch_planned(SPEC, [x, w, scales], template, grid, tg, oshape, odt, kern,
+                          ktemplate)[0]
 
 
 def template_for(x_dtype, mode, M, MT, K, N):

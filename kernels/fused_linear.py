@@ -26,12 +26,11 @@ import struct
 
 import mlx.core as mx
 
-from . import launch as _launch
 from . import qmv as _qmv
 from . import quantized_linear as _ql
 from . import selection
 from .formats import reference_matmul
-from .launch import KernelSpec, backend, launch
+from .launch import KernelSpec, backend, launch_planned
 
 SPEC_NORM = KernelSpec("marlin_qmv_norm", "qmv_norm.h",
                        ("x", "w", "scales", "biases", "nw"), ("y",))
@@ -66,11 +65,7 @@ def _plan(spec, xdt, sdt, bits, group_size, xshape, N, eps):
 def _run(spec, inputs, x, sdt, bits, group_size, N, eps=None):
     template, grid, tg, oshape, odt, kern, ktemplate = _plan(spec, x.dtype, sdt, bits,
                                                              group_size, x.shape, N, eps)
-    if kern is not None:
-        return kern(inputs=inputs, template=ktemplate, grid=grid, threadgroup=tg,
-                    output_shapes=oshape, output_dtypes=odt,
-                    init_value=float("nan") if _launch.POISON_OUTPUTS else None)[0]
-    return launch(spec, inputs, template, grid, tg, oshape, odt)[0]
+    return launch_planned(spec, inputs, template, grid, tg, oshape, odt, kern, ktemplate)[0]
 
 
 def _sdt(arrays, sdt):

@@ -10,8 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .formats import validate_quantized
-from . import launch as _launch
-from .launch import KernelSpec, backend, launch
+from .launch import KernelSpec, backend, launch_planned
 from . import qmv as _qmv
 from .qmv import M_TILE, supported
 
@@ -63,11 +62,7 @@ def gated_mlp_kernel(x, gate, up, group_size, bits, *, R=None, SK=None, PF=None)
     template, grid, tg, oshape, odt, kern, ktemplate = _plan(x.dtype, sdt, bits, group_size,
                                                              x.shape, w.shape[0], R, SK, PF)
     inputs = [x, w, s, b, w2, s2, b2]
-    if kern is not None:
-        return kern(inputs=inputs, template=ktemplate, grid=grid, threadgroup=tg,
-                    output_shapes=oshape, output_dtypes=odt,
-                    init_value=float("nan") if _launch.POISON_OUTPUTS else None)[0]
-    return launch(SPEC, inputs, template, grid, tg, oshape, odt)[0]
+    return launch_planned(SPEC, inputs, template, grid, tg, oshape, odt, kern, ktemplate)[0]
 
 
 def template_for(x_dtype, s_dtype, bits, group_size, M, MT, K, N, PF=None):

@@ -145,6 +145,17 @@ def launch(spec: KernelSpec, inputs, template, grid, threadgroup, output_shapes,
                 output_shapes=output_shapes, output_dtypes=output_dtypes, init_value=init_value)
 
 
+def launch_planned(spec: KernelSpec, inputs, template, grid, threadgroup, output_shapes,
+                   output_dtypes, kern, ktemplate):
+    """A launch from a cached plan: on CUDA the plan's kernel object (`cuda_plan_kernel`) is
+    called directly with its baked template; otherwise (Metal, or no kernel object) `launch`."""
+    if kern is not None:
+        return kern(inputs=inputs, template=ktemplate, grid=grid, threadgroup=threadgroup,
+                    output_shapes=output_shapes, output_dtypes=output_dtypes,
+                    init_value=float("nan") if POISON_OUTPUTS else None)
+    return launch(spec, inputs, template, grid, threadgroup, output_shapes, output_dtypes)
+
+
 def _template_value(v, types) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"

@@ -15,7 +15,7 @@ from . import fused_linear
 from . import launch as _launch
 from . import selection
 from .fused_linear import eps_bits
-from .launch import KernelSpec, backend, cdiv, launch
+from .launch import KernelSpec, backend, cdiv, launch_planned
 
 SPEC = KernelSpec("marlin_qk_rope", "qk_rope.h", ("qkv", "qn", "kn", "pos", "inv_freq"),
                   ("q", "k", "v"))
@@ -63,21 +63,14 @@ def supported(qkv, n_heads, n_kv_heads, head_dim, q_norm_w, pos) -> bool:
 _PLANS: dict = {}
 
 
-def qk_norm_rope(qkv, n_heads, n_kv_heads, head_dim, pos, inv_freq, q_norm_w=None,
-                 k_norm_w=None, eps=1e-6, scale=1.0):
-    """The custom kernel: qkv (B, 1, (H + 2 KV) * D) -> q (B, H, 1, D), k and v (B, KV, 1, D).
-    `pos`: int or int32 array of 1 or B positions; `inv_freq`: inv_freq_table(...)."""
-    B = qkv.shape[0]
-    if isinstance(pos, int):
-        pos = mx.array([pos], dtype=mx.int32)
-    elif pos.dtype != mx.int32:
-        pos = pos.astype(mx.int32)
-    norm = q_norm_w is not None
-    key = (qkv.dtype, B, n_heads, n_kv_heads, head_dim, norm, pos.size > 1, eps, scale)
+def _plan(dtype, B, n_heads, n_kv_heads, head_dim, norm, per_row, eps, scale):
+    """(template, grid, threadgroup, output shapes, output dtypes, kernel object, its template),
+    cached: the host cost of a launch counts at every decode step."""
+    key = (dtype, B, n_heads, n_kv_heads, head_dim, norm, per_row, eps, scale)
     plan = _PLANS.get(key)
     if plan is None:
-        template = [("T", qkv.dtype), ("H", n_heads), ("KV", n_kv_heads), ("D", head_dim),
-                    ("NORM", int(norm)), ("PB", int(pos.size > 1)), ("EPS", eps_bits(eps)),
+        template = [("T", dtype), ("H", n_heads), ("KV", n_kv_heads), ("D", head_dim),
+                    ("NORM", int(norm)), ("PB", int(per_row)), ("EPS", eps_bits(eps)),
                     ("SCALE", eps_bits(scale)), ("HPT", HEADS_PER_GROUP)]
         nh = n_heads + 2 * n_kv_heads
         grid = (32 * HEADS_PER_GROUP * cdiv(nh, HEADS_PER_GROUP), B, 1)
@@ -85,16 +78,23 @@ def qk_norm_rope(qkv, n_heads, n_kv_heads, head_dim, pos, inv_freq, q_norm_w=Non
                            else (None, None))
         plan = _PLANS[key] = (template, grid, (32 * HEADS_PER_GROUP, 1, 1),
                               [(B, n_heads, 1, head_dim), (B, n_kv_heads, 1, head_dim),
-                               (B, n_kv_heads, 1, head_dim)], [qkv.dtype] * 3, kern, ktemplate)
-    template, grid, tg, oshape, odt, kern, ktemplate = plan
-    qn = q_norm_w if norm else qkv
-    kn = k_norm_w if norm else qkv
-    inputs = [qkv, qn, kn, pos, inv_freq]
-    if kern is not None:
-        return tuple(kern(inputs=inputs, template=ktemplate, grid=grid, threadgroup=tg,
-                          output_shapes=oshape, output_dtypes=odt,
-                          init_value=float("nan") if _launch.POISON_OUTPUTS else None))
-    return tuple(launch(SPEC, inputs, template, grid, tg, oshape, odt))
+                               (B, n_kv_heads, 1, head_dim)], [dtype] * 3, kern, ktemplate)
+    return plan
+
+
+def qk_norm_rope(qkv, n_heads, n_kv_heads, head_dim, pos, inv_freq, q_norm_w=None,
+                 k_norm_w=None, eps=1e-6, scale=1.0):
+    """The custom kernel: qkv (B, 1, (H + 2 KV) * D) -> q (B, H, 1, D), k and v (B, KV, 1, D).
+    `pos`: int or int32 array of 1 or B positions; `inv_freq`: inv_freq_table(...)."""
+    if isinstance(pos, int):
+        pos = mx.array([pos], dtype=mx.int32)
+    elif pos.dtype != mx.int32:
+        pos = pos.astype(mx.int32)
+    norm = q_norm_w is not None
+    template, grid, tg, oshape, odt, kern, ktemplate = _plan(
+        qkv.dtype, qkv.shape[0], n_heads, n_kv_heads, head_dim, norm, pos.size > 1, eps, scale)
+    inputs = [qkv, q_norm_w if norm else qkv, k_norm_w if norm else qkv, pos, inv_freq]
+    return tuple(launch_planned(SPEC, inputs, template, grid, tg, oshape, odt, kern, ktemplate))
 
 
 _DECISIONS: dict = {}

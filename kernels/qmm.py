@@ -13,9 +13,8 @@ import os
 
 import mlx.core as mx
 
-from . import launch as _launch
 from .formats import validate_quantized
-from .launch import KernelSpec, backend, cdiv, cuda_plan_kernel, launch, prod
+from .launch import KernelSpec, backend, cdiv, cuda_plan_kernel, launch_planned, prod
 from .qmv import DTYPES as S_DTYPES
 
 SPEC = KernelSpec("marlin_qmm", "qmm.h", ("x", "w", "scales", "biases", "rows"), ("y",))
@@ -108,11 +107,8 @@ def qmm_kernel(x, w, scales, biases, group_size, bits, *, NT=None, SK=None):
         x.dtype, sdt, bits, group_size, x.shape, w.shape[0], NT, SK)
     if biases.dtype != sdt:
         biases = biases.astype(sdt)
-    if kern is not None:
-        return kern(inputs=[x, w, scales, biases, rows], template=ktemplate, grid=grid,
-                    threadgroup=tg, output_shapes=oshape, output_dtypes=odt,
-                    init_value=float("nan") if _launch.POISON_OUTPUTS else None)[0]
-    return launch(SPEC, [x, w, scales, biases, rows], template, grid, tg, oshape, odt)[0]
+    return launch_planned(SPEC, [x, w, scales, biases, rows], template, grid, tg, oshape, odt,
+                          kern, ktemplate)[0]
 
 
 def compile_cases():

@@ -12,8 +12,7 @@ import os
 import mlx.core as mx
 
 from .formats import validate_quantized
-from . import launch as _launch
-from .launch import KernelSpec, backend, cdiv, cuda_plan_kernel, launch, prod
+from .launch import KernelSpec, backend, cdiv, cuda_plan_kernel, launch_planned, prod
 
 SPEC = KernelSpec("marlin_qmv", "qmv.h", ("x", "w", "scales", "biases"), ("y",))
 
@@ -106,11 +105,8 @@ def qmv_kernel(x, w, scales, biases, group_size, bits, *, R=None, SK=None, PF=No
                                                              x.shape, w.shape[0], R, SK, PF)
     if biases.dtype != sdt:
         biases = biases.astype(sdt)
-    if kern is not None:
-        return kern(inputs=[x, w, scales, biases], template=ktemplate, grid=grid, threadgroup=tg,
-                    output_shapes=oshape, output_dtypes=odt,
-                    init_value=float("nan") if _launch.POISON_OUTPUTS else None)[0]
-    return launch(SPEC, [x, w, scales, biases], template, grid, tg, oshape, odt)[0]
+    return launch_planned(SPEC, [x, w, scales, biases], template, grid, tg, oshape, odt, kern,
+                          ktemplate)[0]
 
 
 def template_for(x_dtype, s_dtype, bits, group_size, M, MT, K, N, R=None, SK=None, PF=None):

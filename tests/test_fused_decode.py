@@ -117,21 +117,12 @@ def test_qk_rope_body_on_cpu_emulator(norm, per_row, scale, tmp_path):
     qkv, qn, kn = _qkv_case(dt, B, H, KV, D, norm)
     pos = mx.array([5, 1000] if per_row else [77], dtype=mx.int32)
     inv = qk_rope.inv_freq_table(D, base=10000.0)
-    monkey = {}
-
-    def run(spec, inputs, template, grid, tg, oshape, odt, init_value=None):
-        monkey["t"] = template
-        return metal_emulator.run(spec, inputs, template, grid, tg, oshape, odt, init_value)
-
-    orig = qk_rope.launch
-    qk_rope.launch, saved_plans = run, dict(qk_rope._PLANS)
-    try:
-        qk_rope._PLANS.clear()
-        q, k, v = qk_rope.qk_norm_rope(qkv, H, KV, D, pos, inv, qn, kn, 1e-6, scale)
-    finally:
-        qk_rope.launch = orig
-        qk_rope._PLANS.clear()
-        qk_rope._PLANS.update(saved_plans)
+    t, grid, tg, osh, odt, _, _ = qk_rope._plan(dt, B, H, KV, D, norm, per_row, 1e-6, scale)
+    q, k, v = metal_emulator.emulate([dict(spec=qk_rope.SPEC, inputs=[qkv, qn if norm else qkv,
+                                                                       kn if norm else qkv, pos,
+                                                                       inv],
+                                           template=t, grid=grid, threadgroup=tg,
+                                           output_shapes=osh, output_dtypes=odt)], tmp_path)
     rq, rk, rv = _qkv_ref(qkv, qn, kn, B, H, KV, D, np.array(pos), np.array(inv), 1e-6, scale)
     assert q.shape == (B, H, 1, D) and k.shape == (B, KV, 1, D) and v.shape == (B, KV, 1, D)
     assert _err(q, rq[:, :, None]) < 3e-3 and _err(k, rk[:, :, None]) < 3e-3

@@ -6,10 +6,5 @@
 #define QW2 w2
 #define QS2 scales2
 #define QB2 biases2
-#define NORM 0
-#define QNW x
-#define QEPS 0.0f
-#define RES 0
-#define QRES x
 //// BODY
 //// INCLUDE qmv_core.h

@@ -9,7 +9,5 @@
 #define NORM 1
 #define QNW nw
 #define QEPS k_as_float(uint32_t(EPS))
-#define RES 0
-#define QRES x
 //// BODY
 //// INCLUDE qmv_core.h

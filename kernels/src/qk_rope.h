@@ -10,7 +10,7 @@
 // Outputs: q (B, H, D), k (B, KV, D), v (B, KV, D).
 // One simdgroup per (row, head); lane l owns the pairs (i, i + D/2) for i = l, l + 32, ...
 // Template constants: T, H, KV, D, NORM, PB, EPS and SCALE (float32 bits), HPT (heads per
-// threadgroup).
+// threadgroup). (nvcc reports a 32-byte stack: sinf/cosf's slow path for huge angles.)
 //// BODY
 constexpr int NH = H + 2 * KV;
 constexpr int HALF = D / 2;

@@ -17,14 +17,5 @@
 // The body is qmv_core.h, shared with gated_mlp.h (GATED = 1 reads a second weight set) and
 // the fused decode variants qmv_norm.h, qmv_res.h and gated_norm.h (NORM, RES).
 //// INCLUDE quant_common.h
-#define GATED 0
-#define QW2 w
-#define QS2 scales
-#define QB2 biases
-#define NORM 0
-#define QNW x
-#define QEPS 0.0f
-#define RES 0
-#define QRES x
 //// BODY
 //// INCLUDE qmv_core.h

@@ -1,3 +1,21 @@
+// Variant switches, set by the including header before `//// BODY`; these defaults are plain
+// qmv. GATED: a second weight set (QW2/QS2/QB2) and silu(gate) * up; NORM: RMSNorm of x with
+// weight QNW and eps QEPS folded in; RES: the residual row QRES added to y.
+#ifndef GATED
+#define GATED 0
+#define QW2 w
+#define QS2 scales
+#define QB2 biases
+#endif
+#ifndef NORM
+#define NORM 0
+#define QNW x
+#define QEPS 0.0f
+#endif
+#ifndef RES
+#define RES 0
+#define QRES x
+#endif
 constexpr int KW = K * BITS / 32;      // words per weight row
 constexpr int NG = K / GS;             // groups per row
 constexpr int CH = K / 32;             // 32-value steps per row

@@ -4,14 +4,8 @@
 // 1 / sqrt(mean(x^2) + eps) scales the finished dot products. Every threadgroup covers all of
 // K, so it sums x^2 itself. Template constants as qmv, plus EPS (eps's float32 bits).
 //// INCLUDE quant_common.h
-#define GATED 0
-#define QW2 w
-#define QS2 scales
-#define QB2 biases
 #define NORM 1
 #define QNW nw
 #define QEPS k_as_float(uint32_t(EPS))
-#define RES 0
-#define QRES x
 //// BODY
 //// INCLUDE qmv_core.h

@@ -2,13 +2,6 @@
 // and the residual add after it in one launch (RES = 1; `res` has y's shape and dtype).
 // Template constants as qmv.
 //// INCLUDE quant_common.h
-#define GATED 0
-#define QW2 w
-#define QS2 scales
-#define QB2 biases
-#define NORM 0
-#define QNW x
-#define QEPS 0.0f
 #define RES 1
 #define QRES res
 //// BODY
