@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import warnings
 
 import mlx.core as mx
 import numpy as np
@@ -54,7 +55,17 @@ LOG2E = 1.4426950408889634
 # more SMs, at the cost of reading each key row once per group. GLM-4.7-Flash batch-1 decode on
 # the H200 (decode_probe --compiled, -hN variants): 10 heads (as many as fit) 73.7 / 89.1
 # tok/s at prompts 128 / 8192, 4 heads 82.7 / 93.5, 2 heads 81.1 / 57.4.
-HEADS_CAP = int(os.environ.get("MARLIN_MLX_PAGED_HEADS", "4") or 0)
+def _heads_cap_env(default: int = 4) -> int:
+    raw = os.environ.get("MARLIN_MLX_PAGED_HEADS", "").strip()
+    if not raw:
+        return default
+    if raw.isdigit():
+        return int(raw)
+    warnings.warn(f"MARLIN_MLX_PAGED_HEADS={raw!r} is not a count of heads; using {default}")
+    return default
+
+
+HEADS_CAP = _heads_cap_env()
 
 SPEC = KernelSpec("marlin_paged_attn", "paged_attention.h",
                   ("queries", "key_cache", "value_cache", "block_tables", "context_lens", "meta"),
