@@ -18,6 +18,9 @@
 # glmheads: GLM-4.7-Flash batch-1 decode through the compiled step (decode_probe --compiled),
 #          prompts GLM_PROMPTS (128 8192), paged-attention heads per threadgroup as the
 #          variants (GLM_VARIANTS: auto,auto-h4,auto-h2)
+# mla:     the MLA decode fusions' GPU tests (and the other decode-fusion tests), then
+#          GLM-4.7-Flash batch-1 decode, fusions on and off (GLM_VARIANTS: auto,auto-nofd),
+#          CUPTI profile of the fused step (GLM_PROFILE: auto), prompts GLM_PROMPTS (128)
 # PROBE_VARIANTS / PROBE_PROFILE override the probe's variant lists.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -102,6 +105,16 @@ PY
           --prompt "$p" --steps 32 --compiled --variants "${GLM_VARIANTS:-auto,auto-h4,auto-h2}" \
           --json "$OUT/decode_probe_glm_heads_p$p.json" 2>&1 | grep -v "^ *[0-9.]* µs x" | tail -8 \
           | tee -a "$OUT/glmheads.log"
+      done ;;
+    mla)
+      timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider \
+        tests/test_mla_decode.py tests/test_fused_decode.py tests/test_compiled_decode.py 2>&1 \
+        | tail -40 | tee "$OUT/pytest_mla.log"
+      for p in ${GLM_PROMPTS:-128}; do
+        timeout ${GLM_TIMEOUT:-240} python3 benchmarks/decode_probe.py --preset glm-4.7-flash \
+          --prompt "$p" --steps 32 --compiled --variants "${GLM_VARIANTS:-auto,auto-nofd}" \
+          --profile "${GLM_PROFILE:-auto}" --json "$OUT/decode_probe_glm_mla_p$p.json" 2>&1 \
+          | grep -v "^ *[0-9.]* µs x" | tail -40 | tee -a "$OUT/glm_mla.log"
       done ;;
     glmtest)
       # the GLM-shaped compiled-step tests with their tracebacks, MLA decode paged then sdpa

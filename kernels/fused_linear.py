@@ -62,9 +62,10 @@ def _plan(spec, xdt, sdt, bits, group_size, xshape, N, eps):
     return plan
 
 
-def _run(spec, inputs, x, sdt, bits, group_size, N, eps=None):
+def _run(spec, inputs, x, sdt, bits, group_size, N, eps=None, k=None):
+    xshape = x.shape if k is None else (*x.shape[:-1], k)  # k: x's first k values
     template, grid, tg, oshape, odt, kern, ktemplate = _plan(spec, x.dtype, sdt, bits,
-                                                             group_size, x.shape, N, eps)
+                                                             group_size, xshape, N, eps)
     return launch_planned(spec, inputs, template, grid, tg, oshape, odt, kern, ktemplate)[0]
 
 
@@ -72,10 +73,11 @@ def _sdt(arrays, sdt):
     return [a if a.dtype == sdt else a.astype(sdt) for a in arrays]
 
 
-def qmv_norm_kernel(x, w, scales, biases, norm_w, eps, group_size, bits):
+def qmv_norm_kernel(x, w, scales, biases, norm_w, eps, group_size, bits, k=None):
+    """k: the GEMV and the norm read only the first k values of x's one row."""
     b, = _sdt([biases], scales.dtype)
     return _run(SPEC_NORM, [x, w, scales, b, norm_w], x, scales.dtype, bits, group_size,
-                w.shape[0], eps)
+                w.shape[0], eps, k)
 
 
 def qmv_res_kernel(x, w, scales, biases, res, group_size, bits):
@@ -126,14 +128,14 @@ def _one_row(x) -> bool:
 _DECISIONS: dict = {}
 
 
-def _decide(op, x, layers, eps=None) -> bool:
+def _decide(op, x, layers, eps=None, k=None) -> bool:
     l0 = layers[0]
     w, sdt = l0["weight"], l0["scales"].dtype
     key = (op, x.dtype, sdt, w.shape, l0.bits, l0.group_size, eps, selection.mode())
     use = _DECISIONS.get(key)
     if use is None:  # (N, K): the packed weight's rows, x's length (not the packed words)
-        use = _DECISIONS[key] = _measure(op, x.dtype, sdt, (w.shape[0], x.shape[-1]), l0.bits,
-                                         l0.group_size, eps)
+        use = _DECISIONS[key] = _measure(op, x.dtype, sdt, (w.shape[0], k or x.shape[-1]),
+                                         l0.bits, l0.group_size, eps)
     return use
 
 
@@ -179,13 +181,18 @@ def _measure(op, xdt, sdt, shape, bits, gs, eps) -> bool:
                                 SELF_TEST_TOL.get(xdt, 1e-2))
 
 
-def norm_linear(x, norm_w, eps: float, layer):
-    """layer(rms_norm(x, norm_w, eps)) in one launch, or None (then run the two ops)."""
+def norm_linear(x, norm_w, eps: float, layer, prefix: bool = False):
+    """layer(rms_norm(x, norm_w, eps)) in one launch, or None (then run the two ops).
+
+    prefix: x's row is longer than the layer's input (a fused projection's output) and its
+    first part is the input: the kernel reads it in place, no slice."""
+    k = layer["weight"].shape[-1] * 32 // layer.bits if prefix else None
     if not (_one_row(x) and norm_w.dtype == x.dtype and _layer_ok(layer, x)
-            and _decide("qmv_norm", x, [layer], float(eps))):
+            and (k or x.shape[-1]) == norm_w.shape[-1]
+            and _decide("qmv_norm", x, [layer], float(eps), k)):
         return None
     return qmv_norm_kernel(x, layer["weight"], layer["scales"], layer["biases"], norm_w, eps,
-                           layer.group_size, layer.bits)
+                           layer.group_size, layer.bits, k)
 
 
 def linear_residual(x, layer, res):

@@ -341,7 +341,8 @@ def fuse_linears(mods: list) -> Optional[nn.Module]:
 
 class CompiledDecoder:
     """A single-token decode step of a CausalLM whose layers split into `attn_in(x, offset)
-    -> (q, k, v)`, `attend(q, k, v, cache)` and `attn_out(x, attn)`.
+    -> (q, k, v)` (or any tuple of arrays, e.g. MLA's (q, cache rows)), `attend(*that, cache)`
+    and `attn_out(x, attn)`.
 
     Everything between two attentions (the previous layer's output projection, residuals, MLP
     and the next layer's norm, q/k/v projection, q/k norms and RoPE) is one `mx.compile`d
@@ -404,9 +405,9 @@ class CompiledDecoder:
     def _step(self, inputs: mx.array, cache) -> mx.array:
         layers = self.model.layers
         offset = mx.array(cache[0].offset, dtype=mx.int32)
-        x, q, k, v = self._first(inputs, offset)
+        x, *qkv = self._first(inputs, offset)
         for i, layer in enumerate(layers):
-            attn = layer.attend(q, k, v, cache[i])
+            attn = layer.attend(*qkv, cache[i])
             if i + 1 < len(layers):
-                x, q, k, v = self._between[i + 1](x, attn, offset)
+                x, *qkv = self._between[i + 1](x, attn, offset)
         return self._last(x, attn)

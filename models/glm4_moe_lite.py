@@ -28,10 +28,10 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from marlin_mlx.kernels import Linear
-from marlin_mlx.kernels.launch import backend
+from marlin_mlx.kernels import Linear, fused_linear, mla_decode
 
-from .base import MLP, CausalLM, RMSNorm, RoPE, attention, check_activation, rope_parameters
+from .base import (MLP, CausalLM, RMSNorm, RoPE, attention, check_activation, fuse_linears,
+                   rope_parameters)
 from .mla_cache import MLACache
 from .moe import SparseMoE, stack_experts
 
@@ -187,14 +187,8 @@ class QuantizedPerHeadLinear(nn.Module):
         self.freeze()
 
     def __call__(self, x: mx.array, transpose: bool = True) -> mx.array:
-        if x.dtype == mx.float32 and backend() == "cuda":
-            # MLX 0.32's CUDA quantized_matmul has no float32 kernel for per-head (batched)
-            # weights ("No implementation for problem shape"): use the dequantized matrices
-            w = mx.dequantize(self.weight, self.scales, self.get("biases"),
-                              group_size=self.group_size, bits=self.bits, mode=self.mode)
-            return x @ (w.swapaxes(-1, -2) if transpose else w)
-        return mx.quantized_matmul(x, self.weight, self.scales, self.get("biases"), transpose=transpose,
-                                   group_size=self.group_size, bits=self.bits, mode=self.mode)
+        return mla_decode.per_head_matmul(x, self.weight, self.scales, self.get("biases"),
+                                          self.group_size, self.bits, transpose, self.mode)
 
 
 class Attention(nn.Module):
@@ -223,33 +217,70 @@ class Attention(nn.Module):
         # None: absorbed for single-token steps, expanded otherwise; "absorbed"/"expanded" force one
         self.form = None
 
+    def fuse_qkv(self) -> bool:
+        """Replace q_a_proj and kv_a_proj_with_mqa (same input) by one `qkv_a_proj` with their
+        outputs concatenated: one launch instead of two, and the row the fused decode kernels
+        read (kernels/mla_decode.py). False when already fused, without q_a, or not fusable."""
+        if self.q_lora_rank is None or "qkv_a_proj" in self:
+            return False
+        fused = fuse_linears([self.q_a_proj, self.kv_a_proj_with_mqa])
+        if fused is None:
+            return False
+        self.pop("q_a_proj")
+        self.pop("kv_a_proj_with_mqa")
+        self.qkv_a_proj = fused
+        return True
+
+    def _a_projections(self, x: mx.array) -> tuple:
+        """(q_a output or None without q_lora_rank, kv_a output)."""
+        if "qkv_a_proj" in self:
+            a = self.qkv_a_proj(x)
+            return a[..., : self.q_lora_rank], a[..., self.q_lora_rank :]
+        return (None if self.q_lora_rank is None else self.q_a_proj(x)), self.kv_a_proj_with_mqa(x)
+
     def _project(self, x: mx.array, offset):
         """(q_nope, q_pe, latent, k_pe) of x (B, L, hidden), RoPE applied at `offset`."""
         B, L, _ = x.shape
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_a, kv = self._a_projections(x)
+        q = self.q_proj(x) if q_a is None else self.q_b_proj(self.q_a_layernorm(q_a))
         q = q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         q_nope, q_pe = q[..., : self.nope], q[..., self.nope :]
-        kv = self.kv_a_proj_with_mqa(x)
         latent = self.kv_a_layernorm(kv[..., : self.rank]).reshape(B, 1, L, self.rank)
         k_pe = kv[..., self.rank :].reshape(B, 1, L, self.rope_dim)
         return q_nope, self.rope(q_pe, offset), latent, self.rope(k_pe, offset)
 
     # The compiled decode step's split (models/base.py CompiledDecoder), absorbed form only:
-    # project -> (absorbed query, latent, rope key); attend over the cache; output projection.
-    def project(self, x: mx.array, offset) -> tuple:
+    # project -> (absorbed query, cache row (latent | rope key)); attend over the cache; output
+    # projection. A GPU batch-1 step runs them as kernels/mla_decode.py's fused launches.
+    def project(self, x: mx.array, offset, norm: Optional[RMSNorm] = None) -> tuple:
+        """(q (B, H, L, rank + rope), cache rows (B, 1, L, rank + rope)) of norm(x)."""
+        if "qkv_a_proj" in self and norm is not None:
+            a = fused_linear.norm_linear(x, norm["weight"], norm.eps, self.qkv_a_proj)
+            fused = None if a is None else mla_decode.absorbed_query(self, a, offset)
+            if fused is not None:
+                return fused
+        if norm is not None:
+            x = norm(x)
         q_nope, q_pe, latent, k_pe = self._project(x, offset)
-        return mx.concatenate([self.embed_q(q_nope), q_pe], axis=-1), latent, k_pe
+        q = mx.concatenate([self.embed_q(q_nope), q_pe], axis=-1)
+        return q, mx.concatenate([latent, k_pe.astype(latent.dtype)], axis=-1)
 
-    def attend(self, q, latent, k_pe, cache=None) -> mx.array:
-        entries = cache.update_and_fetch(latent, k_pe)
+    def attend(self, q, rows, cache=None) -> mx.array:
+        entries = cache.append(rows, self.rank)
         return attention(q, entries, entries[..., : self.rank], self.scale, cache=cache)
 
-    def output(self, out: mx.array) -> mx.array:
-        B, _, L, _ = out.shape  # out: (B, H, L, rank) of the absorbed attention
-        return self.o_proj(self.unembed_out(out).transpose(0, 2, 1, 3).reshape(B, L, -1))
+    def output(self, out: mx.array, residual: Optional[mx.array] = None) -> mx.array:
+        """o_proj of the absorbed attention's out (B, H, L, rank), plus `residual` if given."""
+        B, _, L, _ = out.shape
+        v = mla_decode.heads_linear(self.unembed_out, out)
+        if v is None:
+            v = self.unembed_out(out).transpose(0, 2, 1, 3).reshape(B, L, -1)
+        elif residual is not None:
+            y = fused_linear.linear_residual(v, self.o_proj, residual)
+            if y is not None:
+                return y
+        y = self.o_proj(v)
+        return y if residual is None else residual + y
 
     def __call__(self, x: mx.array, cache: Optional[MLACache] = None) -> mx.array:
         B, L, _ = x.shape
@@ -305,13 +336,13 @@ class DecoderLayer(nn.Module):
         return self.self_attn.form in (None, "absorbed")
 
     def attn_in(self, x: mx.array, offset) -> tuple:
-        return self.self_attn.project(self.input_layernorm(x), offset)
+        return self.self_attn.project(x, offset, norm=self.input_layernorm)
 
-    def attend(self, q, latent, k_pe, cache=None) -> mx.array:
-        return self.self_attn.attend(q, latent, k_pe, cache)
+    def attend(self, q, rows, cache=None) -> mx.array:
+        return self.self_attn.attend(q, rows, cache)
 
     def attn_out(self, x: mx.array, attn: mx.array) -> mx.array:
-        h = x + self.self_attn.output(attn)
+        h = self.self_attn.output(attn, residual=x)
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def __call__(self, x: mx.array, cache: Optional[MLACache] = None) -> mx.array:
@@ -342,6 +373,10 @@ class Model(CausalLM):
                 continue
             if "rotary_emb.inv_freq" in k or (a.tie_word_embeddings and k.startswith("lm_head.")):
                 continue
+            if not self.cast_predicate(k) and v.dtype in (mx.float16, mx.bfloat16):
+                # the router computes in float32 (as transformers does): convert its weight
+                # once here rather than on every token
+                v = v.astype(mx.float32)
             out[k] = v
         for i, t in enumerate(a.mlp_layer_types):
             if t == "sparse":

@@ -57,10 +57,15 @@ class MLACache:
             raise ValueError(
                 f"latent {latent.shape} and rope keys {rope_keys.shape} disagree on (B, 1, L)"
             )
-        rank = latent.shape[-1]
+        return self.append(mx.concatenate([latent, rope_keys.astype(latent.dtype)], axis=-1),
+                           latent.shape[-1])
+
+    def append(self, entries: mx.array, kv_lora_rank: int) -> mx.array:
+        """Append rows (B, 1, L, kv_lora_rank + rope_dim), each its latent then its rope key
+        (the fused decode kernel writes them so); returns the cache as `update_and_fetch`."""
+        rank = kv_lora_rank
         if self.kv_lora_rank is not None and rank != self.kv_lora_rank:
             raise ValueError(f"latent width {rank} != cached kv_lora_rank {self.kv_lora_rank}")
-        entries = mx.concatenate([latent, rope_keys.astype(latent.dtype)], axis=-1)
         prev, n = self.offset, entries.shape[2]
         if self.buffer is None or prev + n > self.buffer.shape[2]:
             B, _, _, D = entries.shape

@@ -133,6 +133,9 @@ def test_compiled_step_matches_plain_moe_models(arch, quantize):
     plain = _decode(model, model, prompt)
     dec = decode_forward(model, True)
     assert isinstance(dec, CompiledDecoder)
+    if arch == "glm4_moe_lite":  # q_a and kv_a fused into one projection
+        attn = model.layers[0].self_attn
+        assert "qkv_a_proj" in attn and "q_a_proj" not in attn
     compiled = _decode(dec, model, prompt)
     for a, c in zip(plain, compiled):
         assert a.shape == c.shape

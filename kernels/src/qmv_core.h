@@ -1,6 +1,8 @@
 // Variant switches, set by the including header before `//// BODY`; these defaults are plain
 // qmv. GATED: a second weight set (QW2/QS2/QB2) and silu(gate) * up; NORM: RMSNorm of x with
-// weight QNW and eps QEPS folded in; RES: the residual row QRES added to y.
+// weight QNW and eps QEPS folded in; RES: the residual row QRES added to y. HEADS: a batch of
+// per-head matrices stacked as N rows (one x row, M = 1): rows [h * QRH, (h + 1) * QRH) read x
+// from element h * QXH and write y from element h * QYH (QRH a multiple of R).
 #ifndef GATED
 #define GATED 0
 #define QW2 w
@@ -16,6 +18,12 @@
 #define RES 0
 #define QRES x
 #endif
+#ifndef HEADS
+#define HEADS 0
+#define QXH 0
+#define QRH 1
+#define QYH 1
+#endif
 constexpr int KW = K * BITS / 32;      // words per weight row
 constexpr int NG = K / GS;             // groups per row
 constexpr int CH = K / 32;             // 32-value steps per row
@@ -26,6 +34,7 @@ constexpr float CENTER = float(1 << (BITS - 1));
 constexpr int RR = GATED ? 2 * R : R;  // rows read: gated reads R gate rows then R up rows
 const int row0 = int(tg_x) * R;
 const int mbase = int(tg_y) * M;
+const size_t xoff = HEADS ? size_t(row0 / QRH) * QXH : size_t(0);  // this head's x
 
 float acc[RR][M];
 float ssq[M];  // NORM: this lane's share of sum(x^2) of each row
@@ -80,7 +89,7 @@ for (; c < CH; c += 32 * SK) {
     if (NORM) K_LOAD_X8(gw, QNW + size_t(c) * 32 + j0)
     KUNROLL for (int m = 0; m < M; ++m) {
       const int mr = (mbase + m < MT) ? (mbase + m) : (MT - 1);
-      K_LOAD_X8(xf[m], x + size_t(mr) * K + size_t(c) * 32 + j0)
+      K_LOAD_X8(xf[m], x + xoff + size_t(mr) * K + size_t(c) * 32 + j0)
       if (NORM) {  // x * w now, x / rms(x) once per output (the rms is a scalar per row)
         KUNROLL for (int jj = 0; jj < 8; ++jj) {
           ssq[m] = k_fma(xf[m][jj], xf[m][jj], ssq[m]);
@@ -135,7 +144,8 @@ if (simd_id == 0) {
     const int m = mbase + i % M;
     if (row < N && m < MT) {
       if (RES) v += float(QRES[size_t(m) * N + row]);
-      y[size_t(m) * N + row] = static_cast<T>(v);
+      const size_t yi = HEADS ? size_t(row / QRH) * QYH + size_t(row % QRH) : size_t(m) * N + row;
+      y[yi] = static_cast<T>(v);
     }
   }
 }

@@ -1,0 +1,229 @@
+"""MLA decode fusions (kernels/mla_decode.py): the absorbed-query kernel (per-head embed_q GEMV,
+rope query, cache row) and the per-head GEMV of the output side, against float64 NumPy.
+
+CPU: the kernels' Metal renderings run by the emulator (tests/metal_emulator.py), and the MLX
+references the model falls back to. GPU (`-m gpu`): the kernels with poisoned outputs, and a
+quantized GLM-4.7-Flash-shaped model whose compiled decode steps with the fusions forced on
+match MLX's own ops.
+"""
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+
+from marlin_mlx.kernels import formats, fused_linear, launch, mla_decode, qk_rope, selection
+
+gpu = pytest.mark.skipif(launch.backend() is None, reason="needs an MLX GPU backend")
+TOL = {mx.float32: 1e-4, mx.float16: 3e-3, mx.bfloat16: 1.5e-2}
+
+
+def _np(a):
+    return np.array(a.astype(mx.float32), np.float64)
+
+
+def _per_head64(w, s, b, bits, gs):
+    """(H, rows, K) float64 from MLX's affine per-head packing."""
+    H, rows = w.shape[:2]
+    codes = np.array(formats.unpack(w.reshape(H * rows, -1), "affine", bits), np.float64)
+    s2, b2 = _np(s).reshape(H * rows, -1), _np(b).reshape(H * rows, -1)
+    return (codes * np.repeat(s2, gs, 1) + np.repeat(b2, gs, 1)).reshape(H, rows, -1)
+
+
+def _rope_pairs64(x, pos, inv_freq, scale):
+    """Interleaved RoPE: pairs (2i, 2i + 1) of x (..., D) rotated by pos * inv_freq[i]."""
+    x = x * scale
+    ang = pos * np.asarray(inv_freq, np.float64)
+    c, s = np.cos(ang), np.sin(ang)
+    out = x.copy()
+    out[..., 0::2] = x[..., 0::2] * c - x[..., 1::2] * s
+    out[..., 1::2] = x[..., 1::2] * c + x[..., 0::2] * s
+    return out
+
+
+def _q_case(dt, heads, nope, rope, rank, qa, bits=4, gs=64, seed=0):
+    mx.random.seed(seed)
+    w, s, b = mx.quantize(mx.random.normal((heads, rank, nope)) * 0.1, group_size=gs, bits=bits)
+    s, b = s.astype(dt), b.astype(dt)
+    q = mx.random.normal((1, 1, heads * (nope + rope))).astype(dt)
+    kv = mx.random.normal((1, 1, qa + rank + rope)).astype(dt)
+    kvn = (1.0 + 0.2 * mx.random.normal((rank,))).astype(dt)
+    pos = mx.array([1234], mx.int32)
+    inv = qk_rope.inv_freq_table(rope, base=1e6)
+    return (q, kv, w, s, b, kvn, pos, inv)
+
+
+def _q_ref(case, heads, nope, rope, rank, qa, eps, scale, bits=4, gs=64):
+    q, kv, w, s, b, kvn, pos, inv = case
+    W = _per_head64(w, s, b, bits, gs)
+    qh = _np(q).reshape(heads, nope + rope)
+    q_abs = np.einsum("hrk,hk->hr", W, qh[:, :nope])
+    p = float(np.array(pos)[0])
+    q_pe = _rope_pairs64(qh[:, nope:], p, np.array(inv), scale)
+    kv64 = _np(kv).reshape(-1)
+    lat = kv64[qa:qa + rank]
+    lat = lat / np.sqrt((lat * lat).mean() + eps) * _np(kvn)
+    k_pe = _rope_pairs64(kv64[qa + rank:], p, np.array(inv), scale)
+    return np.concatenate([q_abs, q_pe], -1), np.concatenate([lat, k_pe])
+
+
+def _err(y, ref):
+    y = _np(y).reshape(ref.shape)
+    assert np.isfinite(y).all(), "unwritten (NaN-poisoned) or non-finite outputs"
+    return np.linalg.norm(y - ref) / np.linalg.norm(ref)
+
+
+def _heads_case(dt, heads, rows, K, bits=4, gs=64, seed=0):
+    mx.random.seed(seed)
+    w, s, b = mx.quantize(mx.random.normal((heads, rows, K)) * 0.1, group_size=gs, bits=bits)
+    return mx.random.normal((1, heads, 1, K)).astype(dt), w, s.astype(dt), b.astype(dt)
+
+
+def _heads_ref(x, w, s, b, bits=4, gs=64):
+    W = _per_head64(w, s, b, bits, gs)
+    return np.einsum("hrk,hk->hr", W, _np(x)[0, :, 0]).reshape(-1)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.2])
+def test_mla_q_body_on_cpu_emulator(scale, tmp_path):
+    import metal_emulator
+    if not metal_emulator.available():
+        pytest.skip("no C++20 g++")
+    dt, H, nope, rope, rank, qa, eps = mx.float16, 3, 64, 16, 64, 32, 1e-6
+    case = _q_case(dt, H, nope, rope, rank, qa)
+    plan = mla_decode._plan_q(dt, dt, 4, 64, H, nope, rope, rank, qa, eps, scale)
+    t, grid, tg, osh, odt = plan[:5]
+    q, kv, w, s, b, kvn, pos, inv = case
+    y, row = metal_emulator.emulate([dict(spec=mla_decode.SPEC_Q,
+                                          inputs=[q, w, s, b, kv, kvn, pos, inv], template=t,
+                                          grid=grid, threadgroup=tg, output_shapes=osh,
+                                          output_dtypes=odt)], tmp_path)
+    ry, rrow = _q_ref(case, H, nope, rope, rank, qa, eps, scale)
+    assert y.shape == (1, H, 1, rank + rope) and row.shape == (1, 1, 1, rank + rope)
+    assert _err(y, ry) < 3e-3 and _err(row, rrow) < 3e-3
+
+
+def test_qmv_heads_body_on_cpu_emulator(tmp_path):
+    import metal_emulator
+    if not metal_emulator.available():
+        pytest.skip("no C++20 g++")
+    dt, H, rows, K = mx.bfloat16, 3, 32, 128
+    x, w, s, b = _heads_case(dt, H, rows, K)
+    t = mla_decode._gemv_template(dt, dt, 4, 64, K, H * rows, (("XH", K), ("RH", rows)))[0]
+    R, SK = dict(t)["R"], dict(t)["SK"]
+    y = metal_emulator.emulate([dict(spec=mla_decode.SPEC_HEADS, inputs=[x, w, s, b], template=t,
+                                     grid=(32 * SK * (H * rows // R), 1, 1),
+                                     threadgroup=(32 * SK, 1, 1), output_shapes=[(1, 1, H * rows)],
+                                     output_dtypes=[dt])], tmp_path)[0]
+    assert _err(y, _heads_ref(x, w, s, b)) < 1e-2
+
+
+def test_references_match_float64():
+    # the MLX-op references (the fallback path and the selection's builtin) are the same math
+    H, nope, rope, rank, qa, eps, scale = 2, 64, 16, 64, 32, 1e-6, 1.1
+    case = _q_case(mx.float32, H, nope, rope, rank, qa)
+    q, kv, w, s, b, kvn, pos, inv = case
+    y, row = mla_decode.absorbed_query_reference(q, kv, w, s, b, kvn, pos, inv, heads=H,
+                                                 nope=nope, q_lora_rank=qa, eps=eps, scale=scale,
+                                                 group_size=64, bits=4)
+    ry, rrow = _q_ref(case, H, nope, rope, rank, qa, eps, scale)
+    assert _err(y, ry) < 1e-5 and _err(row, rrow) < 1e-5
+    x, w, s, b = _heads_case(mx.float32, 3, 32, 128)
+    assert _err(mla_decode.heads_linear_reference(x, w, s, b, 64, 4), _heads_ref(x, w, s, b)) < 1e-5
+
+
+def test_nothing_fuses_on_cpu():
+    from marlin_mlx.models.glm4_moe_lite import QuantizedPerHeadLinear
+    if launch.backend() is not None:
+        pytest.skip("CPU-only check")
+    layer = QuantizedPerHeadLinear(128, 64, 2)
+    assert mla_decode.heads_linear(layer, mx.zeros((1, 2, 1, 128))) is None
+
+
+# ------------------------------------------------------------------------------------- GPU
+
+@pytest.fixture
+def poison():
+    launch.POISON_OUTPUTS = True
+    yield
+    launch.POISON_OUTPUTS = False
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dt", [mx.bfloat16, mx.float16, mx.float32])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_mla_q_kernel_gpu(dt, bits, poison):
+    H, nope, rope, rank, qa, eps, scale = 20, 192, 64, 512, 768, 1e-6, 1.0
+    case = _q_case(dt, H, nope, rope, rank, qa, bits=bits, seed=np.random.randint(1 << 20))
+    y, row = mla_decode.absorbed_query_kernel(*case, heads=H, nope=nope, q_lora_rank=qa,
+                                              eps=eps, scale=scale, group_size=64, bits=bits)
+    ry, rrow = _q_ref(case, H, nope, rope, rank, qa, eps, scale, bits=bits)
+    assert y.dtype == dt and row.dtype == dt
+    assert _err(y, ry) < TOL[dt] and _err(row, rrow) < TOL[dt]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dt", [mx.bfloat16, mx.float16, mx.float32])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qmv_heads_kernel_gpu(dt, bits, poison):
+    x, w, s, b = _heads_case(dt, 20, 256, 512, bits=bits, seed=np.random.randint(1 << 20))
+    y = mla_decode.heads_linear_kernel(x, w, s, b, 64, bits)
+    assert y.shape == (1, 1, 20 * 256) and y.dtype == dt
+    assert _err(y, _heads_ref(x, w, s, b, bits=bits)) < TOL[dt]
+
+
+def _glm(seed=5):
+    """A small GLM-4.7-Flash-shaped model, 4-bit (g64), float32, sized for the fused kernels
+    (no-rope and latent widths multiples of the group size)."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from marlin_mlx.kernels import quantize_modules
+    from marlin_mlx.models import glm4_moe_lite
+    model = glm4_moe_lite.Model(glm4_moe_lite.ModelArgs.from_config(dict(
+        vocab_size=128, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+        num_hidden_layers=3, num_attention_heads=4, n_shared_experts=1, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=2, topk_group=1, q_lora_rank=64, kv_lora_rank=64,
+        qk_nope_head_dim=64, qk_rope_head_dim=16, v_head_dim=32, routed_scaling_factor=1.8,
+        norm_topk_prob=True, max_position_embeddings=256, rope_theta=1e6,
+        first_k_dense_replace=1)))
+    mx.random.seed(seed)
+    model.update(tree_unflatten([(k, 0.1 * mx.random.normal(v.shape))
+                                 for k, v in tree_flatten(model.parameters())]))
+    quantize_modules(model, group_size=64, bits=4)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.gpu
+@gpu
+def test_glm_decode_step_fused_equals_mlx_ops(monkeypatch, tmp_path):
+    # A 4-bit float32 GLM-4.7-Flash-shaped model's compiled decode steps with every fusion
+    # forced on (fused q_a|kv_a, mla_q, per-head unembed, o_proj + residual) against MLX's ops.
+    from marlin_mlx.generation import decode_forward
+    monkeypatch.setenv("MARLIN_MLX_CACHE_DIR", str(tmp_path))
+    prompt = mx.array([[1, 5, 9, 100, 31, 7]])
+
+    def decode(fused: bool):
+        monkeypatch.setattr(fused_linear, "ENABLED", fused)
+        monkeypatch.setenv(selection.ENV_MODE, "custom" if fused else "builtin")
+        for d in (fused_linear._DECISIONS, mla_decode._DECISIONS):
+            d.clear()
+        model = _glm()
+        step = decode_forward(model, compile=True)
+        assert "qkv_a_proj" in model.layers[0].self_attn
+        cache = model.make_cache()
+        logits = model(prompt, cache=cache)
+        outs = []
+        for _ in range(4):  # the first step warms up, the next ones replay the compiled graphs
+            tok = mx.argmax(logits[:, -1], -1, keepdims=True).astype(mx.int32)
+            logits = step(tok, cache=cache)
+            mx.eval(logits)
+            outs.append(_np(logits))
+        return outs
+
+    fused, plain = decode(True), decode(False)
+    for a, b in zip(fused, plain):
+        assert np.argmax(a[0, -1]) == np.argmax(b[0, -1])
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-4
