@@ -434,6 +434,10 @@ def main(argv=None):
         report["compiled"] = True
     for v in a.variants.split(","):
         apply_variant(model, v)
+        if a.compiled:  # a fresh trace: the compiled step keeps the choices it was traced with
+            from marlin_mlx.generation import decode_forward
+            model.__dict__.pop("_compiled_decoder", None)
+            _FORWARD[id(model)] = decode_forward(model, True)
         try:
             tps = decode_tps(model, prompt, a.steps)
             hs = host_split(model, prompt)

@@ -113,7 +113,7 @@ PY
       for p in ${GLM_PROMPTS:-128}; do
         timeout ${GLM_TIMEOUT:-240} python3 benchmarks/decode_probe.py --preset glm-4.7-flash \
           --prompt "$p" --steps 32 --compiled --variants "${GLM_VARIANTS:-auto,auto-nofd}" \
-          --profile "${GLM_PROFILE:-auto}" --json "$OUT/decode_probe_glm_mla_p$p.json" 2>&1 \
+          --profile "${GLM_PROFILE:-auto+compiled}" --json "$OUT/decode_probe_glm_mla_p$p.json" 2>&1 \
           | grep -v "^ *[0-9.]* µs x" | tail -40 | tee -a "$OUT/glm_mla.log"
       done ;;
     glmtest)
