@@ -411,6 +411,10 @@ def main(argv=None):
         res = {}
         for v in a.tps_only.split(","):
             apply_variant(model, v)
+            if a.compiled:
+                from marlin_mlx.generation import decode_forward
+                model.__dict__.pop("_compiled_decoder", None)
+                _FORWARD[id(model)] = decode_forward(model, True)
             res[v] = decode_tps(model, prompt, a.steps)
         print(json.dumps(res))
         return
@@ -469,7 +473,8 @@ def main(argv=None):
         base += ["--vocab", str(a.vocab)]
     for n in [n for n in a.buffer_sweep.split(",") if n]:
         env = dict(os.environ, MLX_MAX_OPS_PER_BUFFER=n)
-        r = subprocess.run(base + ["--tps-only", a.sweep_variants], capture_output=True, text=True,
+        r = subprocess.run(base + ["--tps-only", a.sweep_variants] + ["--compiled"] * a.compiled,
+                           capture_output=True, text=True,
                            timeout=240, env=env)
         lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
         res = json.loads(lines[-1]) if r.returncode == 0 and lines else {

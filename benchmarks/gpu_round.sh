@@ -21,6 +21,9 @@
 # mla:     the MLA decode fusions' GPU tests (and the other decode-fusion tests), then
 #          GLM-4.7-Flash batch-1 decode, fusions on and off (GLM_VARIANTS: auto,auto-nofd),
 #          CUPTI profile of the fused step (GLM_PROFILE: auto), prompts GLM_PROMPTS (128)
+# hostcost: benchmarks/host_cost.py (wall µs per graph node of builtin vs custom ops), the GLM
+#          fused decode test with its traceback, GLM decode fusions on/off at the default and at
+#          MLX_MAX_OPS_PER_BUFFER=GLM_SWEEP (1000)
 # PROBE_VARIANTS / PROBE_PROFILE override the probe's variant lists.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -116,6 +119,15 @@ PY
           --profile "${GLM_PROFILE:-auto+compiled}" --json "$OUT/decode_probe_glm_mla_p$p.json" 2>&1 \
           | grep -v "^ *[0-9.]* µs x" | tail -40 | tee -a "$OUT/glm_mla.log"
       done ;;
+    hostcost)
+      timeout 120 python3 benchmarks/host_cost.py --json "$OUT/host_cost_h200.json" 2>&1 | tee "$OUT/host_cost.log"
+      timeout 150 python3 -m pytest -q -m gpu --tb=long -p no:cacheprovider tests/test_mla_decode.py \
+        -k glm_decode 2>&1 | tail -60 | tee "$OUT/pytest_glm_fused.log"
+      timeout ${GLM_TIMEOUT:-300} python3 benchmarks/decode_probe.py --preset glm-4.7-flash \
+        --prompt 128 --steps 32 --compiled --variants auto,auto-nofd --profile "" \
+        --buffer-sweep "${GLM_SWEEP:-1000}" --sweep-variants auto,auto-nofd \
+        --json "$OUT/decode_probe_glm_ops.json" 2>&1 | grep -v "^ *[0-9.]* µs x" | tail -20 \
+        | tee -a "$OUT/glm_ops.log" ;;
     glmtest)
       # the GLM-shaped compiled-step tests with their tracebacks, MLA decode paged then sdpa
       for how in paged sdpa; do

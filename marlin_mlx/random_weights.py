@@ -23,7 +23,7 @@ from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import MarlinError
 
@@ -229,6 +229,10 @@ def build_lazy_model(config: dict, quantization: Optional[dict], dtype: mx.Dtype
     mx.random.seed(seed)
     model = Model(ModelArgs.from_config(config))
     model.set_dtype(dtype)
+    keep = getattr(model, "cast_predicate", None)  # tensors the model holds in float32 (GLM's router)
+    if keep is not None:
+        model.update(tree_unflatten([(k, v.astype(mx.float32)) for k, v in
+                                     tree_flatten(model.parameters()) if not keep(k)]))
     if quantization is not None:
         from marlin_mlx.kernels import quantize_modules
 
