@@ -140,6 +140,60 @@ def test_nothing_fuses_on_cpu():
     assert mla_decode.heads_linear(layer, mx.zeros((1, 2, 1, 128))) is None
 
 
+def _split_step(model, tok, cache):
+    """One decode step through the layers' attn_in / attend / attn_out split (what the
+    compiled step runs), uncompiled, so emulated kernels may evaluate their inputs."""
+    x = model.model.embed_tokens(tok)
+    offset = mx.array(cache[0].offset, mx.int32)
+    for layer, c in zip(model.layers, cache):
+        x = layer.attn_out(x, layer.attend(*layer.attn_in(x, offset), c))
+    return model.head(model.model.norm(x))
+
+
+def test_glm_fused_step_on_cpu_emulator(monkeypatch, tmp_path):
+    # The model-level wiring of the MLA fusions, on the CPU: the fused kernels' Metal renderings
+    # run by the emulator inside a decode step (q_a|kv_a norm GEMV, q_b prefix norm GEMV, mla_q,
+    # per-head unembed, o_proj + residual) against the model's own ops, float32.
+    import metal_emulator
+    if not metal_emulator.available():
+        pytest.skip("no C++20 g++")
+    from marlin_mlx.kernels import quantize_modules
+
+    launched = []
+
+    def emu_launch(spec, inputs, template, grid, tg, oshapes, odts, kern, ktemplate):
+        launched.append(spec.name)
+        return metal_emulator.run(spec, inputs, template, grid, tg, oshapes, odts)
+
+    model = _glm()
+    model.fuse_projections()
+    prompt = mx.array([[1, 5, 9, 100, 31, 7]])
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(fused_linear, "ENABLED", fused)
+        cache = model.make_cache()
+        logits = model(prompt, cache=cache)
+        tok = mx.argmax(logits[:, -1], -1, keepdims=True).astype(mx.int32)
+        if fused:
+            monkeypatch.setenv(selection.ENV_MODE, "custom")
+            for mod in (selection, fused_linear, mla_decode):
+                monkeypatch.setattr(mod, "backend", lambda: "metal")
+            for mod in (fused_linear, mla_decode):
+                monkeypatch.setattr(mod, "launch_planned", emu_launch)
+            for d in (fused_linear._DECISIONS, mla_decode._DECISIONS):
+                d.clear()
+        out = _split_step(model, tok, cache)
+        mx.eval(out)
+        results.append(_np(out))
+        monkeypatch.undo()
+    plain, fused = results
+    # per layer: q_a|kv_a (norm), q_b (prefix norm), mla_q, unembed, o_proj + residual
+    assert launched == ["marlin_qmv_norm", "marlin_qmv_norm", "marlin_mla_q", "marlin_qmv_heads",
+                        "marlin_qmv_res"] * len(model.layers)
+    assert np.argmax(plain[0, -1]) == np.argmax(fused[0, -1])
+    assert np.linalg.norm(fused - plain) / np.linalg.norm(plain) < 1e-4
+
+
 # ------------------------------------------------------------------------------------- GPU
 
 @pytest.fixture
