@@ -275,7 +275,7 @@ class Attention(nn.Module):
         v = mla_decode.heads_linear(self.unembed_out, out)
         if v is None:
             v = self.unembed_out(out).transpose(0, 2, 1, 3).reshape(B, L, -1)
-        elif residual is not None:
+        if residual is not None:
             y = fused_linear.linear_residual(v, self.o_proj, residual)
             if y is not None:
                 return y
