@@ -13,7 +13,8 @@ nope) and `unembed_out.weight` (H, v_head_dim, kv_lora_rank). Two equivalent for
 - absorbed (decode, L == 1): the query's no-rope part is folded into latent space
   (q_nope @ embed_q^T), attention runs over the cached (latent | rope key) rows as one shared
   key/value head, and the output is mapped back per head by unembed_out. No per-head keys or
-  values are ever materialized.
+  values are ever materialized. A GPU batch-1 decode step runs the projections around the
+  attention as five fused launches (kernels/mla_decode.py; q_a and kv_a stacked by `fuse_qkv`).
 
 MLP: layer types from `mlp_layer_types` (transformers 5) or `first_k_dense_replace` /
 `moe_layer_freq` (hub configs). MoE layers route with sigmoid scores, a selection-only

@@ -156,3 +156,14 @@ def tiny_llama_path(make_checkpoint) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen3_path(make_checkpoint) -> Path:
     return make_checkpoint("qwen3")
+
+
+@pytest.fixture
+def poison():
+    """Kernel outputs filled with NaN before every launch (an unwritten element shows)."""
+    from marlin_mlx.kernels import launch
+
+    launch.POISON_OUTPUTS = True
+    yield
+    launch.POISON_OUTPUTS = False
+

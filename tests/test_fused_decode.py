@@ -196,13 +196,6 @@ def test_eps_bits_round_trip():
 
 # ------------------------------------------------------------------------------------- GPU
 
-@pytest.fixture
-def poison():
-    launch.POISON_OUTPUTS = True
-    yield
-    launch.POISON_OUTPUTS = False
-
-
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("op", list(SPECS))
@@ -248,9 +241,9 @@ def test_decode_step_fused_equals_mlx_ops(arch, make_checkpoint, monkeypatch, tm
     # own ops (fusions off, MLX's kernels): same greedy tokens, logits within float32 rounding.
     # (In bfloat16 the two paths round at different places: a few % on this random model, which
     # flips near-tied argmaxes.)
-    from marlin_mlx.generation import decode_forward
     from marlin_mlx.kernels import quantize_modules
     from marlin_mlx.loader import load_model
+    from parity import assert_same_steps, compiled_steps
     monkeypatch.setenv("MARLIN_MLX_CACHE_DIR", str(tmp_path))
     path = make_checkpoint(arch, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                            num_key_value_heads=2, head_dim=64)
@@ -264,18 +257,6 @@ def test_decode_step_fused_equals_mlx_ops(arch, make_checkpoint, monkeypatch, tm
         model, _ = load_model(path)
         quantize_modules(model, group_size=64, bits=4)
         mx.eval(model.parameters())
-        step = decode_forward(model, compile=True)
-        cache = model.make_cache()
-        logits = model(prompt, cache=cache)
-        outs = []
-        for _ in range(4):  # the first step warms up, the next ones replay the compiled graphs
-            tok = mx.argmax(logits[:, -1], -1, keepdims=True).astype(mx.int32)
-            logits = step(tok, cache=cache)
-            mx.eval(logits)
-            outs.append(_np(logits))
-        return outs
+        return compiled_steps(model, prompt)
 
-    fused, plain = decode(True), decode(False)
-    for a, b in zip(fused, plain):
-        assert np.argmax(a[0, -1]) == np.argmax(b[0, -1])
-        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-4
+    assert_same_steps(decode(True), decode(False))

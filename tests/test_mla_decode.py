@@ -157,7 +157,6 @@ def test_glm_fused_step_on_cpu_emulator(monkeypatch, tmp_path):
     import metal_emulator
     if not metal_emulator.available():
         pytest.skip("no C++20 g++")
-    from marlin_mlx.kernels import quantize_modules
 
     launched = []
 
@@ -195,13 +194,6 @@ def test_glm_fused_step_on_cpu_emulator(monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------------------------------------- GPU
-
-@pytest.fixture
-def poison():
-    launch.POISON_OUTPUTS = True
-    yield
-    launch.POISON_OUTPUTS = False
-
 
 @pytest.mark.gpu
 @gpu
@@ -257,7 +249,7 @@ def test_glm_decode_step_fused_equals_mlx_ops(monkeypatch, tmp_path):
     # forced on (fused q_a|kv_a, mla_q, per-head unembed, o_proj + residual) against the same
     # step with them off; every other kernel (MoE, router, paged attention) is forced custom in
     # both runs, so only the fusions differ.
-    from marlin_mlx.generation import decode_forward
+    from parity import assert_same_steps, compiled_steps
     monkeypatch.setenv("MARLIN_MLX_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv(selection.ENV_MODE, "custom")
     prompt = mx.array([[1, 5, 9, 100, 31, 7]])
@@ -267,19 +259,8 @@ def test_glm_decode_step_fused_equals_mlx_ops(monkeypatch, tmp_path):
         for d in (fused_linear._DECISIONS, mla_decode._DECISIONS):
             d.clear()
         model = _glm()
-        step = decode_forward(model, compile=True)
+        outs = compiled_steps(model, prompt)
         assert "qkv_a_proj" in model.layers[0].self_attn
-        cache = model.make_cache()
-        logits = model(prompt, cache=cache)
-        outs = []
-        for _ in range(4):  # the first step warms up, the next ones replay the compiled graphs
-            tok = mx.argmax(logits[:, -1], -1, keepdims=True).astype(mx.int32)
-            logits = step(tok, cache=cache)
-            mx.eval(logits)
-            outs.append(_np(logits))
         return outs
 
-    fused, plain = decode(True), decode(False)
-    for a, b in zip(fused, plain):
-        assert np.argmax(a[0, -1]) == np.argmax(b[0, -1])
-        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-4
+    assert_same_steps(decode(True), decode(False))

@@ -21,13 +21,6 @@ def gpu(fn):
     return fn
 
 
-@pytest.fixture
-def poison():
-    launch.POISON_OUTPUTS = True
-    yield
-    launch.POISON_OUTPUTS = False
-
-
 # ---------------------------------------------------------------- float64 references (NumPy)
 
 def _sigmoid64(x):

@@ -184,13 +184,6 @@ def test_kernel_plan_fits_threadgroup_memory():
 TOL = {mx.float32: 1e-5, mx.float16: 2e-3, mx.bfloat16: 1e-2}
 
 
-@pytest.fixture
-def poison():
-    launch.POISON_OUTPUTS = True
-    yield
-    launch.POISON_OUTPUTS = False
-
-
 GPU_SHAPES = {"qwen3-8b": (32, 8, 128, 128, False), "h64": (8, 8, 64, 64, False),
               "h256-gqa2": (8, 4, 256, 256, False), "glm-mla": (20, 1, 576, 512, True)}
 
