@@ -100,12 +100,12 @@ def _plan_q(xdt, sdt, bits, group_size, heads, nope, rope, rank, q_lora_rank, ep
     plan = _PLANS.get(key)
     if plan is None:
         N = heads * rank
-        R, SK = config(1, N, nope, bits)
-        ntg = cdiv(N, R)  # the GEMV's threadgroups; H + 1 tail jobs follow
-        template, _, _ = _gemv_template(
+        template, R, SK = _gemv_template(
             xdt, sdt, bits, group_size, nope, N,
-            (("XH", nope + rope), ("RH", rank), ("YH", rank + rope), ("H", heads), ("NTG", ntg),
+            (("XH", nope + rope), ("RH", rank), ("YH", rank + rope), ("H", heads),
              ("QA", q_lora_rank), ("EPS", eps_bits(eps)), ("SCALE", eps_bits(scale))))
+        ntg = cdiv(N, R)  # the GEMV's threadgroups; H + 1 tail jobs follow
+        template.append(("NTG", ntg))
         plan = _PLANS[key] = _finish(SPEC_Q, template, (32 * SK * (ntg + heads + 1), 1, 1),
                                      (32 * SK, 1, 1),
                                      [(1, heads, 1, rank + rope), (1, 1, 1, rank + rope)],
@@ -115,7 +115,7 @@ def _plan_q(xdt, sdt, bits, group_size, heads, nope, rope, rank, q_lora_rank, ep
 
 def absorbed_query_kernel(q, kv, w, scales, biases, kv_norm_w, pos, inv_freq, *, heads, nope,
                           q_lora_rank, eps, scale, group_size, bits):
-    """`absorbed_query_reference` as one launch (no checks: see `supported_q`)."""
+    """`absorbed_query_reference` as one launch (no checks: `absorbed_query` makes them)."""
     rank = w.shape[1]
     rope = q.shape[-1] // heads - nope
     plan = _plan_q(q.dtype, scales.dtype, bits, group_size, heads, nope, rope, rank, q_lora_rank,
@@ -250,7 +250,8 @@ def absorbed_query(attn, a, pos):
     qa = attn.q_lora_rank
     rot = attn.rope
     if not (_per_head_ok(w, s, b, e.group_size, e.bits, nope) and w.shape[:2] == (heads, rank)
-            and rope % 2 == 0 and attn.kv_a_layernorm["weight"].dtype == a.dtype
+            and rope % 2 == 0 and (nope + rope) % 8 == 0  # 16-byte loads of each head's q
+            and attn.kv_a_layernorm["weight"].dtype == a.dtype
             and a.shape[-1] == qa + rank + rope and getattr(rot, "_inv_freq", None) is not None):
         return None
     qn = attn.q_a_layernorm

@@ -244,7 +244,7 @@ def _glm(seed=5):
 
 @pytest.mark.gpu
 @gpu
-def test_glm_decode_step_fused_equals_mlx_ops(monkeypatch, tmp_path):
+def test_glm_decode_step_fused_equals_unfused(monkeypatch, tmp_path):
     # A 4-bit float32 GLM-4.7-Flash-shaped model's compiled decode steps with the MLA fusions
     # forced on (fused q_a|kv_a, mla_q, per-head unembed, o_proj + residual) against the same
     # step with them off; every other kernel (MoE, router, paged attention) is forced custom in
