@@ -97,7 +97,8 @@ def apply_variant(model, variant: str):
     fused_linear.ENABLED = "nofd" not in parts  # norm/residual/q-k-rope decode fusions
     from marlin_mlx.kernels import paged_attention
     # hN: at most N query heads per paged-attention threadgroup (GLM's batch-1 MLA decode)
-    cap = next((int(x[1:]) for x in parts if x[:1] == "h" and x[1:].isdigit()), 0)
+    cap = next((int(x[1:]) for x in parts if x[:1] == "h" and x[1:].isdigit()),
+               paged_attention._heads_cap_env())
     if cap != paged_attention.HEADS_CAP:
         paged_attention.HEADS_CAP = cap
         paged_attention._PLANS.clear()

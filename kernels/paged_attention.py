@@ -70,6 +70,9 @@ HEADS_CAP = _heads_cap_env()
 SPEC = KernelSpec("marlin_paged_attn", "paged_attention.h",
                   ("queries", "key_cache", "value_cache", "block_tables", "context_lens", "meta"),
                   ("part_o", "part_ml"))
+MLA_SPEC = KernelSpec("marlin_paged_mla", "paged_mla.h",
+                      ("queries", "cache", "block_tables", "context_lens", "meta"),
+                      ("part_o", "part_ml"))
 REDUCE_SPEC = KernelSpec("marlin_paged_attn_reduce", "paged_attention_reduce.h",
                          ("part_o", "part_ml", "meta"), ("out",))
 SELF_TEST_TOL = {mx.float32: 1e-4, mx.float16: 3e-3, mx.bfloat16: 1.5e-2}
@@ -254,8 +257,10 @@ def paged_attention(queries, key_cache, value_cache, block_tables, context_lens,
 
 # --------------------------------------------------------------------------- the kernel
 
-def supported(dtype, nh, kvh, bs, dk, dv) -> bool:
-    """Whether the custom kernel covers these shapes (else the reference runs)."""
+def supported(dtype, nh, kvh, bs, dk, dv, mla=False) -> bool:
+    """Whether the custom kernels cover these shapes (else the reference runs)."""
+    if mla and dtype in DTYPES and _mla_supported(dtype, kvh, dk, dv):
+        return True  # an MLA latent cache (one kv head) may take the MLA first pass
     return (dtype in DTYPES and dk % 32 == 0 and dv % 4 == 0 and 0 < dv <= MAX_V_DIM
             and nh % kvh == 0 and _heads_per_group(nh // kvh, dk, dv) >= 1)
 
@@ -298,6 +303,51 @@ def _plan(dtype, B, nh, kvh, bs, dk, dv, mb, mla):
     return plan
 
 
+MLA_THREADS = 256            # threads per threadgroup of the MLA first pass
+MLA_LANES_PER_TOKEN = 8      # lanes that share one latent row's score (a butterfly of 3 steps)
+MLA_TOKENS = (128, 64, 32)   # partition sizes, largest first
+MLA_TARGET_TGS = 264         # threadgroups to aim for: two per SM of the H200's 132
+
+
+def _mla_layout(B, nh, dk, dv, capacity):
+    """(tokens per partition, heads per chunk, chunks) of the MLA first pass: the largest
+    partition that still gives MLA_TARGET_TGS threadgroups (else the smallest), at most
+    HEADS_CAP heads per chunk (as many as fit when 0) in balanced chunks."""
+    for ntok in MLA_TOKENS:
+        gmax = (SMEM_BUDGET - 4 * ntok) // (4 * (dk + ntok))
+        if HEADS_CAP > 0:
+            gmax = min(gmax, HEADS_CAP)
+        if gmax < 1:
+            return None
+        nhc = cdiv(nh, gmax)
+        if B * nhc * cdiv(capacity, ntok) >= MLA_TARGET_TGS:
+            break
+    return ntok, cdiv(nh, nhc), nhc
+
+
+def _mla_supported(dtype, kvh, dk, dv) -> bool:
+    return (kvh == 1 and dk % (4 if dtype == mx.float32 else 8) == 0 and dv % 2 == 0
+            and dv <= dk and _mla_layout(1, 1, dk, dv, 1) is not None)
+
+
+def _plan_mla(dtype, B, nh, bs, dk, dv, mb):
+    key = ("mla", dtype, B, nh, bs, dk, dv, mb, HEADS_CAP)
+    plan = _PLANS.get(key)
+    if plan is None:
+        ntok, gc, nhc = _mla_layout(B, nh, dk, dv, mb * bs)
+        np_ = cdiv(mb * bs, ntok)
+        template = [("T", dtype), ("XK", XKIND[dtype]), ("DK", dk), ("DV", dv), ("BS", bs),
+                    ("NH", nh), ("GC", gc), ("NHC", nhc), ("NTOK", ntok),
+                    ("LPT", MLA_LANES_PER_TOKEN), ("NTH", MLA_THREADS)]
+        ch = cdiv(dv, NT)
+        rtemplate = [("T", dtype), ("DV", dv), ("NT", NT), ("CH", ch)]
+        plan = _PLANS[key] = (
+            template, (MLA_THREADS * np_, B * nhc, 1), (MLA_THREADS, 1, 1),
+            [(B, nh, np_, dv), (B, nh, np_, 2)], [mx.float32, mx.float32],
+            rtemplate, (NT * B * nh * ch, 1, 1), (NT, 1, 1), np_)
+    return plan
+
+
 def _meta(mb, np_, scale):
     """[max_blocks, partitions, bits of scale * log2(e)] as int32 (cached: no per-call array)."""
     key = (mb, np_, float(scale))
@@ -315,12 +365,18 @@ def paged_attention_kernel(queries, key_cache, value_cache, block_tables, contex
     _, kvh, bs, _ = key_cache.shape
     mb = block_tables.shape[1]
     mla = value_cache is None
-    (template, grid, tg, oshapes, odts, rtemplate, rgrid, rtg, np_) = _plan(
-        queries.dtype, B, nh, kvh, bs, dk, v_dim, mb, mla)
+    if mla and _mla_supported(queries.dtype, kvh, dk, v_dim):
+        (template, grid, tg, oshapes, odts, rtemplate, rgrid, rtg, np_) = _plan_mla(
+            queries.dtype, B, nh, bs, dk, v_dim, mb)
+        spec, inputs = MLA_SPEC, [queries, key_cache, block_tables, context_lens]
+    else:
+        (template, grid, tg, oshapes, odts, rtemplate, rgrid, rtg, np_) = _plan(
+            queries.dtype, B, nh, kvh, bs, dk, v_dim, mb, mla)
+        spec = SPEC
+        inputs = [queries, key_cache, key_cache if mla else value_cache, block_tables,
+                  context_lens]
     meta = _meta(mb, np_, scale)
-    part_o, part_ml = launch(SPEC, [queries, key_cache, key_cache if mla else value_cache,
-                                    block_tables, context_lens, meta],
-                             template, grid, tg, oshapes, odts)
+    part_o, part_ml = launch(spec, inputs + [meta], template, grid, tg, oshapes, odts)
     return launch(REDUCE_SPEC, [part_o, part_ml, meta], rtemplate, rgrid, rtg,
                   [(B, nh, v_dim)], [queries.dtype])[0]
 
@@ -337,7 +393,7 @@ def _use_kernel(dtype, nh, kvh, bs, dk, dv, mla) -> bool:
 
 
 def _decide(dtype, nh, kvh, bs, dk, dv, mla) -> bool:
-    if not supported(dtype, nh, kvh, bs, dk, dv):
+    if not supported(dtype, nh, kvh, bs, dk, dv, mla):
         return False
     fmt = f"{'mla' if mla else 'kv'}-{str(dtype).split('.')[-1]}"
     cls = f"H{nh}/{kvh}|dk{dk}|dv{dv}|bs{bs}"
@@ -384,4 +440,10 @@ def compile_cases():
                         [big, big, big, 256, 8, 8], [mx.float32, mx.float32], t))
             out.append((f"paged-attn-reduce-{tag}-{name}", REDUCE_SPEC,
                         [mx.float32, mx.float32, mx.int32], [big, big, 8], [dt], rt))
+            if mla:  # the MLA first pass, short (small partitions) and long contexts
+                for mb in (1, 64):
+                    t = _plan_mla(dt, 1, nh, 256, dk, dv, mb)[0]
+                    out.append((f"paged-mla-{mb * 256}-{name}", MLA_SPEC,
+                                [dt, dt, mx.int32, mx.int32, mx.int32], [big, big, 256, 8, 8],
+                                [mx.float32, mx.float32], t))
     return out

@@ -12,6 +12,7 @@ self-test only in auto mode; `custom` skips both the test and the timing).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import statistics
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .launch import backend
+from .launch import SRC_DIR, backend
 
 ENV_MODE = "MARLIN_MLX_KERNELS"
 MODES = ("auto", "custom", "builtin")
@@ -44,13 +45,23 @@ def cache_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
+def _source_tag() -> str:
+    """A hash of the kernel sources: an edited kernel is measured again, not trusted from a
+    choice recorded for its earlier version."""
+    h = hashlib.sha256()
+    for path in sorted(Path(SRC_DIR).glob("*.h")):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:10]
+
+
 def _device_tag() -> str:
     try:
         info = mx.device_info()
         name = info.get("device_name") or info.get("architecture") or ""
     except Exception:  # noqa: BLE001 - the tag is informational
         name = ""
-    return f"{backend()}|{name}|mlx{mx.__version__}"
+    return f"{backend()}|{name}|mlx{mx.__version__}|src{_source_tag()}"
 
 
 def _load():

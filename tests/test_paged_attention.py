@@ -290,3 +290,42 @@ def test_kernel_body_on_cpu_emulator(case, tmp_path):
     for i, n in enumerate(lens):
         if n == 0:
             assert np.abs(y64[i]).max() == 0.0
+
+
+# MLA first pass (src/paged_mla.h): one latent "kv head", many query heads, several partitions
+# and head chunks per sequence. (num_heads, k_dim, v_dim), dtype, context lengths, block size
+MLA_EMU_CASES = {"glm-bf16": ((10, 576, 512), mx.bfloat16, [1, 129, 300, 0], 16),
+                 "f32-small": ((6, 96, 64), mx.float32, [33, 7, 200], 16),
+                 "f16-blocks256": ((5, 576, 512), mx.float16, [255, 40], 256)}
+
+
+@pytest.mark.skipif(not metal_emulator.available(), reason="needs g++ with C++20 <barrier>")
+@pytest.mark.parametrize("case", list(MLA_EMU_CASES), ids=list(MLA_EMU_CASES))
+def test_mla_first_pass_on_cpu_emulator(case, tmp_path, monkeypatch):
+    (nh, dk, dv), dtype, lens, bs = MLA_EMU_CASES[case]
+    monkeypatch.setattr(pa, "HEADS_CAP", 4)  # several head chunks, the last one short
+    rng = np.random.default_rng(100 + list(MLA_EMU_CASES).index(case))
+    q, kc, _, tables, cl = _make(rng, len(lens), nh, 1, dk, dv, True, lens, bs=bs,
+                                 dtype=dtype, spare=2)
+    B, mb, scale = len(lens), tables.shape[1], 0.3 * dk ** -0.5
+    assert pa._mla_supported(dtype, 1, dk, dv)
+    (t, grid, tg, oshapes, odts, rt, rgrid, rtg, np_) = pa._plan_mla(dtype, B, nh, bs, dk, dv, mb)
+    tmpl = dict(t)
+    assert np_ > 1 and tmpl["NHC"] > 1 and tmpl["NTOK"] % (pa.MLA_THREADS // tmpl["LPT"]) == 0
+    meta = pa._meta(mb, np_, scale)
+    y = metal_emulator.emulate([
+        dict(spec=pa.MLA_SPEC, inputs=[q, kc, tables, cl, meta], template=t, grid=grid,
+             threadgroup=tg, output_shapes=oshapes, output_dtypes=odts),
+        dict(spec=pa.REDUCE_SPEC, inputs=[("out", 0, 0), ("out", 0, 1), meta], template=rt,
+             grid=rgrid, threadgroup=rtg, output_shapes=[(B, nh, dv)], output_dtypes=[dtype]),
+    ], tmp_path)[0]
+    y64 = _to64(y)
+    assert np.isfinite(y64).all(), "unwritten (NaN-filled) outputs"
+    nz = [i for i, n in enumerate(lens) if n > 0]
+    sel = mx.array(nz)
+    ref = _attention64(q[sel], kc, None, tables[sel], cl[sel], scale, dv)
+    err = np.linalg.norm(y64[nz] - ref) / np.linalg.norm(ref)
+    assert err < TOL[dtype], f"relative error {err:.2e}"
+    for i, n in enumerate(lens):
+        if n == 0:
+            assert np.abs(y64[i]).max() == 0.0
