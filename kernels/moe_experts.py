@@ -50,6 +50,9 @@ GATE_UP_SHARED = KernelSpec(
     GATE_UP.inputs + ("sw", "sscales", "sbiases", "sw2", "sscales2", "sbiases2"), ("y",))
 DOWN_SHARED = KernelSpec("marlin_moe_down_shared", "moe_down_shared.h",
                          DOWN.inputs + ("sw", "sscales", "sbiases"), ("y",))
+# and with the layer's residual add in its output write
+DOWN_SHARED_RES = KernelSpec("marlin_moe_down_shared_res", "moe_down_shared_res.h",
+                             DOWN_SHARED.inputs + ("res",), ("y",))
 
 BITS = (2, 3, 4, 5, 6, 8)
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
@@ -104,14 +107,15 @@ def _same_dtype(triples, dtype):
 _PLANS: dict = {}  # launch plans, memoized: built per layer per token at decode
 
 
-def _plan(gated, n, k, E, N, K, xdt, sdt, odt, bits, gs, shared, R, SK):
-    key = (gated, n, k, E, N, K, xdt, sdt, odt, bits, gs, shared, R, SK)
+def _plan(gated, n, k, E, N, K, xdt, sdt, odt, bits, gs, shared, R, SK, res=False):
+    key = (gated, n, k, E, N, K, xdt, sdt, odt, bits, gs, shared, R, SK, res)
     plan = _PLANS.get(key)
     if plan is None:
         slots = k + shared
         rows = n * slots if gated else n
         R, SK = config(rows, N, (1 if gated else slots) * K // 32, gated, R, SK)
-        spec = (GATE_UP_SHARED if shared else GATE_UP) if gated else (DOWN_SHARED if shared else DOWN)
+        spec = (GATE_UP_SHARED if shared else GATE_UP) if gated else (
+            (DOWN_SHARED_RES if res else DOWN_SHARED) if shared else DOWN)
         plan = _PLANS[key] = (spec, _template(xdt, sdt, odt, bits, gs, R, SK, k, E, K, N),
                               (32 * SK * cdiv(N, R), rows, 1), (32 * SK, 1, 1), [(rows, N)], [odt])
     return plan
@@ -132,25 +136,31 @@ def gate_up_kernel(x, inds, wts, gate, up, group_size, bits, *, shared=None, R=N
     return launch(spec, ins, t, grid, tg, oshape, odt)[0]
 
 
-def down_kernel(h, inds, down, group_size, bits, out_dtype, *, shared=None, R=None, SK=None):
+def down_kernel(h, inds, down, group_size, bits, out_dtype, *, shared=None, R=None, SK=None,
+                residual=None):
     """h (n * slots, I) float32 (routing weights applied), inds (n, k) -> y (n, D) in
     out_dtype: the sum over a token's slots of h Wd^T (`shared`: the shared expert's down
-    triple, slot k)."""
+    triple, slot k; `residual` (n, D) in out_dtype, with `shared` only: added to y)."""
     n, k = inds.shape
     E, N = down[0].shape[:2]
     sdt = down[1].dtype
+    res = residual is not None
     spec, t, grid, tg, oshape, odt = _plan(False, n, k, E, N, h.shape[-1], mx.float32, sdt,
-                                           out_dtype, bits, group_size, shared is not None, R, SK)
+                                           out_dtype, bits, group_size, shared is not None, R, SK,
+                                           res)
     ins = [h, inds, *_same_dtype((down,), sdt)]
     if shared is not None:
         ins += _same_dtype((shared,), sdt)
+    if res:
+        ins.append(residual)
     return launch(spec, ins, t, grid, tg, oshape, odt)[0]
 
 
 def switch_glu_kernel(x, inds, weights, gate, up, down, group_size, bits, *, shared=None,
-                      cfg=None):
+                      cfg=None, residual=None):
     """The two custom launches (no validation, no fallback). shared: (gate, up, down) triples
-    of a shared expert (2-D, same format and sizes) folded in as one more slot; cfg:
+    of a shared expert (2-D, same format and sizes) folded in as one more slot; residual
+    (n, D) in x's dtype, with `shared` only: added by the down launch; cfg:
     ((R, SK), (R, SK)) overrides."""
     (r1, s1), (r2, s2) = cfg or ((None, None), (None, None))
     if inds.dtype != mx.uint32:
@@ -160,7 +170,8 @@ def switch_glu_kernel(x, inds, weights, gate, up, down, group_size, bits, *, sha
     h = gate_up_kernel(x, inds, weights, gate, up, group_size, bits,
                        shared=None if shared is None else shared[:2], R=r1, SK=s1)
     return down_kernel(h, inds, down, group_size, bits, x.dtype,
-                       shared=None if shared is None else shared[2], R=r2, SK=s2)
+                       shared=None if shared is None else shared[2], R=r2, SK=s2,
+                       residual=residual)
 
 
 def validate(x, inds, weights, gate, up, down, group_size, bits):
@@ -201,14 +212,15 @@ def shared_fits(gate, up, down, shared) -> bool:
 
 
 def switch_glu(x, inds, weights, gate, up, down, group_size: int = 64, bits: int = 4,
-               *, shared=None, shared_fn=None, validate_inputs: bool = True):
+               *, shared=None, shared_fn=None, residual=None, validate_inputs: bool = True):
     """The routed experts for x (n, D) (+ a shared expert): the custom launches on a GPU for
     n <= MAX_TOKENS where they passed their self-test and measured faster, else MLX's
     gather_qmm (sorted by expert for many tokens).
 
     shared_fn(x) -> (n, D): an always-active shared expert, added to the result; `shared`, its
     (gate, up, down) quantized triples, lets the custom path fold it into the same two
-    launches where that measures faster than running shared_fn beside them."""
+    launches where that measures faster than running shared_fn beside them. residual (n, D):
+    added to the result (by the down launch on the fused shared-expert path)."""
     if validate_inputs:
         validate(x, inds, weights, gate, up, down, group_size, bits)
     # the path is memoized per shape: this runs per layer per token
@@ -219,7 +231,10 @@ def switch_glu(x, inds, weights, gate, up, down, group_size: int = 64, bits: int
     if path is None:
         path = _PATHS[key] = _choose(x, inds, gate, up, down, group_size, bits, shared, shared_fn)
     if path == "fused-shared":
-        return switch_glu_kernel(x, inds, weights, gate, up, down, group_size, bits, shared=shared)
+        res = residual if residual is not None and residual.dtype == x.dtype else None
+        y = switch_glu_kernel(x, inds, weights, gate, up, down, group_size, bits, shared=shared,
+                              residual=res)
+        return y if residual is None or res is not None else residual + y
     if path == "kernel":
         y = switch_glu_kernel(x, inds, weights, gate, up, down, group_size, bits)
     elif path.startswith("prefill:"):
@@ -228,7 +243,9 @@ def switch_glu(x, inds, weights, gate, up, down, group_size: int = 64, bits: int
     else:
         sort = inds.size >= SORT_MIN_PAIRS
         y = switch_glu_reference(x, inds, weights, gate, up, down, group_size, bits, sort=sort)
-    return y if shared_fn is None else y + shared_fn(x)
+    if shared_fn is not None:
+        y = y + shared_fn(x)
+    return y if residual is None else residual + y
 
 
 _PATHS: dict = {}
@@ -495,4 +512,6 @@ def compile_cases():
             t = _template(F32, dt, dt, bits, 64, R, SK, k, E, I, D)
             out.append((f"moe-down-shared-{name}", DOWN_SHARED, [F32, U32] + [U32, dt, dt] * 2,
                         [1 << 20] * 8, [dt], t))
+            out.append((f"moe-down-shared-res-{name}", DOWN_SHARED_RES,
+                        [F32, U32] + [U32, dt, dt] * 2 + [dt], [1 << 20] * 9, [dt], t))
     return out

@@ -21,6 +21,11 @@ from . import selection
 from .launch import KernelSpec, backend, launch
 
 SPEC = KernelSpec("marlin_moe_router", "moe_router.h", ("logits", "bias"), ("inds", "weights"))
+NORM_SPEC = KernelSpec("marlin_moe_route_norm", "moe_route_norm.h", ("h", "nw", "gw", "bias"),
+                       ("xn", "inds", "weights"))
+NORM_THREADS = 512
+NORM_MAX_TOKENS = 8    # one threadgroup per token, each reading the whole router weight
+NORM_MAX_DIMS = 6144   # the normed input sits in threadgroup memory (float32)
 
 SCORING_FUNCS = ("softmax", "sigmoid")
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -204,4 +209,119 @@ def compile_cases():
             ("tiny", mx.float16, 6, 2, "softmax", False, 1, 1, False, 1.0)):
         t = template_for(dt, E, k, scoring, bias, ng, tg, norm, rsf)
         out.append((f"moe-router-{name}", SPEC, [dt, F32], [E, E], [U32, F32], t))
+    return out + norm_compile_cases()
+
+
+# ------------------------------------------------------------------ norm + router GEMV + route
+
+def norm_route_reference(h, norm_w, eps, gate_w, top_k, **kw):
+    """The MLX ops a MoE layer runs at its input: (xn = rms_norm(h), indices, weights), the
+    router logits in float32 from xn (as transformers computes them)."""
+    xn = mx.fast.rms_norm(h, norm_w, eps)
+    logits = xn.astype(mx.float32) @ gate_w.astype(mx.float32).T
+    return (xn, *route(logits, top_k, **kw))
+
+
+def norm_route_kernel(h, norm_w, eps, gate_w, top_k, *, correction_bias=None,
+                      scoring="sigmoid", norm_topk_prob=False, n_group=1, topk_group=1,
+                      routed_scaling_factor=1.0):
+    """The one launch (no validation, no fallback): h (n, D) -> (xn, inds, weights)."""
+    n, D = h.shape
+    E = gate_w.shape[0]
+    template = [("GT", gate_w.dtype), ("XK", _XKIND[h.dtype]), ("D", D),
+                ("NTH", NORM_THREADS), ("EPS", _f32_bits(eps))] + template_for(
+        h.dtype, E, top_k, scoring, correction_bias is not None, n_group, topk_group,
+        norm_topk_prob, routed_scaling_factor)
+    if correction_bias is None:
+        bias = _ZEROS.get(E)
+        if bias is None:
+            bias = _ZEROS[E] = mx.zeros((E,), mx.float32)
+    else:
+        bias = correction_bias if correction_bias.dtype == mx.float32 else \
+            correction_bias.astype(mx.float32)
+    return tuple(launch(NORM_SPEC, [h, norm_w, gate_w, bias], template,
+                        grid=(NORM_THREADS, n, 1), threadgroup=(NORM_THREADS, 1, 1),
+                        output_shapes=[(n, D), (n, top_k), (n, top_k)],
+                        output_dtypes=[h.dtype, mx.uint32, mx.float32]))
+
+
+_XKIND = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
+_NORM_PLANS: dict = {}
+
+
+def norm_route(h, norm_w, eps, gate_w, top_k: int, *, correction_bias=None,
+               scoring: str = "sigmoid", norm_topk_prob: bool = False, n_group: int = 1,
+               topk_group: int = 1, routed_scaling_factor: float = 1.0):
+    """A MoE layer's input RMSNorm, float32 router GEMV and routing for a few tokens h (..., D)
+    as one launch on a GPU: (xn (..., D) in h's dtype, indices, weights); None where the
+    kernel does not apply or lost its first-use measurement (the caller runs the MLX ops)."""
+    from . import fused_linear  # the decode fusions' on/off switch
+    lead, D = h.shape[:-1], h.shape[-1]
+    n = h.size // D if D else 0
+    if not (fused_linear.ENABLED and backend() is not None and 0 < n <= NORM_MAX_TOKENS):
+        return None
+    E = gate_w.shape[0]
+    key = (h.dtype, norm_w.dtype, gate_w.dtype, gate_w.shape, top_k, float(eps), scoring,
+           norm_topk_prob, None if correction_bias is None else correction_bias.shape,
+           n_group, topk_group, routed_scaling_factor, selection.mode())
+    use = _NORM_PLANS.get(key)
+    if use is None:
+        use = (h.dtype in DTYPES and norm_w.dtype == h.dtype and norm_w.shape == (D,)
+               and gate_w.dtype in (mx.float32, h.dtype) and gate_w.shape == (E, D)
+               and D % 4 == 0 and D <= NORM_MAX_DIMS and E <= MAX_EXPERTS and n_group <= 32
+               and routed_scaling_factor >= 0)
+        if use:
+            validate(mx.zeros((1, E)), top_k, scoring, correction_bias, n_group, topk_group)
+        kw = dict(correction_bias=correction_bias, scoring=scoring,
+                  norm_topk_prob=norm_topk_prob, n_group=n_group, topk_group=topk_group,
+                  routed_scaling_factor=routed_scaling_factor)
+        use = _NORM_PLANS[key] = use and _decide_norm(h.dtype, norm_w, eps, gate_w, top_k, kw)
+    if not use:
+        return None
+    xn, inds, w = norm_route_kernel(h.reshape(n, D), norm_w, eps, gate_w, top_k,
+                                    correction_bias=correction_bias, scoring=scoring,
+                                    norm_topk_prob=norm_topk_prob, n_group=n_group,
+                                    topk_group=topk_group,
+                                    routed_scaling_factor=routed_scaling_factor)
+    return xn.reshape(*lead, D), inds.reshape(*lead, top_k), w.reshape(*lead, top_k)
+
+
+def _decide_norm(dtype, norm_w, eps, gate_w, top_k, kw) -> bool:
+    E, D = gate_w.shape
+    cls = (f"E{E}-D{D}-k{top_k}-{dtype}-w{gate_w.dtype}-bias{int(kw['correction_bias'] is not None)}"
+           f"-g{kw['n_group']}/{kw['topk_group']}").replace("mlx.core.", "")
+    bias = kw["correction_bias"]
+
+    def make_inputs():
+        h = (mx.random.normal((NORM_MAX_TOKENS, D)) * 3).astype(dtype)
+        nw = (1 + 0.1 * mx.random.normal((D,))).astype(dtype)
+        gw = (mx.random.normal((E, D)) * D ** -0.5).astype(gate_w.dtype)
+        b = None if bias is None else (mx.random.normal((E,)) * 0.1).astype(bias.dtype)
+        return (h, nw, gw) if b is None else (h, nw, gw, b)
+
+    def packed(fn):
+        def run(h, nw, gw, b=None):
+            xn, i, w = fn(h, nw, eps, gw, top_k, **dict(kw, correction_bias=b))
+            return mx.concatenate([xn.astype(mx.float32).reshape(-1), w.reshape(-1),
+                                   i.astype(mx.float32).reshape(-1)])
+        return run
+
+    tol = 1e-5 if dtype == mx.float32 else 1e-2
+    ref = packed(norm_route_reference)
+    return selection.use_custom("moe_route_norm", kw["scoring"], cls, make_inputs,
+                                packed(norm_route_kernel), ref, ref, tol)
+
+
+def norm_compile_cases():
+    """GLM-4.7-Flash's MoE input (bf16 activations, float32 router weight) and a float16 one
+    with a 16-bit router weight and grouped selection."""
+    F32, U32 = mx.float32, mx.uint32
+    out = []
+    for name, dt, gdt, D, E, k, ng, tg, rsf in (
+            ("glm-4.7-flash", mx.bfloat16, F32, 2048, 64, 4, 1, 1, 1.8),
+            ("f16-grouped", mx.float16, mx.float16, 1024, 256, 8, 8, 4, 2.5)):
+        t = [("GT", gdt), ("XK", _XKIND[dt]), ("D", D), ("NTH", NORM_THREADS),
+             ("EPS", _f32_bits(1e-5))] + template_for(dt, E, k, "sigmoid", True, ng, tg, True, rsf)
+        out.append((f"moe-route-norm-{name}", NORM_SPEC, [dt, dt, gdt, F32],
+                    [1 << 16, D, E * D, E], [dt, U32, F32], t))
     return out

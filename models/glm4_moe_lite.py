@@ -344,6 +344,8 @@ class DecoderLayer(nn.Module):
 
     def attn_out(self, x: mx.array, attn: mx.array) -> mx.array:
         h = self.self_attn.output(attn, residual=x)
+        if isinstance(self.mlp, SparseMoE):
+            return self.mlp.residual_call(h, self.post_attention_layernorm)
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def __call__(self, x: mx.array, cache: Optional[MLACache] = None) -> mx.array:

@@ -25,7 +25,7 @@ import mlx.nn as nn
 
 from marlin_mlx.kernels import Linear, QuantizedLinear, moe_experts, moe_router
 
-from .base import MLP
+from .base import MLP, RMSNorm
 
 SCORING_FUNCS = moe_router.SCORING_FUNCS
 # (token, expert) pairs at or above which the experts' inputs are sorted by expert (prefill)
@@ -119,9 +119,11 @@ class SwitchGLU(nn.Module):
             return None
         return [(p.weight, p.scales, p.get("biases")) for p in projs]
 
-    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array, shared=None) -> mx.array:
+    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array, shared=None,
+                 residual=None) -> mx.array:
         """x (..., D), indices and weights (..., k) -> (..., D) in x's dtype; `shared`: an
-        always-active expert (a module) whose output is added."""
+        always-active expert (a module) whose output is added; `residual` (..., D): added last
+        (by the experts' down launch where the fused kernels run)."""
         lead, D = x.shape[:-1], x.shape[-1]
         k = indices.shape[-1]
         idx = mx.stop_gradient(indices).reshape(-1, k)
@@ -135,7 +137,8 @@ class SwitchGLU(nn.Module):
             y = moe_experts.switch_glu(
                 x.reshape(n, D), idx, weights.reshape(n, k), *trip, group_size=fmt[0], bits=fmt[1],
                 shared=None if shared is None else self._shared_triples(shared, fmt),
-                shared_fn=shared, validate_inputs=False)
+                shared_fn=shared, validate_inputs=False,
+                residual=None if residual is None else residual.reshape(n, D))
             return y.reshape(*lead, D)
         do_sort = idx.size >= SORT_MIN_PAIRS
         if do_sort:
@@ -156,7 +159,9 @@ class SwitchGLU(nn.Module):
         y = y.reshape(n, k, D)
         out = (y * weights.reshape(n, k, 1).astype(y.dtype)).sum(axis=1)
         out = out.reshape(*lead, D).astype(x.dtype)
-        return out if shared is None else out + shared(x)
+        if shared is not None:
+            out = out + shared(x)
+        return out if residual is None else residual + out
 
 
 class SigmoidRouter(nn.Module):
@@ -208,6 +213,24 @@ class SparseMoE(nn.Module):
         inds, weights = self.route(x)
         return self.switch_mlp(x, inds, weights,
                                shared=self.shared_experts if "shared_experts" in self else None)
+
+    def residual_call(self, h: mx.array, norm) -> mx.array:
+        """h + self(norm(h)), a decoder layer's MoE half. For a decode token on a GPU, a sigmoid
+        (float32) router takes the RMSNorm, its GEMV and the routing in one launch
+        (kernels/moe_router.norm_route) and the residual add rides in the experts' down
+        launch; elsewhere the separate ops run."""
+        if self.scoring == "sigmoid" and isinstance(norm, RMSNorm):
+            fused = moe_router.norm_route(
+                h, norm.weight, norm.eps, self.gate.weight, self.top_k,
+                correction_bias=self.gate.e_score_correction_bias, scoring=self.scoring,
+                norm_topk_prob=self.norm_topk_prob, n_group=self.n_group,
+                topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor)
+            if fused is not None:
+                xn, inds, weights = fused
+                return self.switch_mlp(
+                    xn, inds, weights, residual=h,
+                    shared=self.shared_experts if "shared_experts" in self else None)
+        return h + self(norm(h))
 
 
 _PROJS = ("gate_proj", "up_proj", "down_proj")

@@ -12,7 +12,8 @@ import pytest
 
 import mlx.core as mx
 
-from marlin_mlx.kernels import formats, fused_linear, launch, mla_decode, qk_rope, selection
+from marlin_mlx.kernels import (formats, fused_linear, launch, mla_decode, moe_experts, moe_router,
+                                qk_rope, selection)
 
 gpu = pytest.mark.skipif(launch.backend() is None, reason="needs an MLX GPU backend")
 TOL = {mx.float32: 1e-4, mx.float16: 3e-3, mx.bfloat16: 1.5e-2}
@@ -151,9 +152,10 @@ def _split_step(model, tok, cache):
 
 
 def test_glm_fused_step_on_cpu_emulator(monkeypatch, tmp_path):
-    # The model-level wiring of the MLA fusions, on the CPU: the fused kernels' Metal renderings
-    # run by the emulator inside a decode step (q_a|kv_a norm GEMV, q_b prefix norm GEMV, mla_q,
-    # per-head unembed, o_proj + residual) against the model's own ops, float32.
+    # The model-level wiring of the decode fusions, on the CPU: the fused kernels' Metal
+    # renderings run by the emulator inside a decode step (q_a|kv_a norm GEMV, q_b prefix norm
+    # GEMV, mla_q, per-head unembed, o_proj + residual; the MoE layers' norm + router, experts
+    # and down + residual) against the model's own ops, float32.
     import metal_emulator
     if not metal_emulator.available():
         pytest.skip("no C++20 g++")
@@ -163,6 +165,10 @@ def test_glm_fused_step_on_cpu_emulator(monkeypatch, tmp_path):
     def emu_launch(spec, inputs, template, grid, tg, oshapes, odts, kern, ktemplate):
         launched.append(spec.name)
         return metal_emulator.run(spec, inputs, template, grid, tg, oshapes, odts)
+
+    def emu_moe_launch(spec, *args, **kwargs):
+        launched.append(spec.name)
+        return metal_emulator.run(spec, *args, **kwargs)
 
     model = _glm()
     model.fuse_projections()
@@ -175,20 +181,26 @@ def test_glm_fused_step_on_cpu_emulator(monkeypatch, tmp_path):
         tok = mx.argmax(logits[:, -1], -1, keepdims=True).astype(mx.int32)
         if fused:
             monkeypatch.setenv(selection.ENV_MODE, "custom")
-            for mod in (selection, fused_linear, mla_decode):
+            for mod in (selection, fused_linear, mla_decode, moe_router, moe_experts):
                 monkeypatch.setattr(mod, "backend", lambda: "metal")
             for mod in (fused_linear, mla_decode):
                 monkeypatch.setattr(mod, "launch_planned", emu_launch)
-            for d in (fused_linear._DECISIONS, mla_decode._DECISIONS):
+            for mod in (moe_router, moe_experts):
+                monkeypatch.setattr(mod, "launch", emu_moe_launch)
+            for d in (fused_linear._DECISIONS, mla_decode._DECISIONS, moe_router._NORM_PLANS,
+                      moe_experts._PATHS):
                 d.clear()
         out = _split_step(model, tok, cache)
         mx.eval(out)
         results.append(_np(out))
         monkeypatch.undo()
     plain, fused = results
-    # per layer: q_a|kv_a (norm), q_b (prefix norm), mla_q, unembed, o_proj + residual
-    assert launched == ["marlin_qmv_norm", "marlin_qmv_norm", "marlin_mla_q", "marlin_qmv_heads",
-                        "marlin_qmv_res"] * len(model.layers)
+    # per layer: q_a|kv_a (norm), q_b (prefix norm), mla_q, unembed, o_proj + residual; then
+    # in the MoE layers: norm + router GEMV + routing, gate/up (+ shared), down + residual
+    attn = ["marlin_qmv_norm", "marlin_qmv_norm", "marlin_mla_q", "marlin_qmv_heads",
+            "marlin_qmv_res"]
+    moe = ["marlin_moe_route_norm", "marlin_moe_gate_up_shared", "marlin_moe_down_shared_res"]
+    assert launched == attn + (attn + moe) * (len(model.layers) - 1)
     assert np.argmax(plain[0, -1]) == np.argmax(fused[0, -1])
     assert np.linalg.norm(fused - plain) / np.linalg.norm(plain) < 1e-4
 

@@ -258,7 +258,94 @@ def test_expert_bodies_emulated_match_float64(bits, dtype, shared, emulated):
     _check_experts(y, ref, dtype, (n, D))
 
 
+NORM_ROUTES = {  # name: (D, E, top_k, activation dtype, router weight dtype, router kwargs)
+    "glm-bf16": (256, 64, 4, mx.bfloat16, mx.float32, ROUTERS["glm-sigmoid-bias"][2]),
+    "grouped-f16": (192, 32, 4, mx.float16, mx.float16, ROUTERS["grouped"][2]),
+    "f32": (132, 12, 3, mx.float32, mx.float32, dict(scoring="sigmoid", norm=True)),
+}
+
+
+def _norm_route_case(name, n, seed):
+    D, E, k, dt, gdt, kw = NORM_ROUTES[name]
+    rng = np.random.default_rng(seed)
+    _, kwmx = _route_args(E, kw, rng)
+    h = mx.array(rng.standard_normal((n, D)).astype(np.float32) * 3).astype(dt)
+    nw = mx.array(1 + 0.1 * rng.standard_normal(D).astype(np.float32)).astype(dt)
+    gw = mx.array(rng.standard_normal((E, D)).astype(np.float32) * D ** -0.5).astype(gdt)
+    return (h, nw, 1e-5, gw, k), kwmx
+
+
+def _check_norm_route(got, ref, dt):
+    (xn, i, w), (xr, ir, wr) = got, ref
+    assert xn.dtype == dt and xn.shape == xr.shape
+    # one rounding of x / rms and one of w * that, as MLX's rms_norm: equal up to an ulp
+    ulp = {mx.float32: 1e-6, mx.float16: 1e-3, mx.bfloat16: 8e-3}[dt]
+    assert np.allclose(_f64(xn), _f64(xr), rtol=ulp, atol=ulp)
+    assert (np.array(i) == np.array(ir)).all(), "other experts chosen"
+    assert np.allclose(np.array(w), np.array(wr), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(NORM_ROUTES))
+def test_norm_route_body_emulated_equals_reference(name, emulated):
+    # RMSNorm + float32 router GEMV + routing in one threadgroup per token (moe_route_norm.h)
+    args, kwmx = _norm_route_case(name, 3, zlib.crc32(name.encode()))
+    got = moe_router.norm_route_kernel(*args, **kwmx)
+    _check_norm_route(got, moe_router.norm_route_reference(*args, **kwmx), args[0].dtype)
+
+
+def test_norm_route_is_none_without_a_gpu():
+    args, kwmx = _norm_route_case("glm-bf16", 1, 3)
+    assert launch.backend() is not None or moe_router.norm_route(*args, **kwmx) is None
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+def test_down_with_residual_emulated_equals_separate_add(dtype, emulated):
+    # moe_down_shared_res.h: the layer's residual add in the down launch, rounded as the add is
+    mx.random.seed(4)
+    E, D, I, gs, n, k, bits = 4, 96, 64, 32, 2, 2, 4
+    gate, up, down = _experts(E, D, I, bits, gs, dtype)
+    sh = tuple(tuple(a[0] for a in t) for t in _experts(1, D, I, bits, gs, dtype))
+    x = mx.random.normal((n, D)).astype(dtype)
+    res = (mx.random.normal((n, D)) * 4).astype(dtype)
+    inds = mx.array([[3, 1], [0, 2]], mx.uint32)
+    w = mx.softmax(mx.random.normal((n, k)), axis=-1)
+    y = moe_experts.switch_glu_kernel(x, inds, w, gate, up, down, gs, bits, shared=sh)
+    yr = moe_experts.switch_glu_kernel(x, inds, w, gate, up, down, gs, bits, shared=sh,
+                                       residual=res)
+    assert yr.dtype == dtype
+    assert np.array_equal(np.array(yr.astype(mx.float32)), np.array((res + y).astype(mx.float32)))
+
+
 # ---------------------------------------------------------------- GPU: kernels vs references
+
+@gpu
+@pytest.mark.parametrize("name", list(NORM_ROUTES) + ["glm-4.7-flash"])
+@pytest.mark.parametrize("n", [1, 5])
+def test_norm_route_kernel_equals_reference(name, n, poison):
+    if name == "glm-4.7-flash":
+        NORM_ROUTES[name] = (2048, 64, 4, mx.bfloat16, mx.float32, ROUTERS["glm-sigmoid-bias"][2])
+    args, kwmx = _norm_route_case(name, n, np.random.randint(1 << 30))
+    got = moe_router.norm_route_kernel(*args, **kwmx)
+    assert np.isfinite(_f64(got[0])).all() and np.isfinite(np.array(got[2])).all()
+    _check_norm_route(got, moe_router.norm_route_reference(*args, **kwmx), args[0].dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+def test_down_with_residual_kernel_equals_separate_add(dtype, poison):
+    mx.random.seed(9)
+    E, D, I, gs, n, k, bits = 11, 64 * 6, 64 * 3, 64, 1, 4, 4
+    gate, up, down = _experts(E, D, I, bits, gs, dtype)
+    sh = tuple(tuple(a[0] for a in t) for t in _experts(1, D, I, bits, gs, dtype))
+    x = mx.random.normal((n, D)).astype(dtype)
+    res = (mx.random.normal((n, D)) * 4).astype(dtype)
+    inds = mx.array([[3, 1, 7, 10]], mx.uint32)
+    w = mx.softmax(mx.random.normal((n, k)), axis=-1)
+    y = moe_experts.switch_glu_kernel(x, inds, w, gate, up, down, gs, bits, shared=sh)
+    yr = moe_experts.switch_glu_kernel(x, inds, w, gate, up, down, gs, bits, shared=sh,
+                                       residual=res)
+    assert np.array_equal(np.array(yr.astype(mx.float32)), np.array((res + y).astype(mx.float32)))
+
 
 @gpu
 @pytest.mark.parametrize("E,k,kw", [

@@ -14,8 +14,13 @@
 // of a threadgroup split the reduction, each lane takes 32 consecutive k per step with the
 // affine bias folded in as (bias + C * scale) * sum(x), C = 2^(BITS-1) the centre the codes
 // are shifted by (see qmv.h for the exact one-FMA dequantization).
+// MOE_RES (down only, defined by moe_down_shared_res.h): the residual stream `res` (O) is
+// added to each output row (the layer's residual add, one launch fewer per token).
 // Template constants: T (x), XK (0 float32, 1 float16, 2 bfloat16), S (scales, biases), O (y),
 // BITS, GS, R, SK, TOPK, NE, K, N.
+#ifndef MOE_RES
+#define MOE_RES 0
+#endif
 constexpr int KW = K * BITS / 32;      // words per weight row
 constexpr int NG = K / GS;             // groups per row
 constexpr int CH = K / 32;             // 32-value steps per row
@@ -88,5 +93,9 @@ if (simd_id == 0 && int(lane) < R) {
     KUNROLL for (int k = 0; k < SK; ++k) u += red[k][R + int(lane)];
     v = k_silu(v) * u * MOE_WT(t_item * TOPK + j_item, MOE_SHARED && j_item == TOPK);
   }
+#if MOE_RES
+  // the residual add as the separate add rounds it: y = T(res + T(v))
+  if (row < N) v = float(static_cast<O>(v)) + float(res[size_t(item) * N + row]);
+#endif
   if (row < N) y[size_t(item) * N + row] = static_cast<O>(v);
 }
