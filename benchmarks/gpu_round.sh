@@ -24,6 +24,10 @@
 # hostcost: benchmarks/host_cost.py (wall µs per graph node of builtin vs custom ops), the GLM
 #          fused decode test with its traceback, GLM decode fusions on/off at the default and at
 #          MLX_MAX_OPS_PER_BUFFER=GLM_SWEEP (1000)
+# mlamoe:  session 8's kernels: the GPU tests of the MLA first pass (paged attention), the fused
+#          norm + router and the down + residual kernels; benchmarks/mla_attention.py at the
+#          default heads cap (4) and at 10; GLM-4.7-Flash decode fusions on/off with the CUPTI
+#          profile of the fused step (prompt GLM_PROMPTS, 128)
 # PROBE_VARIANTS / PROBE_PROFILE override the probe's variant lists.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -128,6 +132,20 @@ PY
         --buffer-sweep "${GLM_SWEEP:-1000}" --sweep-variants auto,auto-nofd \
         --json "$OUT/decode_probe_glm_ops.json" 2>&1 | grep -v "^ *[0-9.]* µs x" | tail -20 \
         | tee -a "$OUT/glm_ops.log" ;;
+    mlamoe)
+      timeout ${TESTS_TIMEOUT:-200} python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider \
+        tests/test_paged_attention.py tests/test_moe_kernels.py -k "paged or mla or norm_route or residual or router_kernel or shared_slot" \
+        2>&1 | tail -30 | tee "$OUT/pytest_mlamoe.log"
+      timeout 60 python3 benchmarks/mla_attention.py --paths sdpa,paged \
+        --out "$OUT/mla_attention_h200.json" 2>&1 | tail -12 | tee "$OUT/mla_attention.log"
+      MARLIN_MLX_PAGED_HEADS=10 timeout 40 python3 benchmarks/mla_attention.py --paths paged \
+        --out "$OUT/mla_attention_h10_h200.json" 2>&1 | tail -6 | tee -a "$OUT/mla_attention.log"
+      for p in ${GLM_PROMPTS:-128}; do
+        timeout ${GLM_TIMEOUT:-240} python3 benchmarks/decode_probe.py --preset glm-4.7-flash \
+          --prompt "$p" --steps 32 --compiled --variants "${GLM_VARIANTS:-auto,auto-nofd}" \
+          --profile "${GLM_PROFILE:-auto+compiled}" --json "$OUT/decode_probe_glm_s8_p$p.json" 2>&1 \
+          | grep -v "^ *[0-9.]* µs x" | tail -40 | tee -a "$OUT/glm_s8.log"
+      done ;;
     glmtest)
       # the GLM-shaped compiled-step tests with their tracebacks, MLA decode paged then sdpa
       for how in paged sdpa; do
