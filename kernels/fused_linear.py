@@ -178,7 +178,7 @@ def _measure(op, xdt, sdt, shape, bits, gs, eps) -> bool:
     fmt = f"affine-b{bits}-g{gs}"
     cls = f"M1|{xdt}|{sdt}|K{K}|N{N}" + ("" if eps is None else f"|eps{eps:g}")
     return selection.use_custom(op, fmt, cls, make_inputs, custom, builtin, reference,
-                                SELF_TEST_TOL.get(xdt, 1e-2))
+                                SELF_TEST_TOL.get(xdt, 1e-2), margin=selection.FUSION_MARGIN)
 
 
 def norm_linear(x, norm_w, eps: float, layer, prefix: bool = False):

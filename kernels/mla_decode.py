@@ -203,7 +203,7 @@ def _decide_q(xdt, sdt, heads, nope, rope, rank, q_lora_rank, eps, scale, gs, bi
            f"|eps{eps:g}|scale{scale:g}")
     use = _DECISIONS[key] = selection.use_custom(
         "mla_q", f"affine-b{bits}-g{gs}", cls, make_inputs, custom, builtin, reference,
-        SELF_TEST_TOL.get(xdt, 1e-2))
+        SELF_TEST_TOL.get(xdt, 1e-2), margin=selection.FUSION_MARGIN)
     return use
 
 
@@ -256,7 +256,9 @@ def absorbed_query(attn, a, pos):
         return None
     qn = attn.q_a_layernorm
     q = fused_linear.norm_linear(a, qn["weight"], qn.eps, attn.q_b_proj, prefix=True)
-    if q is None or q.dtype != a.dtype:
+    if q is None:  # the prefix GEMV declined or lost its timing: q_b through the MLX ops
+        q = attn.q_b_proj(qn(a[..., :qa]))
+    if q.dtype != a.dtype:
         return None
     eps, scale = float(attn.kv_a_layernorm.eps), float(rot.scale)
     if not _decide_q(a.dtype, s.dtype, heads, nope, rope, rank, qa, eps, scale, e.group_size,

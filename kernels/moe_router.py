@@ -312,7 +312,8 @@ def _decide_norm(dtype, norm_w, eps, gate_w, top_k, kw) -> bool:
     tol = 1e-5 if dtype == mx.float32 else 1e-2
     ref = packed(norm_route_reference)
     return selection.use_custom("moe_route_norm", kw["scoring"], cls, make_inputs,
-                                packed(norm_route_kernel), ref, ref, tol)
+                                packed(norm_route_kernel), ref, ref, tol,
+                                margin=selection.FUSION_MARGIN)
 
 
 def norm_compile_cases():

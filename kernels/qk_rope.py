@@ -146,7 +146,8 @@ def _measure(dt, B, H, KV, D, per_row, base, freqs, norm, eps, scale) -> bool:
     fmt = "rope-" + ("base" if base is not None else "freqs") + ("-norm" if norm else "")
     cls = f"B{B}|{dt}|H{H}|KV{KV}|D{D}|{'per-row' if per_row else 'shared'}"
     return selection.use_custom("qk_rope", fmt, cls, make_inputs, custom, run_reference,
-                                f32_reference, SELF_TEST_TOL.get(dt, 1e-2))
+                                f32_reference, SELF_TEST_TOL.get(dt, 1e-2),
+                                margin=selection.FUSION_MARGIN)
 
 
 def compile_cases():

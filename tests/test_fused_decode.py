@@ -161,7 +161,7 @@ def test_selection_inputs_have_the_layer_shapes(monkeypatch):
     from marlin_mlx.kernels import QuantizedLinear
     seen = []
 
-    def fake_use_custom(op, fmt, cls, make_inputs, custom, builtin, reference, tol):
+    def fake_use_custom(op, fmt, cls, make_inputs, custom, builtin, reference, tol, margin=1.0):
         inputs = make_inputs()
         err = selection.rel_err(builtin(*inputs), reference(*inputs))
         seen.append((op, cls, inputs[0].shape, err))

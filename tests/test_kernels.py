@@ -117,6 +117,11 @@ def test_selection_env_and_cache(tmp_path, monkeypatch):
     rec = selection.measure("t", "f", inputs, lambda a: a, lambda a: (a @ a) * 0 + a,
                             lambda a: a, 1e-3)
     assert rec["self_test"] == "pass" and rec["chosen_path"] in ("custom", "builtin")
+    # a margin keeps a slower "fusion" (here ~10x slower) only when the margin covers it
+    slow = lambda a: (a @ a @ a @ a) * 0 + a  # noqa: E731
+    for margin, chosen in ((1.0, "builtin"), (1e6, "custom")):
+        r = selection.measure("t", "f", inputs, slow, lambda a: a, lambda a: a, 1e-3, margin)
+        assert r["chosen_path"] == chosen, r
     selection.clear(memory_only=True)
     selection._CHOICES["k"] = rec
     selection._save()

@@ -151,7 +151,8 @@ def _split_step(model, tok, cache):
     return model.head(model.model.norm(x))
 
 
-def test_glm_fused_step_on_cpu_emulator(monkeypatch, tmp_path):
+@pytest.mark.parametrize("qb_fused", [True, False], ids=["qb-fused", "qb-mlx-ops"])
+def test_glm_fused_step_on_cpu_emulator(qb_fused, monkeypatch, tmp_path):
     # The model-level wiring of the decode fusions, on the CPU: the fused kernels' Metal
     # renderings run by the emulator inside a decode step (q_a|kv_a norm GEMV, q_b prefix norm
     # GEMV, mla_q, per-head unembed, o_proj + residual; the MoE layers' norm + router, experts
@@ -185,6 +186,10 @@ def test_glm_fused_step_on_cpu_emulator(monkeypatch, tmp_path):
                 monkeypatch.setattr(mod, "backend", lambda: "metal")
             for mod in (fused_linear, mla_decode):
                 monkeypatch.setattr(mod, "launch_planned", emu_launch)
+            if not qb_fused:  # q_b's prefix GEMV declines: mla_q still runs, on q from MLX ops
+                norm_linear = fused_linear.norm_linear
+                monkeypatch.setattr(fused_linear, "norm_linear", lambda *a, prefix=False: None
+                                    if prefix else norm_linear(*a))
             for mod in (moe_router, moe_experts):
                 monkeypatch.setattr(mod, "launch", emu_moe_launch)
             for d in (fused_linear._DECISIONS, mla_decode._DECISIONS, moe_router._NORM_PLANS,
@@ -197,8 +202,8 @@ def test_glm_fused_step_on_cpu_emulator(monkeypatch, tmp_path):
     plain, fused = results
     # per layer: q_a|kv_a (norm), q_b (prefix norm), mla_q, unembed, o_proj + residual; then
     # in the MoE layers: norm + router GEMV + routing, gate/up (+ shared), down + residual
-    attn = ["marlin_qmv_norm", "marlin_qmv_norm", "marlin_mla_q", "marlin_qmv_heads",
-            "marlin_qmv_res"]
+    attn = ["marlin_qmv_norm"] * (2 if qb_fused else 1) + ["marlin_mla_q", "marlin_qmv_heads",
+                                                           "marlin_qmv_res"]
     moe = ["marlin_moe_route_norm", "marlin_moe_gate_up_shared", "marlin_moe_down_shared_res"]
     assert launched == attn + (attn + moe) * (len(model.layers) - 1)
     assert np.argmax(plain[0, -1]) == np.argmax(fused[0, -1])
