@@ -271,12 +271,20 @@ def test_kernel_body_on_cpu_emulator(case, tmp_path):
     q, kc, vc, tables, cl = _make(rng, len(lens), nh, kvh, dk, dv, mla, lens, dtype=dtype,
                                   spare=2)
     B, mb, scale = len(lens), tables.shape[1], dk ** -0.5
-    (t, grid, tg, oshapes, odts, rt, rgrid, rtg, np_) = pa._plan(
-        dtype, B, nh, kvh, 16, dk, dv, mb, mla)
-    meta = pa._meta(mb, np_, scale)
+    plan = pa._plan(dtype, B, nh, kvh, 16, dk, dv, mb, mla)
+    _emulate_and_check(pa.SPEC, [q, kc, kc if mla else vc, tables, cl], plan,
+                       pa._meta(mb, plan[-1], scale), q, kc, vc, tables, cl, scale, dv, lens,
+                       dtype, tmp_path)
+
+def _emulate_and_check(first, first_inputs, plan, meta, q, kc, vc, tables, cl, scale, dv, lens,
+                       dtype, tmp_path):
+    """Run a first pass and the reduce on the CPU emulator; check against float64 attention
+    (and zeros for empty contexts)."""
+    (t, grid, tg, oshapes, odts, rt, rgrid, rtg, _) = plan
+    B, nh = q.shape[:2]
     y = metal_emulator.emulate([
-        dict(spec=pa.SPEC, inputs=[q, kc, kc if mla else vc, tables, cl, meta], template=t,
-             grid=grid, threadgroup=tg, output_shapes=oshapes, output_dtypes=odts),
+        dict(spec=first, inputs=first_inputs + [meta], template=t, grid=grid, threadgroup=tg,
+             output_shapes=oshapes, output_dtypes=odts),
         dict(spec=pa.REDUCE_SPEC, inputs=[("out", 0, 0), ("out", 0, 1), meta], template=rt,
              grid=rgrid, threadgroup=rtg, output_shapes=[(B, nh, dv)], output_dtypes=[dtype]),
     ], tmp_path)[0]
@@ -309,23 +317,8 @@ def test_mla_first_pass_on_cpu_emulator(case, tmp_path, monkeypatch):
                                  dtype=dtype, spare=2)
     B, mb, scale = len(lens), tables.shape[1], 0.3 * dk ** -0.5
     assert pa._mla_supported(dtype, 1, dk, dv)
-    (t, grid, tg, oshapes, odts, rt, rgrid, rtg, np_) = pa._plan_mla(dtype, B, nh, bs, dk, dv, mb)
-    tmpl = dict(t)
+    plan = pa._plan_mla(dtype, B, nh, bs, dk, dv, mb)
+    tmpl, np_ = dict(plan[0]), plan[-1]
     assert np_ > 1 and tmpl["NHC"] > 1 and tmpl["NTOK"] % (pa.MLA_THREADS // tmpl["LPT"]) == 0
-    meta = pa._meta(mb, np_, scale)
-    y = metal_emulator.emulate([
-        dict(spec=pa.MLA_SPEC, inputs=[q, kc, tables, cl, meta], template=t, grid=grid,
-             threadgroup=tg, output_shapes=oshapes, output_dtypes=odts),
-        dict(spec=pa.REDUCE_SPEC, inputs=[("out", 0, 0), ("out", 0, 1), meta], template=rt,
-             grid=rgrid, threadgroup=rtg, output_shapes=[(B, nh, dv)], output_dtypes=[dtype]),
-    ], tmp_path)[0]
-    y64 = _to64(y)
-    assert np.isfinite(y64).all(), "unwritten (NaN-filled) outputs"
-    nz = [i for i, n in enumerate(lens) if n > 0]
-    sel = mx.array(nz)
-    ref = _attention64(q[sel], kc, None, tables[sel], cl[sel], scale, dv)
-    err = np.linalg.norm(y64[nz] - ref) / np.linalg.norm(ref)
-    assert err < TOL[dtype], f"relative error {err:.2e}"
-    for i, n in enumerate(lens):
-        if n == 0:
-            assert np.abs(y64[i]).max() == 0.0
+    _emulate_and_check(pa.MLA_SPEC, [q, kc, tables, cl], plan, pa._meta(mb, np_, scale), q, kc,
+                       None, tables, cl, scale, dv, lens, dtype, tmp_path)

@@ -3,7 +3,14 @@
 // ROUTER_WRITES holds. Every simdgroup that runs it computes the same result (lane l holds
 // experts l, l + 32, ...); the grouped selection has one barrier, so a threadgroup of several
 // simdgroups runs it in all of them. Included by moe_router.h and moe_route_norm.h (after
-// MOE_ARGMAX, in their helpers).
+// their helpers). MOE_ARGMAX: the lane butterfly on (value, index, score) triples.
+#define MOE_ARGMAX(v, ei, s)                                                               \
+  KUNROLL for (uint32_t o_ = 16; o_ > 0; o_ >>= 1) {                                       \
+    const float ov_ = k_simd_xor(v, o_);                                                   \
+    const uint32_t oe_ = k_simd_xor_u(ei, o_);                                             \
+    const float os_ = k_simd_xor(s, o_);                                                   \
+    if (ov_ > v || (ov_ == v && oe_ < ei)) { v = ov_; ei = oe_; s = os_; }                 \
+  }
 constexpr int EPL = (E + 31) / 32;  // experts per lane
 constexpr int GSZ = E / NGRP;
 constexpr bool GROUPED = NGRP > 1 && TOPKG < NGRP;

@@ -12,13 +12,6 @@
 // threadgroup memory and simdgroup 0 writes.
 // Template constants: T, GT, D, NTH, EPS (float32 bits), and moe_router.h's E, TOPK, SOFTMAX,
 // HAS_BIAS, NGRP, TOPKG, NORM, RSF.
-#define MOE_ARGMAX(v, ei, s)                                                               \
-  KUNROLL for (uint32_t o_ = 16; o_ > 0; o_ >>= 1) {                                       \
-    const float ov_ = k_simd_xor(v, o_);                                                   \
-    const uint32_t oe_ = k_simd_xor_u(ei, o_);                                             \
-    const float os_ = k_simd_xor(s, o_);                                                   \
-    if (ov_ > v || (ov_ == v && oe_ < ei)) { v = ov_; ei = oe_; s = os_; }                 \
-  }
 //// BODY
 constexpr int NW = NTH / 32;
 KSHARED float x_sh[D];

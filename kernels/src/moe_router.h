@@ -14,13 +14,6 @@
 // The routing itself is moe_route_core.h (shared with moe_route_norm.h).
 // Template constants: T (logits), E, TOPK, SOFTMAX, HAS_BIAS, NGRP, TOPKG, NORM, RSF. The grid
 // has exactly one threadgroup row per token (no token count in the template: no recompiles).
-#define MOE_ARGMAX(v, ei, s)                                                               \
-  KUNROLL for (uint32_t o_ = 16; o_ > 0; o_ >>= 1) {                                       \
-    const float ov_ = k_simd_xor(v, o_);                                                   \
-    const uint32_t oe_ = k_simd_xor_u(ei, o_);                                             \
-    const float os_ = k_simd_xor(s, o_);                                                   \
-    if (ov_ > v || (ov_ == v && oe_ < ei)) { v = ov_; ei = oe_; s = os_; }                 \
-  }
 //// BODY
 const int t = int(tg_y);
 #define ROUTER_LOGIT(e) float(logits[size_t(t) * E + (e)])

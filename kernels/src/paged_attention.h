@@ -17,6 +17,7 @@
 // the first DV columns). meta = [max_blocks, partitions, bits of scale * log2 e, ...].
 // Template constants: T, XK (0 float32, 1 float16, 2 bfloat16), DK, DV, VS, BS, KVH, G, GC,
 // NHC, NT.
+//// INCLUDE attn_common.h
 //// BODY
 constexpr int NW = NT / 32;
 constexpr int EPV = (XK == 0) ? 4 : 8;                // elements per 16-byte key load
@@ -89,18 +90,7 @@ if (valid) {
     KUNROLL for (int k = 0; k < UK; ++k) u[k] = kp[c0 + k];
     KUNROLL for (int k = 0; k < UK; ++k) {
       float kf[8];
-      if (XK == 0) {
-        kf[0] = k_as_float(u[k].x); kf[1] = k_as_float(u[k].y);
-        kf[2] = k_as_float(u[k].z); kf[3] = k_as_float(u[k].w);
-        kf[4] = 0.0f; kf[5] = 0.0f; kf[6] = 0.0f; kf[7] = 0.0f;
-      } else {
-        const uint32_t w4[4] = {u[k].x, u[k].y, u[k].z, u[k].w};
-        KUNROLL for (int i = 0; i < 4; ++i) {
-          const float2 f = (XK == 1) ? k_f16x2(w4[i]) : k_bf16x2(w4[i]);
-          kf[2 * i] = f.x;
-          kf[2 * i + 1] = f.y;
-        }
-      }
+      k_unpack16<XK>(u[k], kf);
       const int d0 = (c0 + k) * EPV;
       KUNROLL for (int g = 0; g < GC; ++g) {
         KUNROLL for (int j4 = 0; j4 < EPV / 4; ++j4) {

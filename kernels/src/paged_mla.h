@@ -17,6 +17,7 @@
 // `_plan_mla`). Grid: tg_x = partition, tg_y = b * NHC + head chunk.
 // Template constants: T, XK (0 float32, 1 float16, 2 bfloat16), DK, DV, BS, NH, GC, NHC, NTOK,
 // LPT, NTH. meta = [max_blocks, partitions, bits of scale * log2 e, ...].
+//// INCLUDE attn_common.h
 //// BODY
 constexpr int NW = NTH / 32;
 constexpr int EPV = (XK == 0) ? 4 : 8;            // elements per 16-byte load
@@ -94,18 +95,7 @@ for (int jb = 0; jb < ntok; jb += TPP) {
     const int c = sub + i * LPT;
     if (c < NCH) {
       float kf[8];
-      if (XK == 0) {
-        kf[0] = k_as_float(u[i].x); kf[1] = k_as_float(u[i].y);
-        kf[2] = k_as_float(u[i].z); kf[3] = k_as_float(u[i].w);
-        kf[4] = 0.0f; kf[5] = 0.0f; kf[6] = 0.0f; kf[7] = 0.0f;
-      } else {
-        const uint32_t w4[4] = {u[i].x, u[i].y, u[i].z, u[i].w};
-        KUNROLL for (int e = 0; e < 4; ++e) {
-          const float2 f = (XK == 1) ? k_f16x2(w4[e]) : k_bf16x2(w4[e]);
-          kf[2 * e] = f.x;
-          kf[2 * e + 1] = f.y;
-        }
-      }
+      k_unpack16<XK>(u[i], kf);
       KUNROLL for (int g = 0; g < GC; ++g) {
         KUNROLL for (int j4 = 0; j4 < EPV / 4; ++j4) {
           const float4 qv = q4_sh[(g * DK + c * EPV) / 4 + j4];
