@@ -19,6 +19,7 @@ import mlx.core as mx
 
 from . import selection
 from .launch import KernelSpec, backend, launch
+from .qmv import XKIND
 
 SPEC = KernelSpec("marlin_moe_router", "moe_router.h", ("logits", "bias"), ("inds", "weights"))
 NORM_SPEC = KernelSpec("marlin_moe_route_norm", "moe_route_norm.h", ("h", "nw", "gw", "bias"),
@@ -231,7 +232,7 @@ def norm_route_kernel(h, norm_w, eps, gate_w, top_k, *, correction_bias=None,
     n, D = h.shape
     E = gate_w.shape[0]
     nth = NORM_THREADS.get(backend(), 512)
-    template = [("GT", gate_w.dtype), ("XK", _XKIND[h.dtype]), ("D", D),
+    template = [("GT", gate_w.dtype), ("XK", XKIND[h.dtype]), ("D", D),
                 ("NTH", nth), ("EPS", _f32_bits(eps))] + template_for(
         h.dtype, E, top_k, scoring, correction_bias is not None, n_group, topk_group,
         norm_topk_prob, routed_scaling_factor)
@@ -248,7 +249,6 @@ def norm_route_kernel(h, norm_w, eps, gate_w, top_k, *, correction_bias=None,
                         output_dtypes=[h.dtype, mx.uint32, mx.float32]))
 
 
-_XKIND = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
 _NORM_PLANS: dict = {}
 
 
@@ -324,7 +324,7 @@ def norm_compile_cases():
     for name, dt, gdt, D, E, k, ng, tg, rsf in (
             ("glm-4.7-flash", mx.bfloat16, F32, 2048, 64, 4, 1, 1, 1.8),
             ("f16-grouped", mx.float16, mx.float16, 1024, 256, 8, 8, 4, 2.5)):
-        t = [("GT", gdt), ("XK", _XKIND[dt]), ("D", D), ("NTH", NORM_THREADS["cuda"]),
+        t = [("GT", gdt), ("XK", XKIND[dt]), ("D", D), ("NTH", NORM_THREADS["cuda"]),
              ("EPS", _f32_bits(1e-5))] + template_for(dt, E, k, "sigmoid", True, ng, tg, True, rsf)
         out.append((f"moe-route-norm-{name}", NORM_SPEC, [dt, dt, gdt, F32],
                     [1 << 16, D, E * D, E], [dt, U32, F32], t))

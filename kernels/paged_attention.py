@@ -309,7 +309,7 @@ MLA_TOKENS = (128, 64, 32)   # partition sizes, largest first
 MLA_TARGET_TGS = 264         # threadgroups to aim for: two per SM of the H200's 132
 
 
-def _mla_layout(B, nh, dk, dv, capacity):
+def _mla_layout(B, nh, dk, capacity):
     """(tokens per partition, heads per chunk, chunks) of the MLA first pass: the largest
     partition that still gives MLA_TARGET_TGS threadgroups (else the smallest), at most
     HEADS_CAP heads per chunk (as many as fit when 0) in balanced chunks."""
@@ -327,14 +327,14 @@ def _mla_layout(B, nh, dk, dv, capacity):
 
 def _mla_supported(dtype, kvh, dk, dv) -> bool:
     return (kvh == 1 and dk % (4 if dtype == mx.float32 else 8) == 0 and dv % 2 == 0
-            and dv <= dk and _mla_layout(1, 1, dk, dv, 1) is not None)
+            and dv <= dk and _mla_layout(1, 1, dk, 1) is not None)
 
 
 def _plan_mla(dtype, B, nh, bs, dk, dv, mb):
     key = ("mla", dtype, B, nh, bs, dk, dv, mb, HEADS_CAP)
     plan = _PLANS.get(key)
     if plan is None:
-        ntok, gc, nhc = _mla_layout(B, nh, dk, dv, mb * bs)
+        ntok, gc, nhc = _mla_layout(B, nh, dk, mb * bs)
         np_ = cdiv(mb * bs, ntok)
         template = [("T", dtype), ("XK", XKIND[dtype]), ("DK", dk), ("DV", dv), ("BS", bs),
                     ("NH", nh), ("GC", gc), ("NHC", nhc), ("NTOK", ntok),

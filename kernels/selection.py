@@ -45,7 +45,6 @@ def cache_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
 def _source_tag() -> str:
     """A hash of the kernel sources: an edited kernel is measured again, not trusted from a
     choice recorded for its earlier version."""
@@ -55,6 +54,7 @@ def _source_tag() -> str:
     return h.hexdigest()[:10]
 
 
+@functools.lru_cache(maxsize=None)
 def _device_tag() -> str:
     try:
         info = mx.device_info()
