@@ -16,7 +16,8 @@ q-k-norm-RoPE fusions of kernels.fused_linear and kernels.qk_rope), -pf1 (softwa
 -qkv (q/k/v as one launch, patched in here for measurement only), -hN (at most N query heads
 per paged-attention threadgroup), -nobake (CUDA launches
 through MLX's template path instead of per-template kernel objects), -rN (N rows per simdgroup
-at M <= 4), -twN (N times the split-K warp target).
+at M <= 4), -twN (N times the split-K warp target), -layers (with --compiled: one compiled
+function per layer boundary even where the caches allow a whole compiled step).
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ def apply_variant(model, variant: str):
         paged_attention.HEADS_CAP = cap
         paged_attention._PLANS.clear()
     qmv.PREFETCH = 1 if "pf1" in parts else 0
+    from marlin_mlx.models import base as model_base
+    model_base.WHOLE_STEP = "layers" not in parts  # the compiled step's per-layer split
     from marlin_mlx.kernels import gated_mlp, launch
     # rN: N rows per simdgroup at M <= 4; twN: N times the default split-K warp target
     r = next((int(x[1:]) for x in parts if x[:1] == "r" and x[1:].isdigit()), 4)
@@ -388,6 +391,9 @@ def main(argv=None):
                    help="time the variants through the compiled decode step (as generate runs)")
     p.add_argument("--buffer-sweep", default="",
                    help="MLX_MAX_OPS_PER_BUFFER values to time (subprocesses), e.g. 60,200")
+    p.add_argument("--env-sweep", default="",
+                   help="environments to time (subprocesses), comma-separated, each "
+                        "NAME=VALUE[+NAME=VALUE], e.g. MLX_USE_CUDA_GRAPHS=0")
     p.add_argument("--sweep-variants", default="custom")
     p.add_argument("--profile-only", default="", help=argparse.SUPPRESS)
     p.add_argument("--tps-only", default="", help=argparse.SUPPRESS)
@@ -472,16 +478,20 @@ def main(argv=None):
         base += ["--layers", str(a.layers)]
     if a.vocab:
         base += ["--vocab", str(a.vocab)]
-    for n in [n for n in a.buffer_sweep.split(",") if n]:
-        env = dict(os.environ, MLX_MAX_OPS_PER_BUFFER=n)
+    sweep = [f"MLX_MAX_OPS_PER_BUFFER={n}" for n in a.buffer_sweep.split(",") if n]
+    for spec in sweep + [e for e in a.env_sweep.split(",") if e]:
+        env = dict(os.environ, **dict(kv.split("=", 1) for kv in spec.split("+")))
         r = subprocess.run(base + ["--tps-only", a.sweep_variants] + ["--compiled"] * a.compiled,
                            capture_output=True, text=True,
-                           timeout=240, env=env)
+                           timeout=300, env=env)
         lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
         res = json.loads(lines[-1]) if r.returncode == 0 and lines else {
             "error": (r.stderr or r.stdout)[-800:]}
-        report.setdefault("ops_per_buffer", {})[n] = res
-        print(f"MLX_MAX_OPS_PER_BUFFER={n}: {res}", flush=True)
+        report.setdefault("env_sweep", {})[spec] = res
+        print(f"{spec}: {res}", flush=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(report, f, indent=1)
     for v in [v for v in a.profile.split(",") if v]:
         extra = []
         if v.endswith("+compiled"):  # the variant's kernels, decoded through the compiled step

@@ -28,6 +28,9 @@
 #          norm + router and the down + residual kernels; benchmarks/mla_attention.py at the
 #          default heads cap (4) and at 10; GLM-4.7-Flash decode fusions on/off with the CUPTI
 #          profile of the fused step (prompt GLM_PROMPTS, 128)
+# whole:   session 9: the compiled whole decode step over the latent cache: GPU tests of the MLA
+#          decode kernels and the compiled steps, then GLM-4.7-Flash decode whole step vs the
+#          per-layer split, and the whole step with MLX's CUDA graphs off (MLX_USE_CUDA_GRAPHS=0)
 # PROBE_VARIANTS / PROBE_PROFILE override the probe's variant lists.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -152,6 +155,17 @@ PY
         MARLIN_MLX_MLA_DECODE=$how timeout ${TESTS_TIMEOUT:-120} python3 -m pytest -q --tb=long \
           -p no:cacheprovider tests/test_compiled_decode.py -k glm4_moe_lite 2>&1 | tail -60 \
           | tee -a "$OUT/pytest_glm.log"
+      done ;;
+    whole)
+      timeout ${TESTS_TIMEOUT:-200} python3 -m pytest -q --tb=short -p no:cacheprovider \
+        tests/test_mla_decode.py tests/test_compiled_decode.py 2>&1 | tail -30 \
+        | tee "$OUT/pytest_whole.log"
+      for p in ${GLM_PROMPTS:-128}; do
+        timeout ${GLM_TIMEOUT:-400} python3 benchmarks/decode_probe.py --preset glm-4.7-flash \
+          --prompt "$p" --steps 32 --compiled --variants "${GLM_VARIANTS:-auto,auto-layers}" \
+          --env-sweep "${GLM_ENV_SWEEP:-MLX_USE_CUDA_GRAPHS=0}" --sweep-variants auto \
+          --profile "${GLM_PROFILE:-}" --json "$OUT/decode_probe_glm_s9_p$p.json" 2>&1 \
+          | grep -v "^ *[0-9.]* µs x" | tail -40 | tee -a "$OUT/glm_s9.log"
       done ;;
     *) echo "unknown part $part" ;;
   esac

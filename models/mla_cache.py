@@ -25,7 +25,8 @@ import mlx.core as mx
 from marlin_mlx.kernels import paged_attention as _paged
 from marlin_mlx.kernels.launch import backend
 
-_INDEX: dict = {}  # (B, blocks, offset) -> (block tables, context lengths), shared by layers
+_TABLES: dict = {}  # (B, blocks) -> block table of a buffer read in place, shared by layers
+_LENS: dict = {}  # (B, offset) -> context lengths of an eager step, shared by layers
 DECODE_ATTENTION_PATHS = ("paged", "matmul", "sdpa")
 # the GPU default (benchmarks/mla_attention.py measures the three); MARLIN_MLX_MLA_DECODE overrides
 DECODE_ATTENTION_GPU = os.environ.get("MARLIN_MLX_MLA_DECODE", "").strip() or "paged"
@@ -66,48 +67,81 @@ class MLACache:
         rank = kv_lora_rank
         if self.kv_lora_rank is not None and rank != self.kv_lora_rank:
             raise ValueError(f"latent width {rank} != cached kv_lora_rank {self.kv_lora_rank}")
-        prev, n = self.offset, entries.shape[2]
-        if self.buffer is None or prev + n > self.buffer.shape[2]:
-            B, _, _, D = entries.shape
-            grow = ((n + self.step - 1) // self.step) * self.step
-            new = mx.zeros((B, 1, grow, D), entries.dtype)
-            if self.buffer is None:
-                self.buffer = new
-            else:
-                # a trim may have left a tail past offset: drop it before growing
-                self.buffer = mx.concatenate([self.buffer[..., :prev, :], new], axis=2)
+        B, _, n, D = entries.shape
+        prev = self.offset
+        self._reserve(n, B, D, entries.dtype)
         self.kv_lora_rank = rank
         self.offset += n
         self.buffer[..., prev : self.offset, :] = entries
         return self.buffer[..., : self.offset, :]
 
-    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float, window=None):
-        """Absorbed decode attention (q: (B, H, 1, rank + rope)) over the whole buffer, or None
-        (models/base.py `attention` then runs MLX's SDPA on k and v)."""
+    def _reserve(self, n: int, B: int, D: int, dtype) -> None:
+        """Room for `n` more rows: the buffer grows by whole steps."""
+        prev = self.offset
+        if self.buffer is None or prev + n > self.buffer.shape[2]:
+            grow = ((n + self.step - 1) // self.step) * self.step
+            new = mx.zeros((B, 1, grow, D), dtype)
+            if self.buffer is None:
+                self.buffer = new
+            else:
+                # a trim may have left a tail past offset: drop it before growing
+                self.buffer = mx.concatenate([self.buffer[..., :prev, :], new], axis=2)
+
+    def _decode_path(self) -> str:
         how = self.decode_attention
         if how is None:
             how = DECODE_ATTENTION_GPU if backend() is not None else "sdpa"
+        if how not in DECODE_ATTENTION_PATHS:
+            raise ValueError(f"MLACache.decode_attention {how!r} is not one of "
+                             f"{', '.join(DECODE_ATTENTION_PATHS)}")
+        return how
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float, window=None):
+        """Absorbed decode attention (q: (B, H, 1, rank + rope)) over the whole buffer, or None
+        (models/base.py `attention` then runs MLX's SDPA on k and v)."""
+        how = self._decode_path()
         if (how == "sdpa" or q.shape[2] != 1 or window is not None or self.buffer is None
                 or q.shape[-1] != self.buffer.shape[-1] or q.dtype != self.buffer.dtype):
             return None
         if how == "matmul":
             return self._attend_matmul(q, scale)
-        if how != "paged":
-            raise ValueError(f"MLACache.decode_attention {how!r} is not one of "
-                             f"{', '.join(DECODE_ATTENTION_PATHS)}")
-        B, _, cap, D = self.buffer.shape
-        nb = cap // self.step
-        key = (B, nb, self.offset)
-        index = _INDEX.get(key)
-        if index is None:
-            if len(_INDEX) > 64:
-                _INDEX.clear()
-            tables = mx.arange(B * nb, dtype=mx.int32).reshape(B, nb)
-            index = _INDEX[key] = (tables, mx.full((B,), self.offset, mx.int32))
-        blocks = self.buffer.reshape(B * nb, 1, self.step, D)  # a view: no copy
-        out = _paged.paged_attention(q[:, :, 0, :], blocks, None, *index, scale,
-                                     v_dim=self.kv_lora_rank, validate=False)
-        return out[:, :, None, :]
+        B = self.buffer.shape[0]
+        key = (B, self.offset)
+        lens = _LENS.get(key)
+        if lens is None:
+            if len(_LENS) > 64:
+                _LENS.clear()
+            lens = _LENS[key] = mx.full((B,), self.offset, mx.int32)
+        return _attend_paged(q, self.buffer, _block_table(B, self.buffer.shape[2] // self.step),
+                             lens, self.step, scale, self.kv_lora_rank)
+
+    # The compiled whole decode step (models/base.py CompiledDecoder) takes the buffer as an
+    # input and returns the written one: see MLACacheTrace.
+    @property
+    def traced_decode(self) -> bool:
+        """Whether a compiled whole step may run over this cache: its attention reads the buffer
+        by length arrays (the paged path), so one trace serves every step until it grows."""
+        return self.buffer is not None and self._decode_path() == "paged"
+
+    def trace_key(self) -> tuple:
+        return ("mla", self.step, self.kv_lora_rank)
+
+    def trace_inputs(self) -> list:
+        """Room for one more token (grown here, outside the trace), then what a step takes:
+        the buffer and its block table."""
+        B, _, _, D = self.buffer.shape
+        self._reserve(1, B, D, self.buffer.dtype)
+        return [self.buffer, _block_table(B, self.buffer.shape[2] // self.step)]
+
+    @staticmethod
+    def traced(arrays: list, offset: mx.array, lens: mx.array, key: tuple) -> "MLACacheTrace":
+        """The stand-in the layers write and attend through inside the trace."""
+        return MLACacheTrace(arrays, offset, lens, key)
+
+    def trace_commit(self, arrays: list) -> None:
+        """Take the step's written buffer: one token appended."""
+        self.buffer = arrays[0]
+        self.offset += 1
 
     def _attend_matmul(self, q: mx.array, scale: float) -> mx.array:
         """q (B, H, 1, D) against the buffer's first `offset` rows, read in place: the keys are
@@ -136,3 +170,53 @@ class MLACache:
     @property
     def nbytes(self) -> int:
         return 0 if self.buffer is None else self.buffer.nbytes
+
+
+class MLACacheTrace:
+    """An MLACache inside a compiled whole decode step (models/base.py CompiledDecoder): the
+    buffer is a traced input, and the new token's position an array, so the write is a dynamic
+    slice update (MLX donates the buffer to it: no copy) and the attention masks by length."""
+
+    compiled_decode = True
+
+    def __init__(self, arrays: list, offset: mx.array, lens: mx.array, key: tuple):
+        self.buffer, self.table = arrays
+        self.offset, self.lens = offset, lens
+        _, self.step, self.kv_lora_rank = key
+
+    def append(self, entries: mx.array, kv_lora_rank: int) -> mx.array:
+        if entries.shape[2] != 1 or kv_lora_rank != self.kv_lora_rank:
+            raise ValueError("a traced MLA step appends one row of the cached latent width")
+        self.buffer = mx.slice_update(self.buffer, entries.astype(self.buffer.dtype),
+                                      self.offset.reshape(1), axes=(2,))
+        return self.buffer
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float, window=None):
+        if q.shape[2] != 1 or window is not None:
+            raise ValueError("a traced MLA step attends one query per sequence, no window")
+        return _attend_paged(q, self.buffer, self.table, self.lens, self.step, scale,
+                             self.kv_lora_rank)
+
+    def outputs(self) -> list:
+        return [self.buffer]
+
+
+def _block_table(B: int, nb: int) -> mx.array:
+    """The block table of B buffers of nb blocks each read in place: sequence b owns blocks
+    b * nb ... b * nb + nb - 1 of the buffer viewed as (B * nb, 1, step, D)."""
+    table = _TABLES.get((B, nb))
+    if table is None:
+        if len(_TABLES) > 64:
+            _TABLES.clear()
+        table = _TABLES[(B, nb)] = mx.arange(B * nb, dtype=mx.int32).reshape(B, nb)
+        mx.eval(table)
+    return table
+
+
+def _attend_paged(q, buffer, table, lens, step, scale, rank):
+    """q (B, H, 1, D) over the buffer's first lens[b] rows through the paged-attention op."""
+    B, _, cap, D = buffer.shape
+    blocks = buffer.reshape(B * (cap // step), 1, step, D)  # a view: no copy
+    out = _paged.paged_attention(q[:, :, 0, :], blocks, None, table, lens, scale,
+                                 v_dim=rank, validate=False)
+    return out[:, :, None, :]

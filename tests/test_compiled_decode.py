@@ -14,9 +14,9 @@ from mlx.utils import tree_unflatten
 STEPS = 6
 
 
-def _decode(forward, model, prompt, steps=STEPS):
+def _decode(forward, model, prompt, steps=STEPS, cache=None):
     """Logits of `steps` greedy single-token steps after prefilling `prompt` (1-D ids)."""
-    cache = model.make_cache()
+    cache = model.make_cache() if cache is None else cache
     logits = model(prompt[None], cache=cache)
     y = mx.argmax(logits[:, -1], axis=-1)
     out = []
@@ -141,6 +141,49 @@ def test_compiled_step_matches_plain_moe_models(arch, quantize):
         assert a.shape == c.shape
         assert mx.allclose(a, c, rtol=1e-5, atol=1e-5).item()
     assert dec.failed is None
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["whole-step", "per-layer"])
+def test_glm_whole_step_over_paged_latent_cache(whole, monkeypatch):
+    # MLACache on its paged path (the GPU default; on the CPU the op's MLX reference) lets the
+    # whole step compile as one function: the cache write is a slice update at an array
+    # position. Small cache steps make the buffer grow (and the step retrace) during decode.
+    from marlin_mlx.models import base
+    from marlin_mlx.models.mla_cache import MLACache
+    monkeypatch.setattr(MLACache, "decode_attention", "paged")
+    monkeypatch.setattr(base, "WHOLE_STEP", whole)
+    model = _random_moe("glm4_moe_lite", quantize=True)
+    prompt = mx.array([3, 17, 5, 9, 40, 2, 11], mx.int32)
+
+    def run(forward):
+        cache = model.make_cache()
+        for c in cache:
+            c.step = 4
+        return _decode(forward, model, prompt, steps=12, cache=cache), cache
+
+    (plain, pc), dec = run(model), decode_forward(model, True)
+    compiled, cc = run(dec)
+    assert dec.failed is None and bool(dec._wholes) == whole
+    for a, c in zip(plain, compiled):
+        assert mx.allclose(a, c, rtol=1e-5, atol=1e-5).item()
+    for a, c in zip(pc, cc):
+        assert c.offset == a.offset == len(prompt) + 12 and c.buffer.shape == a.buffer.shape
+        assert mx.array_equal(c.state[0], a.state[0]).item()
+
+
+def test_whole_step_failure_writes_nothing(monkeypatch):
+    from marlin_mlx.models.mla_cache import MLACache
+    monkeypatch.setattr(MLACache, "decode_attention", "paged")
+    model = _random_moe("glm4_moe_lite", quantize=False)
+    prompt = mx.array([3, 1, 4, 1, 5], mx.int32)
+    plain = _decode(model, model, prompt, steps=3)
+    dec = CompiledDecoder(model)
+    dec._whole_fn = lambda *a: (_ for _ in ()).throw(RuntimeError("cannot compile this"))
+    with pytest.warns(UserWarning, match="compiled decode step disabled"):
+        out = _decode(dec, model, prompt, steps=3)
+    assert "cannot compile" in dec.failed
+    for a, b in zip(plain, out):
+        assert mx.allclose(a, b, rtol=1e-5, atol=1e-5).item()
 
 
 def test_fuse_linears_refuses_mixed_layers():

@@ -19,7 +19,7 @@ import pytest
 import mlx.core as mx
 
 import marlin_mlx.kernels
-from marlin_mlx.kernels import dequantize, gated_mlp, launch, qmv
+from marlin_mlx.kernels import dequantize, gated_mlp, launch, qmm, qmv
 
 SHIM = os.path.join(os.path.dirname(__file__), "metal_shim")
 GXX = shutil.which("g++")
@@ -109,3 +109,15 @@ def test_cuda_source_compiles(case, tmp_path):
     r = subprocess.run([NVCC, "-arch=sm_90", "-std=c++17", "-c", "-I", MLX_CUDA_INCLUDE,
                         str(path), "-o", str(tmp_path / "kernel.o")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_compaction_keeps_string_literals():
+    # launch._compact drops // comments and collapses runs of spaces (MLX hashes the source on
+    # every launch): right only while no string literal holds // or two spaces in a row
+    import re
+    for name in sorted(os.listdir(launch.SRC_DIR)):
+        for lit in re.findall(r'"([^"\n]*)"', launch.read_src(name)):
+            assert "//" not in lit and not re.search(r"\s\s", lit), (name, lit)
+    header, body = launch.parts(qmm.SPEC, "cuda")
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}" in header
+    assert "//" not in header + body and "  " not in header + body
