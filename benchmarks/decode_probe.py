@@ -17,7 +17,8 @@ q-k-norm-RoPE fusions of kernels.fused_linear and kernels.qk_rope), -pf1 (softwa
 per paged-attention threadgroup), -nobake (CUDA launches
 through MLX's template path instead of per-template kernel objects), -rN (N rows per simdgroup
 at M <= 4), -twN (N times the split-K warp target), -layers (with --compiled: one compiled
-function per layer boundary even where the caches allow a whole compiled step).
+function per layer boundary even where the caches allow a whole compiled step), -noinplace
+(the whole step writes latent-cache rows by slice update, not from the query kernel).
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ def apply_variant(model, variant: str):
     qmv.PREFETCH = 1 if "pf1" in parts else 0
     from marlin_mlx.models import base as model_base
     model_base.WHOLE_STEP = "layers" not in parts  # the compiled step's per-layer split
+    from marlin_mlx.models import mla_cache
+    mla_cache.IN_PLACE_ROWS = "noinplace" not in parts  # latent rows by slice update
     from marlin_mlx.kernels import gated_mlp, launch
     # rN: N rows per simdgroup at M <= 4; twN: N times the default split-K warp target
     r = next((int(x[1:]) for x in parts if x[:1] == "r" and x[1:].isdigit()), 4)
@@ -395,6 +398,8 @@ def main(argv=None):
                    help="environments to time (subprocesses), comma-separated, each "
                         "NAME=VALUE[+NAME=VALUE], e.g. MLX_USE_CUDA_GRAPHS=0")
     p.add_argument("--sweep-variants", default="custom")
+    p.add_argument("--nodes", action="store_true",
+                   help="also count each variant's graph nodes per step, by primitive")
     p.add_argument("--profile-only", default="", help=argparse.SUPPRESS)
     p.add_argument("--tps-only", default="", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="bfloat16")
@@ -461,6 +466,10 @@ def main(argv=None):
         err = rel_err(_LAST_LOGITS[0], ref_logits)  # same prompt: the paths must agree
         report["variants"][v] = {"decode_tps": tps, "ms_per_token": 1e3 / tps, **hs,
                                  "logits_rel_err_vs_first": err}
+        if a.nodes:
+            _, nodes = build_us(model, prompt, reps=2, inner=1)
+            report["variants"][v]["graph_nodes"] = {"total": sum(nodes.values()), **nodes}
+            print(f"{v:>22}: {sum(nodes.values())} graph nodes per step: {nodes}", flush=True)
         print(f"{v:>22}: {tps:7.1f} tok/s  {1e3 / tps:6.2f} ms/token  build {hs['build_ms']:.2f} ms"
               f"  sync eval {hs['eval_sync_ms']:.2f} ms  logits err {err:.1e}", flush=True)
     modes = [m for m in a.compile_modes.split(",") if m]

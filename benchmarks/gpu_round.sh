@@ -157,14 +157,15 @@ PY
           | tee -a "$OUT/pytest_glm.log"
       done ;;
     whole)
-      timeout ${TESTS_TIMEOUT:-200} python3 -m pytest -q --tb=short -p no:cacheprovider \
-        tests/test_mla_decode.py tests/test_compiled_decode.py 2>&1 | tail -30 \
-        | tee "$OUT/pytest_whole.log"
+      [ -n "$SKIP_TESTS" ] || timeout ${TESTS_TIMEOUT:-400} python3 -m pytest -q --tb=short \
+        -p no:cacheprovider -k "${WHOLE_K:-gpu or glm}" tests/test_mla_decode.py \
+        tests/test_compiled_decode.py \
+        2>&1 | tail -30 | tee "$OUT/pytest_whole.log"
       for p in ${GLM_PROMPTS:-128}; do
         timeout ${GLM_TIMEOUT:-400} python3 benchmarks/decode_probe.py --preset glm-4.7-flash \
           --prompt "$p" --steps 32 --compiled --variants "${GLM_VARIANTS:-auto,auto-layers}" \
           --env-sweep "${GLM_ENV_SWEEP:-MLX_USE_CUDA_GRAPHS=0}" --sweep-variants auto \
-          --profile "${GLM_PROFILE:-}" --json "$OUT/decode_probe_glm_s9_p$p.json" 2>&1 \
+          --profile "${GLM_PROFILE:-}" --json "$OUT/decode_probe_glm_s9_p$p.json" $GLM_PROBE_ARGS 2>&1 \
           | grep -v "^ *[0-9.]* µs x" | tail -40 | tee -a "$OUT/glm_s9.log"
       done ;;
     *) echo "unknown part $part" ;;

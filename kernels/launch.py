@@ -91,13 +91,18 @@ def read_src(name: str) -> str:
 @functools.lru_cache(maxsize=None)
 def parts(spec: KernelSpec, be: str) -> tuple[str, str]:
     """(header, source) handed to mx.fast.<be>_kernel."""
-    text = "".join(read_src(line.split()[2]) + "\n" if line.startswith(INCLUDE_MARK) else line
-                   for line in read_src(spec.src).splitlines(keepends=True))
+    text = _expand(spec.src)
     if BODY_MARK not in text:
         raise ValueError(f"{spec.src}: no '{BODY_MARK}' line")
     helpers, body = text.split(BODY_MARK, 1)
     header = read_src(f"prelude_{be}.h") + "\n" + helpers
     return _compact(header), _compact(PROLOGUE[be] + body)
+
+
+def _expand(name: str) -> str:
+    """A source file with its `//// INCLUDE` lines replaced by the files they name (nested)."""
+    return "".join(_expand(line.split()[2]) + "\n" if line.startswith(INCLUDE_MARK) else line
+                   for line in read_src(name).splitlines(keepends=True))
 
 
 def _compact(src: str) -> str:

@@ -31,6 +31,9 @@ from .qmv import DTYPES, PREFETCH, XKIND, config
 
 SPEC_Q = KernelSpec("marlin_mla_q", "mla_q.h",
                     ("x", "w", "scales", "biases", "kv", "kvn", "pos", "inv_freq"), ("y", "kvrow"))
+# mla_q writing the cache row in place (into an input): see MLACacheTrace in models/mla_cache.py
+SPEC_Q_CACHE = KernelSpec("marlin_mla_q_cache", "mla_q_cache.h", SPEC_Q.inputs + ("cache",),
+                          ("y",))
 SPEC_HEADS = KernelSpec("marlin_qmv_heads", "qmv_heads.h", ("x", "w", "scales", "biases"), ("y",))
 SELF_TEST_TOL = {mx.float32: 1e-4, mx.float16: 3e-3, mx.bfloat16: 1.5e-2}
 
@@ -95,8 +98,10 @@ def _finish(spec, template, grid, tg, oshapes, odts):
     return template, grid, tg, oshapes, odts, kern, ktemplate
 
 
-def _plan_q(xdt, sdt, bits, group_size, heads, nope, rope, rank, q_lora_rank, eps, scale):
-    key = ("q", xdt, sdt, bits, group_size, heads, nope, rope, rank, q_lora_rank, eps, scale)
+def _plan_q(xdt, sdt, bits, group_size, heads, nope, rope, rank, q_lora_rank, eps, scale,
+            in_place=False):
+    key = ("q", xdt, sdt, bits, group_size, heads, nope, rope, rank, q_lora_rank, eps, scale,
+           in_place)
     plan = _PLANS.get(key)
     if plan is None:
         N = heads * rank
@@ -106,23 +111,28 @@ def _plan_q(xdt, sdt, bits, group_size, heads, nope, rope, rank, q_lora_rank, ep
              ("QA", q_lora_rank), ("EPS", eps_bits(eps)), ("SCALE", eps_bits(scale))))
         ntg = cdiv(N, R)  # the GEMV's threadgroups; H + 1 tail jobs follow
         template.append(("NTG", ntg))
-        plan = _PLANS[key] = _finish(SPEC_Q, template, (32 * SK * (ntg + heads + 1), 1, 1),
-                                     (32 * SK, 1, 1),
-                                     [(1, heads, 1, rank + rope), (1, 1, 1, rank + rope)],
-                                     [xdt, xdt])
+        shapes = [(1, heads, 1, rank + rope)] + [(1, 1, 1, rank + rope)] * (not in_place)
+        plan = _PLANS[key] = _finish(SPEC_Q_CACHE if in_place else SPEC_Q, template,
+                                     (32 * SK * (ntg + heads + 1), 1, 1), (32 * SK, 1, 1),
+                                     shapes, [xdt] * len(shapes))
     return plan
 
 
 def absorbed_query_kernel(q, kv, w, scales, biases, kv_norm_w, pos, inv_freq, *, heads, nope,
-                          q_lora_rank, eps, scale, group_size, bits):
-    """`absorbed_query_reference` as one launch (no checks: `absorbed_query` makes them)."""
+                          q_lora_rank, eps, scale, group_size, bits, cache=None):
+    """`absorbed_query_reference` as one launch (no checks: `absorbed_query` makes them).
+    With `cache` (1, 1, capacity, rank + rope) the row is written into it at `pos`, in place,
+    and the result is (query, None)."""
     rank = w.shape[1]
     rope = q.shape[-1] // heads - nope
     plan = _plan_q(q.dtype, scales.dtype, bits, group_size, heads, nope, rope, rank, q_lora_rank,
-                   float(eps), float(scale))
+                   float(eps), float(scale), cache is not None)
     if biases.dtype != scales.dtype:
         biases = biases.astype(scales.dtype)
-    return launch_planned(SPEC_Q, [q, w, scales, biases, kv, kv_norm_w, pos, inv_freq], *plan)
+    inputs = [q, w, scales, biases, kv, kv_norm_w, pos, inv_freq]
+    if cache is None:
+        return launch_planned(SPEC_Q, inputs, *plan)
+    return launch_planned(SPEC_Q_CACHE, inputs + [cache], *plan)[0], None
 
 
 def heads_linear_kernel(x, w, scales, biases, group_size, bits):
@@ -236,11 +246,12 @@ def _quantized_per_head(m) -> bool:
     return getattr(m, "mode", None) == "affine" and "biases" in m and "scales" in m
 
 
-def absorbed_query(attn, a, pos):
+def absorbed_query(attn, a, pos, cache=None):
     """(query (1, H, 1, rank + rope), cache row (1, 1, 1, rank + rope)) of one decode token
     from `a`, the row of attn's fused q_a | kv_a projection (its input norm applied), through
     q_b (q_a norm fused in) and `absorbed_query_kernel`; None where the fused kernels do not
-    apply or lost their measurement (the caller runs the MLX ops)."""
+    apply or lost their measurement (the caller runs the MLX ops). `cache`: a buffer (1, 1,
+    capacity, rank + rope) to write the row into at `pos` in place (then the row is None)."""
     if not (fused_linear.ENABLED and backend() is not None and a.size == a.shape[-1]
             and a.dtype in DTYPES and _quantized_per_head(attn.embed_q)):
         return None
@@ -266,9 +277,13 @@ def absorbed_query(attn, a, pos):
         return None
     if isinstance(pos, int):
         pos = mx.array([pos], mx.int32)
+    if cache is not None and not (cache.dtype == a.dtype and cache.ndim == 4
+                                  and cache.shape[:2] == (1, 1) and cache.shape[3] == rank + rope):
+        raise ValueError(f"latent cache {cache.shape} {cache.dtype} does not take rows of "
+                         f"{rank + rope} {a.dtype}")
     return absorbed_query_kernel(q, a, w, s, b, attn.kv_a_layernorm["weight"], pos,
                                  rot._inv_freq, heads=heads, nope=nope, q_lora_rank=qa, eps=eps,
-                                 scale=scale, group_size=e.group_size, bits=e.bits)
+                                 scale=scale, group_size=e.group_size, bits=e.bits, cache=cache)
 
 
 def heads_linear(layer, x):
@@ -296,6 +311,9 @@ def compile_cases():
         out.append((f"mla_q-{dt}".replace("mlx.core.", ""), SPEC_Q,
                     [dt, mx.uint32, dt, dt, dt, dt, mx.int32, mx.float32], [1 << 20] * 8,
                     [dt, dt], t))
+        out.append((f"mla_q_cache-{dt}".replace("mlx.core.", ""), SPEC_Q_CACHE,
+                    [dt, mx.uint32, dt, dt, dt, dt, mx.int32, mx.float32, dt], [1 << 20] * 9,
+                    [dt], t))
         t = _gemv_template(dt, dt, 4, 64, 512, 20 * 256, (("XH", 512), ("RH", 256)))[0]
         out.append((f"qmv_heads-{dt}".replace("mlx.core.", ""), SPEC_HEADS,
                     [dt, mx.uint32, dt, dt], [1 << 20] * 4, [dt], t))

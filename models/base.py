@@ -454,6 +454,6 @@ class CompiledDecoder:
             caches = [make(s, offset, lens, k) for make, s, k in zip(views, states, keys)]
             x = stack.embed_tokens(tokens)
             for layer, c in zip(layers, caches):
-                x = layer.attn_out(x, layer.attend(*layer.attn_in(x, offset), c))
+                x = layer.attn_out(x, layer.attend(*layer.attn_in(x, offset, cache=c), c))
             return model.head(stack.norm(x)), [c.outputs() for c in caches]
         return whole

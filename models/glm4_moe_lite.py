@@ -253,11 +253,13 @@ class Attention(nn.Module):
     # The compiled decode step's split (models/base.py CompiledDecoder), absorbed form only:
     # project -> (absorbed query, cache row (latent | rope key)); attend over the cache; output
     # projection. A GPU batch-1 step runs them as kernels/mla_decode.py's fused launches.
-    def project(self, x: mx.array, offset, norm: Optional[RMSNorm] = None) -> tuple:
-        """(q (B, H, L, rank + rope), cache rows (B, 1, L, rank + rope)) of norm(x)."""
+    def project(self, x: mx.array, offset, norm: Optional[RMSNorm] = None, cache=None) -> tuple:
+        """(q (B, H, L, rank + rope), cache rows (B, 1, L, rank + rope)) of norm(x); the rows
+        are None where the fused kernel wrote them into `cache`'s `row_target()`."""
         if "qkv_a_proj" in self and norm is not None:
             a = fused_linear.norm_linear(x, norm["weight"], norm.eps, self.qkv_a_proj)
-            fused = None if a is None else mla_decode.absorbed_query(self, a, offset)
+            target = getattr(cache, "row_target", lambda: None)()
+            fused = None if a is None else mla_decode.absorbed_query(self, a, offset, target)
             if fused is not None:
                 return fused
         if norm is not None:
@@ -336,8 +338,8 @@ class DecoderLayer(nn.Module):
     def supports_compiled_decode(self) -> bool:
         return self.self_attn.form in (None, "absorbed")
 
-    def attn_in(self, x: mx.array, offset) -> tuple:
-        return self.self_attn.project(x, offset, norm=self.input_layernorm)
+    def attn_in(self, x: mx.array, offset, cache=None) -> tuple:
+        return self.self_attn.project(x, offset, norm=self.input_layernorm, cache=cache)
 
     def attend(self, q, rows, cache=None) -> mx.array:
         return self.self_attn.attend(q, rows, cache)

@@ -36,6 +36,10 @@ if DECODE_ATTENTION_GPU not in DECODE_ATTENTION_PATHS:
     DECODE_ATTENTION_GPU = "paged"
 
 
+# MLACacheTrace.row_target: MARLIN_MLX_CACHE_IN_PLACE=0 writes rows by slice update instead
+IN_PLACE_ROWS = os.environ.get("MARLIN_MLX_CACHE_IN_PLACE", "1").strip() != "0"
+
+
 class MLACache:
     compiled_decode = True  # a decode step may run through base.CompiledDecoder
     # how a single-token (absorbed) step attends: "paged" (kernels/paged_attention.py over the
@@ -184,7 +188,18 @@ class MLACacheTrace:
         self.offset, self.lens = offset, lens
         _, self.step, self.kv_lora_rank = key
 
-    def append(self, entries: mx.array, kv_lora_rank: int) -> mx.array:
+    def row_target(self) -> Optional[mx.array]:
+        """The buffer the fused query kernel may write this step's row into, in place
+        (kernels/mla_decode.py SPEC_Q_CACHE), or None: on CUDA (where the GPU tests check it),
+        one sequence. Nothing else writes the buffer in the step, and the attention after it
+        takes that kernel's query, so it reads the row after the write."""
+        if IN_PLACE_ROWS and backend() == "cuda" and self.buffer.shape[0] == 1:
+            return self.buffer
+        return None
+
+    def append(self, entries: Optional[mx.array], kv_lora_rank: int) -> mx.array:
+        if entries is None:  # the query kernel wrote the row in place (row_target)
+            return self.buffer
         if entries.shape[2] != 1 or kv_lora_rank != self.kv_lora_rank:
             raise ValueError("a traced MLA step appends one row of the cached latent width")
         self.buffer = mx.slice_update(self.buffer, entries.astype(self.buffer.dtype),

@@ -281,3 +281,56 @@ def test_glm_decode_step_fused_equals_unfused(monkeypatch, tmp_path):
         return outs
 
     assert_same_steps(decode(True), decode(False))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(launch.backend() != "cuda", reason="the in-place row write runs on CUDA")
+@pytest.mark.parametrize("dt", [mx.bfloat16, mx.float32])
+def test_mla_q_writes_the_cache_row_in_place_gpu(dt, poison):
+    H, nope, rope, rank, qa, eps, scale = 20, 192, 64, 512, 768, 1e-6, 1.0
+    case = _q_case(dt, H, nope, rope, rank, qa, seed=np.random.randint(1 << 20))
+    cap, pos = 1536, int(np.array(case[6])[0])
+    cache = mx.random.normal((1, 1, cap, rank + rope)).astype(dt)
+    mx.eval(cache)
+    before = _np(cache).copy()
+    y, row = mla_decode.absorbed_query_kernel(*case, heads=H, nope=nope, q_lora_rank=qa, eps=eps,
+                                              scale=scale, group_size=64, bits=4, cache=cache)
+    mx.eval(y)
+    assert row is None
+    ry, rrow = _q_ref(case, H, nope, rope, rank, qa, eps, scale)
+    after = _np(cache)
+    assert _err(y, ry) < TOL[dt] and _err(after[0, 0, pos], rrow) < TOL[dt]
+    after[0, 0, pos] = before[0, 0, pos]
+    assert np.array_equal(after, before)  # no other row touched
+
+
+@pytest.mark.gpu
+@gpu
+def test_glm_whole_step_rows_in_place_equal_slice_updates(monkeypatch, tmp_path):
+    # The compiled whole step with mla_q writing each row into the latent cache (CUDA) against
+    # the same step writing it by slice update; small cache steps make the buffer grow (and the
+    # step retrace) while decoding.
+    from marlin_mlx.generation import decode_forward
+    from marlin_mlx.models import mla_cache
+    monkeypatch.setenv("MARLIN_MLX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv(selection.ENV_MODE, "custom")
+    model = _glm()
+    prompt = mx.array([[1, 5, 9, 100, 31, 7]])
+    runs = []
+    for in_place in (True, False):
+        monkeypatch.setattr(mla_cache, "IN_PLACE_ROWS", in_place)
+        model.__dict__.pop("_compiled_decoder", None)
+        step, cache = decode_forward(model, compile=True), model.make_cache()
+        for c in cache:
+            c.step = 4
+        logits, outs = model(prompt, cache=cache), []
+        for _ in range(9):
+            tok = mx.argmax(logits[:, -1], -1, keepdims=True).astype(mx.int32)
+            logits = step(tok, cache=cache)
+            mx.eval(logits)
+            outs.append(_np(logits))
+        assert step.failed is None and step._wholes
+        runs.append((outs, [_np(c.state[0]) for c in cache]))
+    (a, ca), (b, cb) = runs
+    for x, y in zip(a + ca, b + cb):
+        assert np.array_equal(x, y)

@@ -10,7 +10,11 @@
 // RMSNorm output is rounded to T as the separate norm's was. Threadgroups past the NTG of the
 // GEMV each take one tail job: head t < H's rope query, or (t = H) the cache row.
 // Template constants as qmv plus XH, RH, YH, H, NTG, QA, EPS and SCALE (float32 bits).
+// With MLA_Q_CACHE 1 (mla_q_cache.h) the row goes straight into the latent cache instead.
 //// INCLUDE quant_common.h
+#ifndef MLA_Q_CACHE
+#define MLA_Q_CACHE 0
+#endif
 #define HEADS 1
 #define QXH XH
 #define QRH RH
@@ -22,6 +26,12 @@ if (int(tg_x) >= NTG) {
   const int t = int(tg_x) - NTG;
   const float p = float(pos[0]);
   const float scale = k_as_float(uint32_t(SCALE));
+#if MLA_Q_CACHE
+  // row pos of the cache (1, 1, capacity, YH), an input MLX treats as read-only: the caller
+  // (models/mla_cache.py MLACacheTrace) owns every row from pos on, and what reads the row
+  // next (the attention) takes y, so it runs after this launch
+  KDEV T* kvrow = const_cast<KDEV T*>(cache) + size_t(pos[0]) * YH;
+#endif
   const KDEV T* src = (t < H) ? x + size_t(t) * XH + K : kv + QA + RH;
   KDEV T* dst = (t < H) ? y + size_t(t) * YH + RH : kvrow + RH;
   for (int i = int(lane); i < ROPE / 2; i += 32) {
