@@ -164,7 +164,7 @@ PY
       for p in ${GLM_PROMPTS:-128}; do
         timeout ${GLM_TIMEOUT:-400} python3 benchmarks/decode_probe.py --preset glm-4.7-flash \
           --prompt "$p" --steps 32 --compiled --variants "${GLM_VARIANTS:-auto,auto-layers}" \
-          --env-sweep "${GLM_ENV_SWEEP:-MLX_USE_CUDA_GRAPHS=0}" --sweep-variants auto \
+          --env-sweep "${GLM_ENV_SWEEP-MLX_USE_CUDA_GRAPHS=0}" --sweep-variants auto \
           --profile "${GLM_PROFILE:-}" --json "$OUT/decode_probe_glm_s9_p$p.json" $GLM_PROBE_ARGS 2>&1 \
           | grep -v "^ *[0-9.]* µs x" | tail -40 | tee -a "$OUT/glm_s9.log"
       done ;;
