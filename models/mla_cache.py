@@ -51,6 +51,10 @@ class MLACache:
         self.step = step
         self.buffer = None  # (B, 1, capacity, kv_lora_rank + rope_dim)
         self.kv_lora_rank = None
+        # whether a compiled step may write rows into the buffer in place: not after a trim,
+        # since a `state` taken before it may share the rows that later steps rewrite (a slice
+        # update copies the buffer then); a newly allocated buffer is exclusive again
+        self.rows_in_place = True
         self.offset = 0
 
     def update_and_fetch(self, latent: mx.array, rope_keys: mx.array) -> mx.array:
@@ -85,6 +89,7 @@ class MLACache:
         if self.buffer is None or prev + n > self.buffer.shape[2]:
             grow = ((n + self.step - 1) // self.step) * self.step
             new = mx.zeros((B, 1, grow, D), dtype)
+            self.rows_in_place = True
             if self.buffer is None:
                 self.buffer = new
             else:
@@ -128,7 +133,7 @@ class MLACache:
         return self.buffer is not None and self._decode_path() == "paged"
 
     def trace_key(self) -> tuple:
-        return ("mla", self.step, self.kv_lora_rank)
+        return ("mla", self.step, self.kv_lora_rank, self.rows_in_place)
 
     def trace_inputs(self) -> list:
         """Room for one more token (grown here, outside the trace), then what a step takes:
@@ -161,6 +166,7 @@ class MLACache:
         """Forget the last `n` tokens (speculative decoding, prompt-cache reuse)."""
         n = min(self.offset, n)
         self.offset -= n
+        self.rows_in_place = self.rows_in_place and n == 0
         return n
 
     @property
@@ -186,14 +192,15 @@ class MLACacheTrace:
     def __init__(self, arrays: list, offset: mx.array, lens: mx.array, key: tuple):
         self.buffer, self.table = arrays
         self.offset, self.lens = offset, lens
-        _, self.step, self.kv_lora_rank = key
+        _, self.step, self.kv_lora_rank, self.rows_in_place = key
 
     def row_target(self) -> Optional[mx.array]:
         """The buffer the fused query kernel may write this step's row into, in place
         (kernels/mla_decode.py SPEC_Q_CACHE), or None: on CUDA (where the GPU tests check it),
         one sequence. Nothing else writes the buffer in the step, and the attention after it
         takes that kernel's query, so it reads the row after the write."""
-        if IN_PLACE_ROWS and backend() == "cuda" and self.buffer.shape[0] == 1:
+        if (IN_PLACE_ROWS and self.rows_in_place and backend() == "cuda"
+                and self.buffer.shape[0] == 1):
             return self.buffer
         return None
 

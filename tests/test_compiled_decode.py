@@ -171,6 +171,23 @@ def test_glm_whole_step_over_paged_latent_cache(whole, monkeypatch):
         assert mx.array_equal(c.state[0], a.state[0]).item()
 
 
+def test_latent_cache_rows_in_place_only_on_an_exclusive_buffer():
+    # After a trim, a `state` taken before may share rows that later steps rewrite: the whole
+    # step then traces with slice updates (which copy) until the buffer is reallocated.
+    from marlin_mlx.models.mla_cache import MLACache
+    c = MLACache(step=4)
+    c.append(mx.zeros((1, 1, 3, 8)), 6)
+    assert c.rows_in_place and c.trace_key()[-1] is True
+    c.trim(0)
+    assert c.rows_in_place
+    c.trim(1)
+    assert not c.rows_in_place and c.trace_key()[-1] is False
+    c.trace_inputs()  # offset 2 -> 3 fits: same buffer
+    assert not c.rows_in_place
+    c.append(mx.zeros((1, 1, 3, 8)), 6)  # grows: a new buffer
+    assert c.rows_in_place and c.buffer.shape[2] >= 5
+
+
 def test_whole_step_failure_writes_nothing(monkeypatch):
     from marlin_mlx.models.mla_cache import MLACache
     monkeypatch.setattr(MLACache, "decode_attention", "paged")
