@@ -185,7 +185,8 @@ class MLACache:
 class MLACacheTrace:
     """An MLACache inside a compiled whole decode step (models/base.py CompiledDecoder): the
     buffer is a traced input, and the new token's position an array, so the write is a dynamic
-    slice update (MLX donates the buffer to it: no copy) and the attention masks by length."""
+    slice update (or, on CUDA, the query kernel's in-place write: `row_target`) and the
+    attention masks by length."""
 
     compiled_decode = True
 
