@@ -128,7 +128,7 @@ def perplexity(
       marlin-mlx perplexity -m ./Qwen3-8B-4bit --data wiki.test.raw --baseline ./Qwen3-8B
     """
     with UserErrors():
-        from marlin_mlx.bench import machine_info
+        from marlin_mlx.measure import machine_info
         from marlin_mlx.perplexity import evaluate_file
 
         kw = dict(context=context, stride=stride, max_tokens=max_tokens, batch_size=batch_size,

@@ -20,9 +20,9 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .bench import (GB, PeakRSS, free_memory, load_runtime, machine_info, prefill,
-                    prompt_ids, vocab_size_of)
+from .bench import load_runtime, prefill, prompt_ids, vocab_size_of
 from .errors import MarlinError
+from .measure import GB, PeakRSS, free_memory, machine_info
 
 SCHEMA = "marlin-mlx/memory/1"
 
