@@ -6,7 +6,8 @@ Two entry points:
 - `emulate(launches, tmp_path=None)`: a chain of launches, each a dict with `spec`, `inputs` (mx
   arrays, or ("out", i, j) for output j of launch i), `template`, `grid`, `threadgroup` (x
   threads, 1, 1), `output_shapes`, `output_dtypes` and optionally `init_value`; returns the last
-  launch's outputs as mx arrays.
+  launch's outputs as mx arrays, then (its optional `written`: input indices) the contents of
+  the inputs that launch writes in place.
 - `run(spec, inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value=None)`:
   one launch with `launch.launch`'s signature and result, so a test can monkeypatch a kernel
   module's `launch` with it and run the module's own planning code.
@@ -124,7 +125,7 @@ def _program(launches):
                              "dividing a 2-D grid")
         if nt > 1024:
             raise ValueError(f"{spec.name}: threadgroup of {nt} > 1024 threads")
-        names, in_dtypes, in_sizes = [], [], []
+        names, in_dtypes, in_sizes, loaded = [], [], [], {}
         for j, a in enumerate(ln["inputs"]):
             if isinstance(a, tuple):
                 names.append(bufs[a])
@@ -135,6 +136,7 @@ def _program(launches):
             main.append(f"  auto* {var} = load<{launch.METAL_TYPES[a.dtype]}>"
                         f"(argv[{len(files) + 1}], {a.size});\n")
             files.append(a)
+            loaded[j] = (var, a)
             names.append(var)
             in_dtypes.append(a.dtype)
             in_sizes.append(a.size)
@@ -158,9 +160,13 @@ def _program(launches):
                     f"{grid[0] // nt}, {grid[1]}, {nt});\n")
     last = launches[-1]
     outs = list(zip(last["output_shapes"], last["output_dtypes"]))
-    for j, (shape, _) in enumerate(outs):
-        main.append(f"  save(argv[{len(files) + 1 + j}], o{len(launches) - 1}_{j}, "
-                    f"{int(np.prod(shape))});\n")
+    saved = [f"o{len(launches) - 1}_{j}" for j in range(len(outs))]
+    for j in last.get("written", ()):  # inputs a kernel writes in place, returned after outputs
+        var, a = loaded[j]
+        outs.append((a.shape, a.dtype))
+        saved.append(var)
+    for j, (var, (shape, _)) in enumerate(zip(saved, outs)):
+        main.append(f"  save(argv[{len(files) + 1 + j}], {var}, {int(np.prod(shape))});\n")
     main.append("  return 0;\n}\n")
     return "".join(src) + _DRIVER + "".join(main), files, outs
 

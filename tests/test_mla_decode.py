@@ -85,23 +85,38 @@ def _heads_ref(x, w, s, b, bits=4, gs=64):
     return np.einsum("hrk,hk->hr", W, _np(x)[0, :, 0]).reshape(-1)
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["row-out", "row-in-cache"])
 @pytest.mark.parametrize("scale", [1.0, 1.2])
-def test_mla_q_body_on_cpu_emulator(scale, tmp_path):
+def test_mla_q_body_on_cpu_emulator(scale, in_place, tmp_path):
+    # row-in-cache: mla_q_cache.h, the same body writing the row into the cache input at pos
     import metal_emulator
     if not metal_emulator.available():
         pytest.skip("no C++20 g++")
     dt, H, nope, rope, rank, qa, eps = mx.float16, 3, 64, 16, 64, 32, 1e-6
     case = _q_case(dt, H, nope, rope, rank, qa)
-    plan = mla_decode._plan_q(dt, dt, 4, 64, H, nope, rope, rank, qa, eps, scale)
+    plan = mla_decode._plan_q(dt, dt, 4, 64, H, nope, rope, rank, qa, eps, scale, in_place)
     t, grid, tg, osh, odt = plan[:5]
     q, kv, w, s, b, kvn, pos, inv = case
-    y, row = metal_emulator.emulate([dict(spec=mla_decode.SPEC_Q,
-                                          inputs=[q, w, s, b, kv, kvn, pos, inv], template=t,
-                                          grid=grid, threadgroup=tg, output_shapes=osh,
-                                          output_dtypes=odt)], tmp_path)
+    inputs, spec, pos_i = [q, w, s, b, kv, kvn, pos, inv], mla_decode.SPEC_Q, int(np.array(pos)[0])
+    if in_place:
+        cache = mx.random.normal((1, 1, pos_i + 5, rank + rope)).astype(dt)
+        inputs, spec = inputs + [cache], mla_decode.SPEC_Q_CACHE
+    outs = metal_emulator.emulate([dict(spec=spec, inputs=inputs, template=t, grid=grid,
+                                        threadgroup=tg, output_shapes=osh, output_dtypes=odt,
+                                        written=[8] if in_place else [])], tmp_path)
     ry, rrow = _q_ref(case, H, nope, rope, rank, qa, eps, scale)
-    assert y.shape == (1, H, 1, rank + rope) and row.shape == (1, 1, 1, rank + rope)
-    assert _err(y, ry) < 3e-3 and _err(row, rrow) < 3e-3
+    y, row = outs
+    assert y.shape == (1, H, 1, rank + rope)
+    if in_place:
+        assert len(osh) == 1
+        after, before = _np(row), _np(cache)
+        row = after[0, 0, pos_i].copy()
+        after[0, 0, pos_i] = before[0, 0, pos_i]
+        assert np.array_equal(after, before)  # no other row touched
+        assert np.linalg.norm(row - rrow) / np.linalg.norm(rrow) < 3e-3
+    else:
+        assert row.shape == (1, 1, 1, rank + rope) and _err(row, rrow) < 3e-3
+    assert _err(y, ry) < 3e-3
 
 
 def test_qmv_heads_body_on_cpu_emulator(tmp_path):
