@@ -364,8 +364,8 @@ class CompiledDecoder:
 
     When every cache can be traced (`traced_decode`: MLACache on its paged path, whose write is
     a slice update at an array position and whose attention masks by length arrays), the whole
-    step is one compiled function instead: no Python runs per layer at all (on the H200 the
-    Python of 47 GLM layers' attention cost ~2.7 ms a token). It retraces when the caches grow
+    step is one compiled function instead: no Python runs per layer at all (GLM-4.7-Flash on
+    the H200: 1.2 ms of graph building a token instead of 2.7). It retraces when the caches grow
     (every `step` tokens). MARLIN_MLX_COMPILE_STEP=layers keeps the per-layer split.
     """
 
