@@ -16,3 +16,16 @@ KINLINE void k_unpack16(uint4 u, KTHREAD float* kf) {
     }
   }
 }
+// A partition past its sequence's context: zero partial outputs and (max, sum) = (neg, 0) for
+// the ng heads from `head` (b * NH + first head) on, so the reduce gives it no weight.
+KINLINE void k_empty_partition(KDEV float* part_o, KDEV float* part_ml, size_t head, int ng,
+                               int np, int part, int dv, int nth, int tid, float neg) {
+  for (int i = tid; i < ng * dv; i += nth) {
+    part_o[((head + size_t(i / dv)) * np + part) * dv + i % dv] = 0.0f;
+  }
+  if (tid < ng) {
+    const size_t o = ((head + size_t(tid)) * np + part) * 2;
+    part_ml[o] = neg;
+    part_ml[o + 1] = 0.0f;
+  }
+}

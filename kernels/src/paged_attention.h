@@ -49,14 +49,7 @@ const int h0 = kvh * G + hc * GC;                      // first query head of th
 const int ng = (G - hc * GC < GC) ? (G - hc * GC) : GC;  // heads in the chunk
 
 if (t0 >= ctx) {  // a partition past this sequence's context (uniform in the threadgroup)
-  for (int i = int(tid); i < ng * DV; i += NT) {
-    part_o[((size_t(b) * NH + h0 + i / DV) * NP + part) * DV + i % DV] = 0.0f;
-  }
-  if (int(tid) < ng) {
-    const size_t o = ((size_t(b) * NH + h0 + int(tid)) * NP + part) * 2;
-    part_ml[o] = NEG;
-    part_ml[o + 1] = 0.0f;
-  }
+  k_empty_partition(part_o, part_ml, size_t(b) * NH + h0, ng, NP, part, DV, NT, int(tid), NEG);
   return;
 }
 

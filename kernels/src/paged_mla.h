@@ -46,14 +46,7 @@ const int h0 = hc * GC;
 const int ng = (NH - h0 < GC) ? (NH - h0) : GC;
 
 if (t0 >= ctx) {  // past this sequence's context (uniform in the threadgroup)
-  for (int i = int(tid); i < ng * DV; i += NTH) {
-    part_o[((size_t(b) * NH + h0 + i / DV) * NP + part) * DV + i % DV] = 0.0f;
-  }
-  if (int(tid) < ng) {
-    const size_t o = ((size_t(b) * NH + h0 + int(tid)) * NP + part) * 2;
-    part_ml[o] = NEG;
-    part_ml[o + 1] = 0.0f;
-  }
+  k_empty_partition(part_o, part_ml, size_t(b) * NH + h0, ng, NP, part, DV, NTH, int(tid), NEG);
   return;
 }
 const int ntok = (ctx - t0 < NTOK) ? (ctx - t0) : NTOK;
