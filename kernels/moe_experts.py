@@ -25,6 +25,10 @@ dtype (kernels/dequantize.py, one launch per stack) and run tensor-core matmuls:
 - `per_expert`: one host sync for the per-expert counts, then per expert with tokens a
   dequantize + dense matmul over its contiguous rows;
 - `per_expert_qmm`: the same with `mx.quantized_matmul` per expert (no dequantize);
+- `dequant_blocks`: no host sync: the sorted rows go into blocks of BLOCK_ROWS, each expert's
+  from a new block (zero rows pad it), then `mx.gather_mm` with one expert per block
+  (CUDA: MLX's tiled gather GEMM over BLOCK_ROWS-row batches). The block count has a static
+  bound, ceil(pairs / BLOCK_ROWS) + E;
 - `gather_qmm`: the reference (never the custom path).
 """
 
@@ -323,8 +327,9 @@ def _decide(x, inds, gate, up, down, group_size, bits, shared, shared_fn) -> boo
 # ---------------------------------------------------------------- prefill (many tokens)
 
 ENV_PREFILL = "MARLIN_MLX_MOE_PREFILL"
-PREFILL_VARIANTS = ("dequant_gather_mm", "dequant_used", "dequant_padded_bmm", "per_expert",
-                    "per_expert_qmm", "gather_qmm")
+PREFILL_VARIANTS = ("dequant_gather_mm", "dequant_used", "dequant_padded_bmm", "dequant_blocks",
+                    "per_expert", "per_expert_qmm", "gather_qmm")
+BLOCK_ROWS = 64  # dequant_blocks: rows per block (one expert each)
 DEFAULT_PREFILL = "dequant_gather_mm"
 
 
@@ -406,6 +411,9 @@ def switch_glu_prefill(x, inds, weights, gate, up, down, group_size: int = 64, b
         Wu = _dequant(up, group_size, bits, dt, after=h)
         y = _gather_mm_glu(h, idx, Wg, Wu, lambda a: _dequant(down, group_size, bits, dt, after=a))
         return _combine(y, order, weights, n, k, dt)
+    if variant == "dequant_blocks":
+        return _combine(_blocks(h, idx, gate, up, down, group_size, bits), order, weights, n, k,
+                        dt)
     idx_np = np.array(idx)  # the one host sync
     counts = np.bincount(idx_np, minlength=gate[0].shape[0])
     if variant == "dequant_padded_bmm":
@@ -452,6 +460,33 @@ def _padded_bmm(h, idx_np, counts, gate, up, down, group_size, bits):
     pos = np.arange(m) - np.concatenate([[0], np.cumsum(counts)[:-1]])[idx_np]
     back = (slot[idx_np] * C + pos).astype(np.uint32)
     return y.reshape(used.size * C, -1)[mx.array(back)]
+
+
+def _blocks(h, idx, gate, up, down, group_size, bits):
+    """Sorted rows h (m, D) of experts idx (m,) -> per-pair outputs (m, D) with no host sync:
+    expert e's rows fill blocks of BLOCK_ROWS from its own first block (zeros pad the rest),
+    every block is one expert's product, and the real rows are taken back."""
+    m, D = h.shape
+    E, bm = gate[0].shape[0], BLOCK_ROWS
+    nblk = cdiv(m, bm) + E  # sum over experts of ceil(count / bm) never exceeds it
+    counts = (idx[:, None] == mx.arange(E, dtype=idx.dtype)[None, :]).astype(mx.int32).sum(0)
+    blocks = (counts + bm - 1) // bm
+    block_end = mx.cumsum(blocks)
+    row_start = mx.cumsum(counts) - counts
+    dest = (block_end - blocks)[idx] * bm + mx.arange(m, dtype=mx.int32) - row_start[idx]
+    hp = mx.zeros((nblk * bm, D), h.dtype)
+    hp[dest] = h
+    hp = hp.reshape(nblk, bm, D)
+    # the expert of block b: how many experts' blocks end at or before it (spare blocks: E - 1)
+    owner = (block_end[None, :] <= mx.arange(nblk, dtype=mx.int32)[:, None]).astype(mx.int32)
+    owner = mx.minimum(owner.sum(1), E - 1).astype(mx.uint32)
+    dt = h.dtype
+    q = dict(rhs_indices=owner, sorted_indices=True)
+    a = (nn.silu(mx.gather_mm(hp, _dequant(gate, group_size, bits, dt, after=hp).swapaxes(-1, -2),
+                              **q))
+         * mx.gather_mm(hp, _dequant(up, group_size, bits, dt, after=hp).swapaxes(-1, -2), **q))
+    y = mx.gather_mm(a, _dequant(down, group_size, bits, dt, after=a).swapaxes(-1, -2), **q)
+    return y.reshape(nblk * bm, -1)[dest]
 
 
 PREFILL_BUCKET_MAX = 4096

@@ -523,6 +523,22 @@ def test_prefill_variants_match_float64(variant, bits, gs):
     assert np.linalg.norm(_f64(y2) - ref2) / np.linalg.norm(ref2) < 1e-5
 
 
+def test_prefill_blocks_span_several_blocks_per_expert(monkeypatch):
+    # dequant_blocks with blocks of 4 rows: busy experts fill several blocks, idle ones none,
+    # and the spare blocks at the end (owned by the last expert) hold only zero rows
+    monkeypatch.setattr(moe_experts, "BLOCK_ROWS", 4)
+    mx.random.seed(3)
+    rng = np.random.default_rng(3)
+    E, D, I, n, k = 8, 64, 32, 21, 2
+    gate, up, down = _experts(E, D, I, 4, 32, mx.float32)
+    x, inds = mx.random.normal((n, D)), _uneven_routing(rng, n, k, E)
+    w = mx.softmax(mx.random.normal((n, k)), axis=-1)
+    assert np.bincount(np.array(inds).ravel()).max() > 8
+    y = moe_experts.switch_glu_prefill(x, inds, w, gate, up, down, 32, 4, variant="dequant_blocks")
+    ref = experts64(x, inds, w, gate, up, down, 4, 32)
+    assert np.linalg.norm(_f64(y) - ref) / np.linalg.norm(ref) < 1e-5
+
+
 def test_prefill_variant_switch(monkeypatch):
     monkeypatch.setenv(moe_experts.ENV_PREFILL, "per_expert")
     assert moe_experts.prefill_variant() == "per_expert"
