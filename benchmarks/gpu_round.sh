@@ -31,6 +31,8 @@
 # whole:   session 9: the compiled whole decode step over the latent cache: GPU tests of the MLA
 #          decode kernels and the compiled steps, then GLM-4.7-Flash decode whole step vs the
 #          per-layer split, and the whole step with MLX's CUDA graphs off (MLX_USE_CUDA_GRAPHS=0)
+# moeprefill: the MoE prefill variants' GPU tests, then benchmarks/moe_layer.py --prefill-variants
+#          (every variant of kernels/moe_experts.py at 2048 tokens, GLM and Qwen3-30B-A3B shapes)
 # PROBE_VARIANTS / PROBE_PROFILE override the probe's variant lists.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -168,6 +170,12 @@ PY
           --profile "${GLM_PROFILE:-}" --json "$OUT/decode_probe_glm_s9_p$p.json" $GLM_PROBE_ARGS 2>&1 \
           | grep -v "^ *[0-9.]* µs x" | tail -40 | tee -a "$OUT/glm_s9.log"
       done ;;
+    moeprefill)
+      timeout ${TESTS_TIMEOUT:-200} python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
+        -k prefill tests/test_moe_kernels.py > "$OUT/pytest_moeprefill.log" 2>&1
+      tail -5 "$OUT/pytest_moeprefill.log"
+      timeout ${PREFILL_TIMEOUT:-300} python3 benchmarks/moe_layer.py --prefill-variants \
+        --json "$OUT/gpu_moe_prefill_h200.json" 2>&1 | tail -20 | tee "$OUT/moe_prefill.log" ;;
     *) echo "unknown part $part" ;;
   esac
   echo "== $part: $(( $(date +%s) - t0 )) s"
