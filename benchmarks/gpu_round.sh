@@ -33,6 +33,10 @@
 #          per-layer split, and the whole step with MLX's CUDA graphs off (MLX_USE_CUDA_GRAPHS=0)
 # moeprefill: the MoE prefill variants' GPU tests, then benchmarks/moe_layer.py --prefill-variants
 #          (every variant of kernels/moe_experts.py at 2048 tokens, GLM and Qwen3-30B-A3B shapes)
+# prefill: benchmarks/prefill_probe.py on GLM-4.7-Flash shapes (2048 tokens): TTFT per MoE prefill
+#          variant (PREFILL_VARIANTS) and the GPU time per kernel of each (CUPTI)
+# qmvsweep: Nsight Compute kernel times of every qmv / gated-MLP launch shape (R, SK, PF) on
+#          Qwen3-8B's decode GEMVs (benchmarks/ncu_probe.py --sweep)
 # PROBE_VARIANTS / PROBE_PROFILE override the probe's variant lists.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -176,6 +180,17 @@ PY
       tail -5 "$OUT/pytest_moeprefill.log"
       timeout ${PREFILL_TIMEOUT:-300} python3 benchmarks/moe_layer.py --prefill-variants \
         --json "$OUT/gpu_moe_prefill_h200.json" 2>&1 | tail -20 | tee "$OUT/moe_prefill.log" ;;
+    prefill)
+      timeout ${PREFILL_TIMEOUT:-300} python3 benchmarks/prefill_probe.py --preset glm-4.7-flash \
+        --prompt 2048 --variants "${PREFILL_VARIANTS:-dequant_gather_mm,dequant_blocks,dequant_padded_bmm}" \
+        --profile --json "$OUT/prefill_probe_glm_h200.json" 2>&1 | tee "$OUT/prefill_probe.log" ;;
+    qmvsweep)
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      timeout ${NCU_TIMEOUT:-240} "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv \
+        python3 benchmarks/ncu_probe.py --sweep > "$OUT/ncu_sweep.csv" 2> "$OUT/ncu_sweep.err"
+      echo "ncu rc=$?"; tail -3 "$OUT/ncu_sweep.err"
+      python3 benchmarks/ncu_probe.py --parse "$OUT/ncu_sweep.csv" | grep -E "marlin|qmv" \
+        | tee "$OUT/ncu_sweep.txt" | sort -t_ -k1 | head -150 ;;
     *) echo "unknown part $part" ;;
   esac
   echo "== $part: $(( $(date +%s) - t0 )) s"

@@ -37,6 +37,40 @@ def run():
         del w, q, s, b
 
 
+# --sweep: qmv / gated-MLP launch shapes for Qwen3-8B's decode GEMVs (and the issue's 28672->8192)
+SWEEP_CASES = [(4096, 6144), (4096, 4096), (12288, 4096), (4096, 12288), (28672, 8192)]
+
+
+def sweep():
+    """M = 1, bfloat16 x: every (R, SK, PF) of qmv per shape, the auto choice and MLX's
+    quantized_matmul beside them; the gated MLP of 4096 -> 2 x 12288 likewise."""
+    from marlin_mlx.kernels.gated_mlp import gated_mlp_kernel
+    from marlin_mlx.kernels.qmv import qmv_kernel
+    dt = mx.bfloat16
+    for K, N in SWEEP_CASES:
+        q, s, b = mx.quantize(mx.random.normal((N, K)).astype(dt) * 0.02, group_size=64, bits=4)
+        x = mx.random.normal((1, K)).astype(dt)
+        mx.eval(q, s, b, x)
+        steps = K // 1024
+        for rep in range(2):
+            mx.eval(qmv_kernel(x, q, s, b, 64, 4))
+            mx.eval(mx.quantized_matmul(x, q, s, b, transpose=True, group_size=64, bits=4))
+            for R in (2, 4, 8):
+                for SK in (1, 2, 4, 8):
+                    if SK > steps:
+                        continue
+                    for PF in (0, 1):
+                        mx.eval(qmv_kernel(x, q, s, b, 64, 4, R=R, SK=SK, PF=PF))
+            if (K, N) == (4096, 12288):
+                mx.eval(gated_mlp_kernel(x, (q, s, b), (q, s, b), 64, 4))
+                for R in (2, 4, 8):
+                    for SK in (1, 2, 4):
+                        for PF in (0, 1):
+                            mx.eval(gated_mlp_kernel(x, (q, s, b), (q, s, b), 64, 4, R=R, SK=SK,
+                                                     PF=PF))
+        del q, s, b
+
+
 def parse(path):
     rows = list(csv.reader(open(path)))
     hdr = None
@@ -56,7 +90,7 @@ def parse(path):
         val = float(d["Metric Value"].replace(",", ""))
         unit = d.get("Metric Unit", "ns")
         us = val / 1000 if unit in ("nsecond", "ns") else (val if unit in ("usecond", "us") else val * 1000)
-        key = f"{name[:90]} grid={d.get('Grid Size', '')} block={d.get('Block Size', '')}"
+        key = f"{name[:120]} grid={d.get('Grid Size', '')} block={d.get('Block Size', '')}"
         times.setdefault(key, []).append(us)
     for name, ts in times.items():
         print(f"{statistics.median(ts):9.2f} us  n={len(ts):3d}  {name}")
@@ -65,5 +99,7 @@ def parse(path):
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--parse":
         parse(sys.argv[2])
+    elif "--sweep" in sys.argv:
+        sweep()
     else:
         run()
