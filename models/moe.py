@@ -55,7 +55,11 @@ class SwitchLinear(nn.Module):
 
     def __init__(self, input_dims: int, output_dims: int, num_experts: int):
         super().__init__()
-        self.weight = mx.zeros((num_experts, output_dims, input_dims))
+        # nn.Linear's init (loading replaces it; lazy, so never computed then). Random-weight
+        # benchmarks rely on it: zero experts and a zero router send every token to experts
+        # 0..k-1, which no trained model does.
+        s = input_dims ** -0.5
+        self.weight = mx.random.uniform(-s, s, (num_experts, output_dims, input_dims))
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices,
@@ -169,7 +173,8 @@ class SigmoidRouter(nn.Module):
 
     def __init__(self, dims: int, num_experts: int):
         super().__init__()
-        self.weight = mx.zeros((num_experts, dims))
+        s = dims ** -0.5  # as SwitchLinear: a random router spreads the tokens over the experts
+        self.weight = mx.random.uniform(-s, s, (num_experts, dims))
         self.e_score_correction_bias = mx.zeros((num_experts,))
 
     def __call__(self, x: mx.array) -> mx.array:
