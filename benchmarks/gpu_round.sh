@@ -37,6 +37,8 @@
 #          variant (PREFILL_VARIANTS) and the GPU time per kernel of each (CUPTI)
 # qmvsweep: Nsight Compute kernel times of every qmv / gated-MLP launch shape (R, SK, PF) on
 #          Qwen3-8B's decode GEMVs (benchmarks/ncu_probe.py --sweep)
+# flash:   the flash_prefill and MoE prefill GPU tests, then benchmarks/flash_attention.py (our
+#          large-head prefill attention vs MLX's, GLM-4.7-Flash shapes)
 # PROBE_VARIANTS / PROBE_PROFILE override the probe's variant lists.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -191,6 +193,13 @@ PY
       echo "ncu rc=$?"; tail -3 "$OUT/ncu_sweep.err"
       python3 benchmarks/ncu_probe.py --parse "$OUT/ncu_sweep.csv" | grep -E "marlin|qmv" \
         | tee "$OUT/ncu_sweep.txt" | sort -t_ -k1 | head -150 ;;
+    flash)
+      timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
+        tests/test_flash_attention.py tests/test_moe_kernels.py -k "flash or prefill" \
+        > "$OUT/pytest_flash.log" 2>&1; echo "pytest rc=$?"
+      tail -8 "$OUT/pytest_flash.log"
+      timeout ${FLASH_TIMEOUT:-150} python3 benchmarks/flash_attention.py \
+        --json "$OUT/flash_attention_h200.json" 2>&1 | tee "$OUT/flash_attention.log" ;;
     *) echo "unknown part $part" ;;
   esac
   echo "== $part: $(( $(date +%s) - t0 )) s"

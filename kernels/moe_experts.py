@@ -14,7 +14,7 @@ fast twin), with the (token, expert) pairs sorted by expert for many tokens:
 
 Many tokens (prefill, n > MAX_TOKENS): MLX's `gather_qmm` runs ~30 ms per GLM-4.7-Flash layer
 at 2048 tokens on an H200, 60-100x the time of its 155 GFLOP on tensor cores. The prefill
-variants (`switch_glu_prefill`, chosen by $MARLIN_MLX_MOE_PREFILL, default `dequant_gather_mm`,
+variants (`switch_glu_prefill`, chosen by $MARLIN_MLX_MOE_PREFILL, default `dequant_blocks`,
 against `gather_qmm` through the measured selection) dequantize the experts to the activation
 dtype (kernels/dequantize.py, one launch per stack) and run tensor-core matmuls:
 - `dequant_gather_mm`: all experts dequantized (a transient 3 * E * I * D values), then
@@ -25,10 +25,12 @@ dtype (kernels/dequantize.py, one launch per stack) and run tensor-core matmuls:
 - `per_expert`: one host sync for the per-expert counts, then per expert with tokens a
   dequantize + dense matmul over its contiguous rows;
 - `per_expert_qmm`: the same with `mx.quantized_matmul` per expert (no dequantize);
-- `dequant_blocks`: no host sync: the sorted rows go into blocks of BLOCK_ROWS, each expert's
-  from a new block (zero rows pad it), then `mx.gather_mm` with one expert per block
-  (CUDA: MLX's tiled gather GEMM over BLOCK_ROWS-row batches). The block count has a static
-  bound, ceil(pairs / BLOCK_ROWS) + E;
+- `dequant_blocks` (the default): no host sync: the sorted rows go into blocks of BLOCK_ROWS,
+  each expert's from a new block (zero rows pad it), then `mx.gather_mm` with one expert per
+  block (CUDA: MLX's tiled gather GEMM over BLOCK_ROWS-row batches). The block count has a
+  static bound, ceil(pairs / BLOCK_ROWS) + E. GLM-4.7-Flash prefill at 2048 tokens: 280 ms
+  against 304 for `dequant_gather_mm`, whose grouped GEMM took twice as long
+  (benchmarks/results/prefill_probe_glm_s10_h200.json);
 - `gather_qmm`: the reference (never the custom path).
 """
 
@@ -330,7 +332,7 @@ ENV_PREFILL = "MARLIN_MLX_MOE_PREFILL"
 PREFILL_VARIANTS = ("dequant_gather_mm", "dequant_used", "dequant_padded_bmm", "dequant_blocks",
                     "per_expert", "per_expert_qmm", "gather_qmm")
 BLOCK_ROWS = 64  # dequant_blocks: rows per block (one expert each)
-DEFAULT_PREFILL = "dequant_gather_mm"
+DEFAULT_PREFILL = "dequant_blocks"
 
 
 def prefill_variant() -> str:
@@ -397,6 +399,8 @@ def switch_glu_prefill(x, inds, weights, gate, up, down, group_size: int = 64, b
                          f"{', '.join(PREFILL_VARIANTS)}")
     n, k = inds.shape
     dt = x.dtype
+    if variant == "dequant_blocks":
+        return _blocks(x, inds, weights, gate, up, down, group_size, bits)
     h, idx, order = _sort_pairs(x, inds)
     if variant in ("dequant_gather_mm", "dequant_used"):
         if variant == "dequant_used":
@@ -411,9 +415,6 @@ def switch_glu_prefill(x, inds, weights, gate, up, down, group_size: int = 64, b
         Wu = _dequant(up, group_size, bits, dt, after=h)
         y = _gather_mm_glu(h, idx, Wg, Wu, lambda a: _dequant(down, group_size, bits, dt, after=a))
         return _combine(y, order, weights, n, k, dt)
-    if variant == "dequant_blocks":
-        return _combine(_blocks(h, idx, gate, up, down, group_size, bits), order, weights, n, k,
-                        dt)
     idx_np = np.array(idx)  # the one host sync
     counts = np.bincount(idx_np, minlength=gate[0].shape[0])
     if variant == "dequant_padded_bmm":
@@ -462,31 +463,38 @@ def _padded_bmm(h, idx_np, counts, gate, up, down, group_size, bits):
     return y.reshape(used.size * C, -1)[mx.array(back)]
 
 
-def _blocks(h, idx, gate, up, down, group_size, bits):
-    """Sorted rows h (m, D) of experts idx (m,) -> per-pair outputs (m, D) with no host sync:
-    expert e's rows fill blocks of BLOCK_ROWS from its own first block (zeros pad the rest),
-    every block is one expert's product, and the real rows are taken back."""
-    m, D = h.shape
+def _blocks(x, inds, weights, gate, up, down, group_size, bits):
+    """The routed experts of x (n, D) with no host sync: the (token, expert) pairs sorted by
+    expert fill blocks of BLOCK_ROWS, expert e's from its own first block on (zero rows pad
+    the rest), every block is one expert's product, and each pair's row is read back by
+    index. One gather builds the blocks and one takes the pairs back."""
+    n, D = x.shape
+    k = inds.shape[-1]
+    m = n * k
     E, bm = gate[0].shape[0], BLOCK_ROWS
     nblk = cdiv(m, bm) + E  # sum over experts of ceil(count / bm) never exceeds it
+    flat = inds.flatten()
+    order = mx.argsort(flat)
+    idx = flat[order]
     counts = (idx[:, None] == mx.arange(E, dtype=idx.dtype)[None, :]).astype(mx.int32).sum(0)
     blocks = (counts + bm - 1) // bm
     block_end = mx.cumsum(blocks)
     row_start = mx.cumsum(counts) - counts
     dest = (block_end - blocks)[idx] * bm + mx.arange(m, dtype=mx.int32) - row_start[idx]
-    hp = mx.zeros((nblk * bm, D), h.dtype)
-    hp[dest] = h
-    hp = hp.reshape(nblk, bm, D)
+    src = mx.full((nblk * bm,), n, mx.int32)  # n: the zero row appended below
+    src[dest] = (order // k).astype(mx.int32)
+    hp = mx.concatenate([x, mx.zeros((1, D), x.dtype)])[src].reshape(nblk, bm, D)
     # the expert of block b: how many experts' blocks end at or before it (spare blocks: E - 1)
     owner = (block_end[None, :] <= mx.arange(nblk, dtype=mx.int32)[:, None]).astype(mx.int32)
     owner = mx.minimum(owner.sum(1), E - 1).astype(mx.uint32)
-    dt = h.dtype
+    dt = x.dtype
     q = dict(rhs_indices=owner, sorted_indices=True)
     a = (nn.silu(mx.gather_mm(hp, _dequant(gate, group_size, bits, dt, after=hp).swapaxes(-1, -2),
                               **q))
          * mx.gather_mm(hp, _dequant(up, group_size, bits, dt, after=hp).swapaxes(-1, -2), **q))
     y = mx.gather_mm(a, _dequant(down, group_size, bits, dt, after=a).swapaxes(-1, -2), **q)
-    return y.reshape(nblk * bm, -1)[dest]
+    y = y.reshape(nblk * bm, -1)[dest[mx.argsort(order)]].reshape(n, k, -1)
+    return (y * weights.reshape(n, k, 1).astype(y.dtype)).sum(axis=1).astype(dt)
 
 
 PREFILL_BUCKET_MAX = 4096

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from marlin_mlx.kernels import Linear, QuantizedLinear, fused_linear
+from marlin_mlx.kernels import Linear, QuantizedLinear, flash_attention, fused_linear
 from marlin_mlx.kernels.qk_rope import inv_freq_table
 
 from .cache import KVCache
@@ -196,6 +196,9 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, window: Optio
         kpos = mx.arange(S)[None, :]
         mask = (kpos <= qpos) & (kpos > qpos - window)
     else:
+        if L > 1 and max(q.shape[-1], v.shape[-1]) > flash_attention.FUSED_MAX:
+            # heads MLX's CUDA attention does not fuse (GLM's prefill): our one-pass kernel
+            return flash_attention.flash_attention(q, k, v, scale)
         mask = "causal" if L > 1 else None
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
