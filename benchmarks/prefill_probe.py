@@ -47,7 +47,8 @@ def main(argv=None):
     p.add_argument("--prefill-step", type=int, default=2048)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--variants", default="dequant_gather_mm,dequant_blocks",
-                   help="comma-separated MoE prefill variants ($MARLIN_MLX_MOE_PREFILL values)")
+                   help="comma-separated MoE prefill variants ($MARLIN_MLX_MOE_PREFILL values), "
+                        "each optionally with environment overrides: variant+NAME=VALUE+...")
     p.add_argument("--profile", action="store_true", help="CUPTI GPU time per kernel")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
@@ -57,8 +58,14 @@ def main(argv=None):
     prompt = mx.random.randint(0, config["vocab_size"], (1, a.prompt)).astype(mx.uint32)
     out = {**machine_info(), "preset": a.preset, "bits": a.bits, "group_size": a.group_size,
            "prompt": a.prompt, "layers": config["num_hidden_layers"], "variants": {}}
+    base_env = dict(os.environ)
     for v in a.variants.split(","):
-        os.environ[moe_experts.ENV_PREFILL] = v
+        # "variant+NAME=VALUE+...": the MoE prefill variant with environment overrides
+        name, *env = v.split("+")
+        os.environ.clear()
+        os.environ.update(base_env)
+        os.environ.update(kv.split("=", 1) for kv in env)
+        os.environ[moe_experts.ENV_PREFILL] = name
         r = {}
         try:
             for _ in range(2):  # kernels compiled, the selection measured

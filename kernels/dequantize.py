@@ -52,9 +52,15 @@ def dequantize_kernel(w, scales, biases, group_size, bits, dtype, after=None):
     spec, inputs = SPEC, [w, scales, biases]
     if after is not None:
         spec, inputs = SPEC_AFTER, inputs + [after.reshape(-1)[:1]]
-    (out,) = launch(spec, inputs, template, grid=(cdiv(nch, THREADS) * THREADS, 1, 1),
+    threads = nch * (4 if unit8(bits, dtype) else 1)
+    (out,) = launch(spec, inputs, template, grid=(cdiv(threads, THREADS) * THREADS, 1, 1),
                     threadgroup=(THREADS, 1, 1), output_shapes=[(N, K)], output_dtypes=[dtype])
     return out
+
+
+def unit8(bits, dtype) -> bool:
+    """The body's UNIT8 path (a thread per 8 codes): 2/4/8 bits into a 16-bit dtype."""
+    return bits in (2, 4, 8) and dtype != mx.float32
 
 
 def template_for(dtype, bits, group_size, N, K):

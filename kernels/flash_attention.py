@@ -24,7 +24,10 @@ XKIND = {mx.float16: 1, mx.bfloat16: 2}
 BQ = 64          # queries per threadgroup (4 simdgroups of 16 rows)
 FUSED_MAX = 128  # the largest head MLX's CUDA attention fuses (cuDNN); above it, this op
 MAX_D = 256      # the q rows live in registers: D / 16 x 4 words per lane
-DVB_MAX = 128    # output columns per threadgroup (the float accumulator: DVB / 2 per lane)
+# Output columns per threadgroup (the float accumulator: DVB / 2 registers per lane). 256: one
+# pass computes all of GLM's value head, 522 µs at 2048 tokens against 625 µs for two passes of
+# 128 (which recompute the scores; benchmarks/results/flash_attention_h200.json).
+DVB_MAX = 256
 TOL = {mx.float16: 5e-3, mx.bfloat16: 2e-2}  # self-test against float32 attention
 
 

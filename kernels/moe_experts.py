@@ -331,7 +331,7 @@ def _decide(x, inds, gate, up, down, group_size, bits, shared, shared_fn) -> boo
 ENV_PREFILL = "MARLIN_MLX_MOE_PREFILL"
 PREFILL_VARIANTS = ("dequant_gather_mm", "dequant_used", "dequant_padded_bmm", "dequant_blocks",
                     "per_expert", "per_expert_qmm", "gather_qmm")
-BLOCK_ROWS = 64  # dequant_blocks: rows per block (one expert each)
+BLOCK_ROWS = 64  # dequant_blocks: rows per block (one expert each); $MARLIN_MLX_MOE_BLOCK_ROWS
 DEFAULT_PREFILL = "dequant_blocks"
 
 
@@ -471,7 +471,7 @@ def _blocks(x, inds, weights, gate, up, down, group_size, bits):
     n, D = x.shape
     k = inds.shape[-1]
     m = n * k
-    E, bm = gate[0].shape[0], BLOCK_ROWS
+    E, bm = gate[0].shape[0], int(os.environ.get("MARLIN_MLX_MOE_BLOCK_ROWS", BLOCK_ROWS))
     nblk = cdiv(m, bm) + E  # sum over experts of ceil(count / bm) never exceeds it
     flat = inds.flatten()
     order = mx.argsort(flat)

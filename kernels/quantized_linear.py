@@ -31,11 +31,14 @@ SELF_TEST_TOL = {mx.float32: 1e-4, mx.float16: 3e-3, mx.bfloat16: 1.5e-2}
 
 def _m_class(M: int) -> str:
     if M > QMV_MAX_M:  # qmm's cost grows with its 16-row tiles: one class per tile count
-        return "M65+" if M > 64 else ("M9-16" if M <= 16 else ("M17-32" if M <= 32 else "M33-64"))
+        if M > 64:  # dequantize + matmul pays the dequantize once, whatever M: time it at M
+            return "M65-255" if M < 256 else ("M256-1023" if M < 1024 else "M1024+")
+        return "M9-16" if M <= 16 else ("M17-32" if M <= 32 else "M33-64")
     return "M1" if M == 1 else ("M2-4" if M <= 4 else "M5-8")
 
 
-_M_REP = {"M1": 1, "M2-4": 4, "M5-8": 8, "M9-16": 16, "M17-32": 32, "M33-64": 64, "M65+": 512}
+_M_REP = {"M1": 1, "M2-4": 4, "M5-8": 8, "M9-16": 16, "M17-32": 32, "M33-64": 64, "M65-255": 128,
+          "M256-1023": 512, "M1024+": 2048}
 
 
 def quantized_matmul(x, w, scales, biases=None, group_size: int = 64, bits: int = 4,

@@ -64,7 +64,7 @@ def test_flash_prefill_on_cpu_emulator(dtype, B, H, HK, L, S, D, DV, DVB, tmp_pa
 def test_flash_supported_shapes():
     q, k, v = _inputs(1, 4, 2, 8, 12, 256, 256, mx.bfloat16)
     assert fa.supported(q, k, v)
-    assert fa.dv_block(256) == 128 and fa.dv_block(40) == 40
+    assert fa.dv_block(256) == 256 and fa.dv_block(512) == 256 and fa.dv_block(40) == 40
     assert not fa.supported(q.astype(mx.float32), k, v)          # 16-bit only
     assert not fa.supported(q[:, :, :, :200], k[..., :200], v)   # D not a multiple of 16
     assert not fa.supported(q, k[:, :, :6], v[:, :, :6])          # more queries than keys

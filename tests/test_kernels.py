@@ -181,6 +181,30 @@ def test_fp4_qmv_body_on_cpu_emulator(mode, dtype, MT, tmp_path):
     assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < {mx.bfloat16: 1e-2, mx.float16: 2e-3}[dtype]
 
 
+@pytest.mark.parametrize("bits,dtype", [(4, mx.bfloat16), (8, mx.float16), (2, mx.float16),
+                                        (3, mx.bfloat16), (4, mx.float32)])
+def test_dequantize_body_on_cpu_emulator(bits, dtype, monkeypatch):
+    # Both thread mappings of src/dequantize.h (8 codes a thread for 2/4/8 bits into 16-bit
+    # types, 32 otherwise), rendered for Metal and run by g++, against float64 rounded to dtype.
+    import metal_emulator
+    from marlin_mlx.kernels import dequantize, formats
+    if not metal_emulator.available():
+        pytest.skip("no C++20 g++")
+    monkeypatch.setattr(dequantize, "launch", metal_emulator.run)
+    N, K, gs = 5, 64 * 3, 64
+    q, s, b = mx.quantize(mx.random.normal((N, K)), group_size=gs, bits=bits)
+    s, b = s.astype(mx.bfloat16), b.astype(mx.bfloat16)
+    out = dequantize.dequantize_kernel(q, s, b, gs, bits, dtype)
+    codes = np.array(formats.unpack(q, "affine", bits), dtype=np.float64)
+    ref = (codes * np.repeat(np.array(s.astype(mx.float32), np.float64), gs, 1)
+           + np.repeat(np.array(b.astype(mx.float32), np.float64), gs, 1))
+    ref = np.array(mx.array(ref.astype(np.float32)).astype(dtype).astype(mx.float32))
+    got = np.array(out.astype(mx.float32))
+    assert out.shape == (N, K) and out.dtype == dtype
+    assert np.abs(got - ref).max() <= 1e-2 * np.abs(ref).max()
+    assert (got == ref).mean() > 0.99  # one rounding of s * q + b, as the reference
+
+
 @pytest.mark.parametrize("MT", [1, 3, 20])
 def test_affine_qmv_body_on_cpu_emulator(MT, tmp_path):
     # The affine GEMV's Metal rendering run by g++ (tests/metal_emulator.py), including M above
