@@ -37,7 +37,7 @@
 #          variant (PREFILL_VARIANTS) and the GPU time per kernel of each (CUPTI)
 # qmvsweep: Nsight Compute kernel times of every qmv / gated-MLP launch shape (R, SK, PF) on
 #          Qwen3-8B's decode GEMVs (benchmarks/ncu_probe.py --sweep)
-# flash:   the flash_prefill and MoE prefill GPU tests, then benchmarks/flash_attention.py (our
+# flash:   the flash_prefill and dequantize GPU tests (FLASH_TESTS: more test files), then benchmarks/flash_attention.py (our
 #          large-head prefill attention vs MLX's, GLM-4.7-Flash shapes)
 # PROBE_VARIANTS / PROBE_PROFILE override the probe's variant lists.
 set -o pipefail
@@ -195,7 +195,7 @@ PY
         | tee "$OUT/ncu_sweep.txt" | sort -t_ -k1 | head -150 ;;
     flash)
       timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
-        tests/test_flash_attention.py tests/test_moe_kernels.py -k "flash or prefill" \
+        tests/test_flash_attention.py tests/test_kernels_gpu.py ${FLASH_TESTS:-} -k "flash or dequant" \
         > "$OUT/pytest_flash.log" 2>&1; echo "pytest rc=$?"
       tail -8 "$OUT/pytest_flash.log"
       timeout ${FLASH_TIMEOUT:-150} python3 benchmarks/flash_attention.py \
