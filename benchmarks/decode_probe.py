@@ -18,7 +18,8 @@ per paged-attention threadgroup), -nobake (CUDA launches
 through MLX's template path instead of per-template kernel objects), -rN (N rows per simdgroup
 at M <= 4), -twN (N times the split-K warp target), -layers (with --compiled: one compiled
 function per layer boundary even where the caches allow a whole compiled step), -noinplace
-(the whole step writes latent-cache rows by slice update, not from the query kernel).
+(the whole step writes latent-cache rows by slice update, not from the query kernel),
+-collapsed (GLM's sigmoid routers zeroed: every token on the same experts).
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def apply_variant(model, variant: str):
         launch.BAKE, qmv.R_DECODE, qmv.TARGET_WARPS = knobs
         qmv._PLANS.clear()
         gated_mlp._PLANS.clear()
+    _collapse_routing(model, "collapsed" in parts)
     cls = type(model.layers[0].self_attn)
     _ORIG_CALL.setdefault(cls, cls.__call__)
     if "qkv" in parts:
@@ -125,6 +127,20 @@ def apply_variant(model, variant: str):
         cls.__call__ = _qkv_call
     else:
         cls.__call__ = _ORIG_CALL[cls]
+
+
+_ROUTERS: dict = {}
+
+
+def _collapse_routing(model, on: bool):
+    """-collapsed: the sigmoid routers zeroed, as random-weight models had them before session
+    10 (every token on experts 0..k-1, every layer), to see what the routing costs a step."""
+    for i, layer in enumerate(model.layers):
+        gate = getattr(getattr(layer, "mlp", None), "gate", None)
+        if gate is None or "e_score_correction_bias" not in gate:
+            continue
+        orig = _ROUTERS.setdefault(i, gate["weight"])
+        gate["weight"] = mx.zeros_like(orig) if on else orig
 
 
 # --------------------------------------------------------------------------- timing
