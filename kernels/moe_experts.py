@@ -44,6 +44,7 @@ import numpy as np
 
 from . import dequantize as _dq
 from . import selection
+from .gather_rows import gather_rows
 from .launch import KernelSpec, backend, cdiv, launch
 from .qmv import TARGET_WARPS, XKIND
 
@@ -481,9 +482,9 @@ def _blocks(x, inds, weights, gate, up, down, group_size, bits):
     block_end = mx.cumsum(blocks)
     row_start = mx.cumsum(counts) - counts
     dest = (block_end - blocks)[idx] * bm + mx.arange(m, dtype=mx.int32) - row_start[idx]
-    src = mx.full((nblk * bm,), n, mx.int32)  # n: the zero row appended below
-    src[dest] = (order // k).astype(mx.int32)
-    hp = mx.concatenate([x, mx.zeros((1, D), x.dtype)])[src].reshape(nblk, bm, D)
+    src = mx.full((nblk * bm,), n, mx.uint32)  # n: past x's rows, a zero row
+    src[dest] = (order // k).astype(mx.uint32)
+    hp = gather_rows(x, src).reshape(nblk, bm, D)
     # the expert of block b: how many experts' blocks end at or before it (spare blocks: E - 1)
     owner = (block_end[None, :] <= mx.arange(nblk, dtype=mx.int32)[:, None]).astype(mx.int32)
     owner = mx.minimum(owner.sum(1), E - 1).astype(mx.uint32)
@@ -493,7 +494,8 @@ def _blocks(x, inds, weights, gate, up, down, group_size, bits):
                               **q))
          * mx.gather_mm(hp, _dequant(up, group_size, bits, dt, after=hp).swapaxes(-1, -2), **q))
     y = mx.gather_mm(a, _dequant(down, group_size, bits, dt, after=a).swapaxes(-1, -2), **q)
-    y = y.reshape(nblk * bm, -1)[dest[mx.argsort(order)]].reshape(n, k, -1)
+    y = gather_rows(y.reshape(nblk * bm, -1), dest[mx.argsort(order)].astype(mx.uint32))
+    y = y.reshape(n, k, -1)
     return (y * weights.reshape(n, k, 1).astype(y.dtype)).sum(axis=1).astype(dt)
 
 

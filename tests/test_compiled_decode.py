@@ -230,3 +230,22 @@ def test_failed_trace_falls_back_to_the_plain_model(make_checkpoint):
     assert dec.failed and "cannot compile" in dec.failed
     for a, b in zip(plain, out):
         assert mx.allclose(a, b, rtol=1e-5, atol=1e-5).item()
+
+
+def test_prefill_pipelining_changes_nothing(make_checkpoint, monkeypatch):
+    # DecoderStack hands every PIPELINE_LAYERS layers of a long prompt to the GPU while it
+    # builds the rest (mx.async_eval): same logits and cache, bit for bit, as one graph
+    from marlin_mlx.models import base
+    path = make_checkpoint("qwen3")
+    model = _fresh(path, True)
+    prompt = mx.random.randint(0, 100, (1, base.PIPELINE_MIN_TOKENS + 9)).astype(mx.uint32)
+    out = {}
+    for every in (0, 1):
+        monkeypatch.setattr(base, "PIPELINE_LAYERS", every)
+        cache = model.make_cache()
+        logits = model(prompt, cache=cache)
+        mx.eval(logits, [c.state for c in cache])
+        out[every] = (logits, [c.state for c in cache])
+    assert mx.array_equal(out[0][0], out[1][0])
+    for a, b in zip(out[0][1], out[1][1]):
+        assert all(mx.array_equal(x, y) for x, y in zip(a, b))

@@ -571,3 +571,19 @@ def test_prefill_variants_gpu_match_float64(variant, dtype, poison):
     assert np.isfinite(got).all()
     err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     assert err < tol, f"{variant}: relative error {err:.2e} >= {tol:.0e}"
+
+
+@pytest.mark.parametrize("dtype,D", [(mx.bfloat16, 40), (mx.float32, 12)])
+def test_gather_rows_body_on_cpu_emulator(dtype, D, monkeypatch):
+    # src/gather_rows.h rendered for Metal and run by g++: rows by index, zeros past the end
+    import metal_emulator
+    from marlin_mlx.kernels import gather_rows as gr
+    if not metal_emulator.available():
+        pytest.skip("no C++20 g++")
+    monkeypatch.setattr(gr, "launch", metal_emulator.run)
+    monkeypatch.setattr(gr, "backend", lambda: "metal")
+    x = mx.random.normal((7, D)).astype(dtype)
+    idx = mx.array([3, 7, 0, 6, 9, 3, 1], dtype=mx.uint32)  # 7 and 9: zero rows
+    out = gr.gather_rows(x, idx)
+    assert mx.array_equal(out, gr.reference(x, idx))
+    assert mx.array_equal(out[1], mx.zeros((D,), dtype)) and mx.array_equal(out[0], x[3])
