@@ -114,6 +114,7 @@ def _inputs_decode(tables, bs, tokens, positions):
     return StepInputs(DECODE, np.array(tokens, np.int32)[:, None], pos, bt, slots, pos + 1)
 
 
+@pytest.mark.filterwarnings("error:compiled decode step disabled")  # no silent fallback
 @pytest.mark.parametrize("arch", ARCHS)
 def test_paged_prefill_and_batched_decode_match_contiguous_cache(arch):
     """Three sequences of different lengths: chunked paged prefill, then three batched decode

@@ -337,8 +337,13 @@ class PagedLatentCache(PagedKVCache):
     """MLA's latent cache over a KVPool with `values = None` (GLM-4.7-Flash)."""
 
     def update_and_fetch(self, latent: mx.array, rope_keys: mx.array) -> mx.array:
-        self.rank = latent.shape[-1]
         entries = mx.concatenate([latent, rope_keys.astype(latent.dtype)], axis=-1)
+        return self.append(entries, latent.shape[-1])
+
+    def append(self, entries: mx.array, kv_lora_rank: int) -> mx.array:
+        """Rows (B, 1, L, rank + rope) already joined, as the compiled decode step hands them
+        (models/mla_cache.py MLACache.append's contract)."""
+        self.rank = kv_lora_rank
         return self._store(self.pool.keys, entries)
 
     def _attend(self, q, k, v, scale, window=None):
