@@ -244,8 +244,9 @@ def drop_unused(weights: dict, tie_word_embeddings: bool) -> dict:
     return out
 
 
-# Prefill pipelining (DecoderStack): prompts of at least PIPELINE_MIN_TOKENS tokens are handed
-# to the GPU every PIPELINE_LAYERS layers; MARLIN_MLX_PREFILL_PIPELINE=0 turns it off.
+# Prefill pipelining (DecoderStack): prompts of at least PIPELINE_MIN_TOKENS tokens filling a
+# cache are handed to the GPU every PIPELINE_LAYERS layers; MARLIN_MLX_PREFILL_PIPELINE=0 turns
+# it off.
 PIPELINE_LAYERS = 0 if os.environ.get("MARLIN_MLX_PREFILL_PIPELINE", "1").strip() == "0" else 4
 PIPELINE_MIN_TOKENS = 64
 
@@ -262,11 +263,14 @@ class DecoderStack(nn.Module):
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
         h = self.embed_tokens(inputs)
+        # A long prompt filling a cache: hand every few layers to the GPU while Python builds
+        # the next ones. MLX runs nothing until asked, so building a whole prefill graph first
+        # (~0.5 ms a layer for GLM-4.7-Flash) would add to the time to first token. Only with
+        # a cache: calls without one may be inside mx.grad / mx.compile (calibration,
+        # training), where MLX refuses async_eval.
+        every = (PIPELINE_LAYERS if cache is not None and inputs.shape[-1] >= PIPELINE_MIN_TOKENS
+                 else 0)
         cache = cache or [None] * len(self.layers)
-        # A long prompt: hand every few layers to the GPU while Python builds the next ones.
-        # MLX runs nothing until asked, so building a whole prefill graph first (~0.5 ms a
-        # layer for GLM-4.7-Flash) would add to the time to first token.
-        every = PIPELINE_LAYERS if inputs.shape[-1] >= PIPELINE_MIN_TOKENS else 0
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
             h = layer(h, c)
             if every and i % every == every - 1:

@@ -249,3 +249,16 @@ def test_prefill_pipelining_changes_nothing(make_checkpoint, monkeypatch):
     assert mx.array_equal(out[0][0], out[1][0])
     for a, b in zip(out[0][1], out[1][1]):
         assert all(mx.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_prefill_pipelining_stays_out_of_transformations(make_checkpoint, monkeypatch):
+    # without a cache (calibration's gradients, training) the model may run inside mx.grad,
+    # where MLX refuses async_eval: a long cacheless forward must differentiate as before
+    from marlin_mlx.models import base
+    monkeypatch.setattr(base, "PIPELINE_LAYERS", 1)
+    model, _ = load_model(make_checkpoint("qwen3"))
+    tokens = mx.random.randint(0, 100, (1, base.PIPELINE_MIN_TOKENS + 5)).astype(mx.uint32)
+    import mlx.nn as nn
+    loss, grads = nn.value_and_grad(model, lambda m: m(tokens).astype(mx.float32).sum())(model)
+    mx.eval(loss, grads)
+    assert bool(mx.isfinite(loss))
