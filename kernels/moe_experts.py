@@ -42,8 +42,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import block_qmm, selection
 from . import dequantize as _dq
-from . import selection
 from .gather_rows import gather_rows
 from .launch import KernelSpec, backend, cdiv, launch
 from .qmv import TARGET_WARPS, XKIND
@@ -331,7 +331,7 @@ def _decide(x, inds, gate, up, down, group_size, bits, shared, shared_fn) -> boo
 
 ENV_PREFILL = "MARLIN_MLX_MOE_PREFILL"
 PREFILL_VARIANTS = ("dequant_gather_mm", "dequant_used", "dequant_padded_bmm", "dequant_blocks",
-                    "per_expert", "per_expert_qmm", "gather_qmm")
+                    "quant_blocks", "per_expert", "per_expert_qmm", "gather_qmm")
 BLOCK_ROWS = 64  # dequant_blocks: rows per block (one expert each); $MARLIN_MLX_MOE_BLOCK_ROWS
 DEFAULT_PREFILL = "dequant_blocks"
 
@@ -400,8 +400,11 @@ def switch_glu_prefill(x, inds, weights, gate, up, down, group_size: int = 64, b
                          f"{', '.join(PREFILL_VARIANTS)}")
     n, k = inds.shape
     dt = x.dtype
-    if variant == "dequant_blocks":
-        return _blocks(x, inds, weights, gate, up, down, group_size, bits)
+    if variant in ("dequant_blocks", "quant_blocks"):
+        quant = (variant == "quant_blocks"
+                 and block_qmm.supported(dt, x.shape[-1], (gate, up), group_size, bits)
+                 and block_qmm.supported(dt, up[0].shape[1], (down,), group_size, bits))
+        return _blocks(x, inds, weights, gate, up, down, group_size, bits, quant)
     h, idx, order = _sort_pairs(x, inds)
     if variant in ("dequant_gather_mm", "dequant_used"):
         if variant == "dequant_used":
@@ -464,15 +467,18 @@ def _padded_bmm(h, idx_np, counts, gate, up, down, group_size, bits):
     return y.reshape(used.size * C, -1)[mx.array(back)]
 
 
-def _blocks(x, inds, weights, gate, up, down, group_size, bits):
+def _blocks(x, inds, weights, gate, up, down, group_size, bits, quant=False):
     """The routed experts of x (n, D) with no host sync: the (token, expert) pairs sorted by
     expert fill blocks of BLOCK_ROWS, expert e's from its own first block on (zero rows pad
     the rest), every block is one expert's product, and each pair's row is read back by
-    index. One gather builds the blocks and one takes the pairs back."""
+    index. One gather builds the blocks and one takes the pairs back. The products: with
+    `quant`, kernels/block_qmm.py on the quantized experts (two launches, spare blocks
+    skipped); else dequantized experts and MLX's gather_mm."""
     n, D = x.shape
     k = inds.shape[-1]
     m = n * k
-    E, bm = gate[0].shape[0], int(os.environ.get("MARLIN_MLX_MOE_BLOCK_ROWS", BLOCK_ROWS))
+    E = gate[0].shape[0]
+    bm = block_qmm.BLOCK if quant else int(os.environ.get("MARLIN_MLX_MOE_BLOCK_ROWS", BLOCK_ROWS))
     nblk = cdiv(m, bm) + E  # sum over experts of ceil(count / bm) never exceeds it
     flat = inds.flatten()
     order = mx.argsort(flat)
@@ -489,13 +495,22 @@ def _blocks(x, inds, weights, gate, up, down, group_size, bits):
     owner = (block_end[None, :] <= mx.arange(nblk, dtype=mx.int32)[:, None]).astype(mx.int32)
     owner = mx.minimum(owner.sum(1), E - 1).astype(mx.uint32)
     dt = x.dtype
+    if quant:
+        used = block_end[-1:]
+        a = block_qmm.block_qmm(hp.reshape(nblk * bm, D), owner, used, (gate, up), group_size, bits)
+        y = block_qmm.block_qmm(a, owner, used, (down,), group_size, bits)
+        return _take_back(y, dest, order, weights, n, k, dt)
     q = dict(rhs_indices=owner, sorted_indices=True)
     a = (nn.silu(mx.gather_mm(hp, _dequant(gate, group_size, bits, dt, after=hp).swapaxes(-1, -2),
                               **q))
          * mx.gather_mm(hp, _dequant(up, group_size, bits, dt, after=hp).swapaxes(-1, -2), **q))
     y = mx.gather_mm(a, _dequant(down, group_size, bits, dt, after=a).swapaxes(-1, -2), **q)
-    y = gather_rows(y.reshape(nblk * bm, -1), dest[mx.argsort(order)].astype(mx.uint32))
-    y = y.reshape(n, k, -1)
+    return _take_back(y.reshape(nblk * bm, -1), dest, order, weights, n, k, dt)
+
+
+def _take_back(y, dest, order, weights, n, k, dt):
+    """Block rows y (blocks * rows, D) -> the routing-weighted sum over each token's pairs."""
+    y = gather_rows(y, dest[mx.argsort(order)].astype(mx.uint32)).reshape(n, k, -1)
     return (y * weights.reshape(n, k, 1).astype(y.dtype)).sum(axis=1).astype(dt)
 
 
