@@ -33,6 +33,8 @@
 #          per-layer split, and the whole step with MLX's CUDA graphs off (MLX_USE_CUDA_GRAPHS=0)
 # moeprefill: the MoE prefill variants' GPU tests, then benchmarks/moe_layer.py --prefill-variants
 #          (every variant of kernels/moe_experts.py at 2048 tokens, GLM and Qwen3-30B-A3B shapes)
+# blockqmm: the block_qmm GPU tests (and the quant_blocks prefill variant's), then
+#          benchmarks/block_qmm.py (launch shapes against dequantize + gather_mm, GLM experts)
 # prefill: benchmarks/prefill_probe.py on GLM-4.7-Flash shapes (2048 tokens): TTFT per MoE prefill
 #          variant (PREFILL_VARIANTS) and the GPU time per kernel of each (CUPTI)
 # qmvsweep: Nsight Compute kernel times of every qmv / gated-MLP launch shape (R, SK, PF) on
@@ -182,6 +184,13 @@ PY
       tail -5 "$OUT/pytest_moeprefill.log"
       timeout ${PREFILL_TIMEOUT:-300} python3 benchmarks/moe_layer.py --prefill-variants \
         --json "$OUT/gpu_moe_prefill_h200.json" 2>&1 | tail -20 | tee "$OUT/moe_prefill.log" ;;
+    blockqmm)
+      timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
+        tests/test_block_qmm.py tests/test_moe_kernels.py -k "block_qmm or quant_blocks" \
+        > "$OUT/pytest_blockqmm.log" 2>&1
+      tail -5 "$OUT/pytest_blockqmm.log"
+      timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/block_qmm.py --tokens "${BQ_TOKENS:-2048,8192}" \
+        --json "$OUT/block_qmm_h200.json" 2>&1 | tail -60 | tee "$OUT/block_qmm.log" ;;
     prefill)
       timeout ${PREFILL_TIMEOUT:-300} python3 benchmarks/prefill_probe.py --preset glm-4.7-flash \
         --prompt 2048 --variants "${PREFILL_VARIANTS:-dequant_gather_mm,dequant_blocks,dequant_padded_bmm}" \
