@@ -14,9 +14,9 @@ fast twin), with the (token, expert) pairs sorted by expert for many tokens:
 
 Many tokens (prefill, n > MAX_TOKENS): MLX's `gather_qmm` runs ~30 ms per GLM-4.7-Flash layer
 at 2048 tokens on an H200, 60-100x the time of its 155 GFLOP on tensor cores. The prefill
-variants (`switch_glu_prefill`, chosen by $MARLIN_MLX_MOE_PREFILL, default `dequant_blocks`,
-against `gather_qmm` through the measured selection) dequantize the experts to the activation
-dtype (kernels/dequantize.py, one launch per stack) and run tensor-core matmuls:
+variants (`switch_glu_prefill`, chosen by $MARLIN_MLX_MOE_PREFILL, default `quant_blocks`,
+against `gather_qmm` through the measured selection) run tensor-core products, most of them on
+experts dequantized to the activation dtype (kernels/dequantize.py, one launch per stack):
 - `dequant_gather_mm`: all experts dequantized (a transient 3 * E * I * D values), then
   `mx.gather_mm` over the pairs sorted by expert (CUDA: one grouped GEMM per projection);
 - `dequant_used`: the same over only the experts that received tokens (one host sync);
@@ -25,7 +25,12 @@ dtype (kernels/dequantize.py, one launch per stack) and run tensor-core matmuls:
 - `per_expert`: one host sync for the per-expert counts, then per expert with tokens a
   dequantize + dense matmul over its contiguous rows;
 - `per_expert_qmm`: the same with `mx.quantized_matmul` per expert (no dequantize);
-- `dequant_blocks` (the default): no host sync: the sorted rows go into blocks of BLOCK_ROWS,
+- `quant_blocks` (the default): the blocks of `dequant_blocks` (64 rows), multiplied by
+  kernels/block_qmm.py on the quantized experts: two launches (gate + up + SwiGLU, down), no
+  dense weights, spare blocks skipped. GLM-4.7-Flash experts at 2048 tokens: 1108 µs a layer
+  against 1674 for dequantize + gather_mm (benchmarks/results/block_qmm_h200.json). Activations
+  of other dtypes than float16/bfloat16 take `dequant_blocks`;
+- `dequant_blocks`: no host sync: the sorted rows go into blocks of BLOCK_ROWS,
   each expert's from a new block (zero rows pad it), then `mx.gather_mm` with one expert per
   block (CUDA: MLX's tiled gather GEMM over BLOCK_ROWS-row batches). The block count has a
   static bound, ceil(pairs / BLOCK_ROWS) + E. GLM-4.7-Flash prefill at 2048 tokens: 280 ms
@@ -333,7 +338,7 @@ ENV_PREFILL = "MARLIN_MLX_MOE_PREFILL"
 PREFILL_VARIANTS = ("dequant_gather_mm", "dequant_used", "dequant_padded_bmm", "dequant_blocks",
                     "quant_blocks", "per_expert", "per_expert_qmm", "gather_qmm")
 BLOCK_ROWS = 64  # dequant_blocks: rows per block (one expert each); $MARLIN_MLX_MOE_BLOCK_ROWS
-DEFAULT_PREFILL = "dequant_blocks"
+DEFAULT_PREFILL = "quant_blocks"
 
 
 def prefill_variant() -> str:
