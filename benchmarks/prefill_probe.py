@@ -50,6 +50,9 @@ def main(argv=None):
                    help="comma-separated MoE prefill variants ($MARLIN_MLX_MOE_PREFILL values), "
                         "each optionally with environment overrides: variant+NAME=VALUE+...")
     p.add_argument("--profile", action="store_true", help="CUPTI GPU time per kernel")
+    p.add_argument("--check", type=int, default=0,
+                   help="also compare each variant's logits at every position of a prompt of "
+                        "this many tokens (no cache) with the first variant's")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
 
@@ -59,6 +62,7 @@ def main(argv=None):
     out = {**machine_info(), "preset": a.preset, "bits": a.bits, "group_size": a.group_size,
            "prompt": a.prompt, "layers": config["num_hidden_layers"], "variants": {}}
     base_env = dict(os.environ)
+    first_logits = None
     for v in a.variants.split(","):
         # "variant+NAME=VALUE+...": the MoE prefill variant with environment overrides
         name, *env = v.split("+")
@@ -77,6 +81,17 @@ def main(argv=None):
                  "moe_paths": sorted(set(moe_experts._PATHS.values()))}
             print(f"{v:20s} TTFT {r['ttft_ms']:8.1f} ms  {r['prefill_tps']:8.0f} tok/s  "
                   f"paths {r['moe_paths']}", flush=True)
+            if a.check:
+                logits = model(prompt[:, :a.check]).astype(mx.float32)
+                if first_logits is None:
+                    first_logits = logits
+                r["check"] = {
+                    "tokens": a.check,
+                    "logits_rel_err_vs_first": (mx.linalg.norm(logits - first_logits)
+                                                / mx.linalg.norm(first_logits)).item(),
+                    "top1_agreement_vs_first": (logits.argmax(-1) == first_logits.argmax(-1)
+                                                ).astype(mx.float32).mean().item()}
+                print(f"    check: {r['check']}", flush=True)
             if a.profile:
                 cache = model.make_cache()
                 r["profile"] = cupti_profile(
