@@ -193,7 +193,7 @@ PY
         --json "$OUT/block_qmm_h200.json" 2>&1 | tail -60 | tee "$OUT/block_qmm.log" ;;
     prefill)
       timeout ${PREFILL_TIMEOUT:-300} python3 benchmarks/prefill_probe.py --preset glm-4.7-flash \
-        --prompt 2048 --variants "${PREFILL_VARIANTS:-dequant_gather_mm,dequant_blocks,dequant_padded_bmm}" \
+        --prompt 2048 --variants "${PREFILL_VARIANTS:-dequant_blocks,quant_blocks}" \
         --profile --json "$OUT/prefill_probe_glm_h200.json" 2>&1 | tee "$OUT/prefill_probe.log" ;;
     qmvsweep)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)

@@ -6,7 +6,7 @@ prefill of a random prompt as `marlin-mlx bench` does (one chunk, the last token
 with --profile, takes the GPU time per kernel (CUPTI through PyTorch's profiler) of one more.
 
     python benchmarks/prefill_probe.py --preset glm-4.7-flash --prompt 2048 \
-        --variants dequant_gather_mm,dequant_blocks --profile --json out.json
+        --variants dequant_blocks,quant_blocks --profile --json out.json
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main(argv=None):
     p.add_argument("--prompt", type=int, default=2048)
     p.add_argument("--prefill-step", type=int, default=2048)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--variants", default="dequant_gather_mm,dequant_blocks",
+    p.add_argument("--variants", default="dequant_blocks,quant_blocks",
                    help="comma-separated MoE prefill variants ($MARLIN_MLX_MOE_PREFILL values), "
                         "each optionally with environment overrides: variant+NAME=VALUE+...")
     p.add_argument("--profile", action="store_true", help="CUPTI GPU time per kernel")
