@@ -116,7 +116,7 @@ def compile_cases():
               mx.zeros((E, N, K // 64), dt))
         stacks = (st, st) if gated else (st,)
         spec, t = plan(x, stacks, 64 if K % 64 == 0 else 32, bits)[:2]
-        n_in = len(spec.inputs)
-        out.append((f"block-qmm-{name}", spec, [dt, mx.uint32, mx.int32] + [mx.uint32, dt, dt] * len(stacks),
-                    [1 << 20, 8, 8] + [1 << 20] * (n_in - 3), [dt], t))
+        in_dtypes = [dt, mx.uint32, mx.int32] + [mx.uint32, dt, dt] * len(stacks)
+        out.append((f"block-qmm-{name}", spec, in_dtypes,
+                    [1 << 20, 8, 8] + [1 << 20] * (len(in_dtypes) - 3), [dt], t))
     return out
