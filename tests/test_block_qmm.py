@@ -8,7 +8,9 @@ import pytest
 import mlx.core as mx
 
 from marlin_mlx.kernels import block_qmm as bq
-from marlin_mlx.kernels import launch
+from marlin_mlx.kernels import launch, moe_experts
+
+import test_moe_kernels as tmk  # its float64 expert oracle and routing helpers
 
 TOL = {mx.float16: 4e-3, mx.bfloat16: 2e-2}
 
@@ -88,6 +90,26 @@ def test_block_qmm_rejects_bad_shapes():
     assert not bq.supported(mx.float16, 64, stacks, 48, 4)   # group not a multiple of 32
     assert not bq.supported(mx.float16, 96, stacks, 32, 4)   # K not the stacks'
     assert bq.supported(mx.float16, 64, stacks, 32, 4)
+
+
+def test_prefill_quant_blocks_routes_through_block_qmm(monkeypatch):
+    # 16-bit activations take block_qmm (its MLX reference here, the kernel on a GPU): blocks
+    # of 64 rows, busy experts over several blocks, spare blocks past the used count
+    calls = []
+    real = bq.block_qmm
+    monkeypatch.setattr(bq, "block_qmm",
+                        lambda *a, **kw: calls.append(len(a[3])) or real(*a, **kw))
+    mx.random.seed(5)
+    E, D, I, n, k = 8, 128, 64, 90, 3
+    gate, up, down = tmk._experts(E, D, I, 4, 64, mx.float16)
+    x = mx.random.normal((n, D)).astype(mx.float16)
+    inds = tmk._uneven_routing(np.random.default_rng(5), n, k, E)
+    assert np.bincount(np.array(inds).ravel()).max() > 64
+    w = mx.softmax(mx.random.normal((n, k)), axis=-1)
+    y = moe_experts.switch_glu_prefill(x, inds, w, gate, up, down, 64, 4, variant="quant_blocks")
+    ref = tmk.experts64(x, inds, w, gate, up, down, 4, 64)
+    assert calls == [2, 1] and y.dtype == mx.float16
+    assert np.linalg.norm(tmk._f64(y) - ref) / np.linalg.norm(ref) < 5e-3
 
 
 GPU_CASES = [  # GLM-4.7-Flash's experts (gate/up gated, down), Qwen3-30B-A3B's, odd ones

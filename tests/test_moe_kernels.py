@@ -539,26 +539,6 @@ def test_prefill_blocks_span_several_blocks_per_expert(monkeypatch):
     assert np.linalg.norm(_f64(y) - ref) / np.linalg.norm(ref) < 1e-5
 
 
-def test_prefill_quant_blocks_routes_through_block_qmm(monkeypatch):
-    # 16-bit activations take block_qmm (its MLX reference here, the kernel on a GPU): blocks
-    # of 64 rows, busy experts over several blocks, spare blocks past the used count
-    calls = []
-    real = moe_experts.block_qmm.block_qmm
-    monkeypatch.setattr(moe_experts.block_qmm, "block_qmm",
-                        lambda *a, **kw: calls.append(len(a[3])) or real(*a, **kw))
-    mx.random.seed(5)
-    E, D, I, n, k = 8, 128, 64, 90, 3
-    gate, up, down = _experts(E, D, I, 4, 64, mx.float16)
-    x = mx.random.normal((n, D)).astype(mx.float16)
-    inds = _uneven_routing(np.random.default_rng(5), n, k, E)
-    assert np.bincount(np.array(inds).ravel()).max() > 64
-    w = mx.softmax(mx.random.normal((n, k)), axis=-1)
-    y = moe_experts.switch_glu_prefill(x, inds, w, gate, up, down, 64, 4, variant="quant_blocks")
-    ref = experts64(x, inds, w, gate, up, down, 4, 64)
-    assert calls == [2, 1] and y.dtype == mx.float16
-    assert np.linalg.norm(_f64(y) - ref) / np.linalg.norm(ref) < 5e-3
-
-
 def test_prefill_variant_switch(monkeypatch):
     monkeypatch.setenv(moe_experts.ENV_PREFILL, "per_expert")
     assert moe_experts.prefill_variant() == "per_expert"
