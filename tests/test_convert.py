@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import marlin_mlx.convert as conv
+import marlin_mlx.checkpoint_writer as writer
 from marlin_mlx.convert import convert
 from marlin_mlx.errors import MarlinError
 from marlin_mlx.kernels import QuantizedEmbedding, QuantizedLinear, quantize_modules
@@ -145,7 +146,7 @@ def test_dequantize_round_trip(tiny_llama_path, tmp_path):
 @pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()])
 def test_interrupted_conversion_leaves_nothing(tiny_llama_path, tmp_path, monkeypatch, exc):
     calls = []
-    real = conv._save_shard
+    real = writer.save_shard
 
     def flaky(file, tensors, *rest):
         calls.append(file)
@@ -153,7 +154,7 @@ def test_interrupted_conversion_leaves_nothing(tiny_llama_path, tmp_path, monkey
             raise exc
         real(file, tensors, *rest)
 
-    monkeypatch.setattr(conv, "_save_shard", flaky)
+    monkeypatch.setattr(writer, "save_shard", flaky)
     out = tmp_path / "q"
     with pytest.raises(type(exc)):
         convert(tiny_llama_path, out, group_size=32, shard_size_gb=1e-5, progress=False)
