@@ -39,6 +39,9 @@
 #          variant (PREFILL_VARIANTS) and the GPU time per kernel of each (CUPTI)
 # qmvsweep: Nsight Compute kernel times of every qmv / gated-MLP launch shape (R, SK, PF) on
 #          Qwen3-8B's decode GEMVs (benchmarks/ncu_probe.py --sweep)
+# stream:  Nsight Compute: a plain read kernel over the bytes of each decode GEMV (loads in
+#          flight, blocks per SM) beside qmv / MLX / fp16 on the shape (benchmarks/stream_probe.py),
+#          then the full sections of one launch each of qmv, qmm, fp16 and the stream kernel
 # flash:   the flash_prefill and dequantize GPU tests (FLASH_TESTS: more test files), then benchmarks/flash_attention.py (our
 #          large-head prefill attention vs MLX's, GLM-4.7-Flash shapes)
 # PROBE_VARIANTS / PROBE_PROFILE override the probe's variant lists.
@@ -202,6 +205,19 @@ PY
       echo "ncu rc=$?"; tail -3 "$OUT/ncu_sweep.err"
       python3 benchmarks/ncu_probe.py --parse "$OUT/ncu_sweep.csv" | grep -E "marlin|qmv" \
         | tee "$OUT/ncu_sweep.txt" | sort -t_ -k1 | head -150 ;;
+    stream)
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      timeout ${NCU_TIMEOUT:-240} "$NCU" --clock-control none \
+        --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv \
+        python3 benchmarks/stream_probe.py > "$OUT/stream.csv" 2> "$OUT/stream.err"
+      echo "ncu rc=$?"; tail -3 "$OUT/stream.err"
+      python3 benchmarks/ncu_probe.py --parse "$OUT/stream.csv" | tee "$OUT/stream_times.txt"
+      timeout ${NCU_TIMEOUT:-240} "$NCU" --clock-control none --section SpeedOfLight \
+        --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+        --section SchedulerStats --section LaunchStats --section ComputeWorkloadAnalysis \
+        -k "regex:marlin|stream|gemv|gemm|nvjet" \
+        python3 benchmarks/stream_probe.py --details > "$OUT/stream_details.txt" 2>&1
+      echo "ncu details rc=$?"; grep -cE "^  [a-z_]+.*\(" "$OUT/stream_details.txt" ;;
     flash)
       timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
         tests/test_flash_attention.py tests/test_kernels_gpu.py ${FLASH_TESTS:-} -k "flash or dequant" \

@@ -1,0 +1,103 @@
+"""What a read-only stream of N bytes costs on this GPU, beside our GEMV on the same bytes.
+
+The ceiling a memory-bound GEMV can reach depends on the size: a 9-28 MB weight matrix is
+read in 2-7 µs at the HBM's rate, so launch ramp-up and the tail weigh on it. This probe
+times a plain read kernel (CUDA only: a measurement tool, not a project kernel) over the
+byte counts of Qwen3-8B's decode GEMVs (4-bit g64 codes + scales + biases), with 1-8 16-byte
+loads in flight per thread and 1-16 resident blocks per SM, and our qmv / MLX's
+quantized_matmul / the fp16 GEMV on the matching shapes, all in one process under Nsight
+Compute:
+
+    ncu --clock-control none --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv \
+        python3 benchmarks/stream_probe.py > stream.csv
+    python3 benchmarks/ncu_probe.py --parse stream.csv
+"""
+from __future__ import annotations
+
+import sys
+
+import mlx.core as mx
+
+SMS = 132
+# (K, N) of Qwen3-8B's decode GEMVs and the issue's shapes
+SHAPES = [(4096, 4096), (4096, 6144), (12288, 4096), (4096, 12288), (4096, 24576),
+          (28672, 8192)]
+
+_SRC = """
+const uint4* p = reinterpret_cast<const uint4*>(a);
+const size_t tid = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
+const size_t nth = size_t(gridDim.x) * blockDim.x;
+uint32_t acc = 0;
+for (size_t base = tid; base < NV; base += nth * V) {
+  uint4 v[V];
+  _Pragma("unroll") for (int j = 0; j < V; ++j) {
+    const size_t i = base + size_t(j) * nth;
+    v[j] = (i < NV) ? p[i] : make_uint4(0, 0, 0, 0);
+  }
+  _Pragma("unroll") for (int j = 0; j < V; ++j) acc ^= v[j].x ^ v[j].y ^ v[j].z ^ v[j].w;
+}
+if (acc == 0x9e3779b9u) out[0] = acc;
+"""
+
+
+def stream_kernel():
+    return mx.fast.cuda_kernel(name="stream_read", input_names=["a"], output_names=["out"],
+                               source=_SRC)
+
+
+def stream(kern, a, V, blocks, threads=256):
+    nv = a.size // 4
+    return kern(inputs=[a], template=[("V", V), ("NV", nv)], grid=(blocks * threads, 1, 1),
+                threadgroup=(threads, 1, 1), output_shapes=[(1,)], output_dtypes=[mx.uint32])[0]
+
+
+def run():
+    from marlin_mlx.kernels.qmv import qmv_kernel
+    kern = stream_kernel()
+    dt = mx.bfloat16
+    for K, N in SHAPES:
+        q, s, b = mx.quantize(mx.random.normal((N, K)).astype(dt) * 0.02, group_size=64, bits=4)
+        x = mx.random.normal((1, K)).astype(dt)
+        nbytes = q.nbytes + s.nbytes + b.nbytes
+        a = mx.zeros((nbytes // 4,), mx.uint32)
+        w16 = mx.random.normal((N, K)).astype(dt) if K * N <= 4096 * 24576 else None
+        mx.eval(q, s, b, x, a)
+        if w16 is not None:
+            mx.eval(w16)
+        print(f"shape {K}x{N}: {nbytes / 1e6:.1f} MB", file=sys.stderr)
+        for rep in range(2):
+            mx.eval(qmv_kernel(x, q, s, b, 64, 4))
+            mx.eval(mx.quantized_matmul(x, q, s, b, transpose=True, group_size=64, bits=4))
+            if w16 is not None:
+                mx.eval(x @ w16.T)
+            for V in (1, 2, 4, 8):
+                for bps in (1, 2, 4, 8, 16):
+                    if bps * V <= 32:
+                        mx.eval(stream(kern, a, V, bps * SMS))
+                # one pass: every thread V loads, no loop
+                mx.eval(stream(kern, a, V, -(-a.size // 4 // (256 * V))))
+        del q, s, b, a, w16
+
+
+def details():
+    """One launch each, for Nsight Compute's sections: qmv, qmm at one row, the fp16 GEMV and
+    the stream kernel (4 loads in flight, one pass), at 4096 -> 12288 and 28672 -> 8192."""
+    from marlin_mlx.kernels.qmm import qmm_kernel
+    from marlin_mlx.kernels.qmv import qmv_kernel
+    kern = stream_kernel()
+    dt = mx.bfloat16
+    for K, N in ((4096, 12288), (28672, 8192)):
+        w16 = mx.random.normal((N, K)).astype(dt) * 0.02
+        q, s, b = mx.quantize(w16, group_size=64, bits=4)
+        x = mx.random.normal((1, K)).astype(dt)
+        a = mx.zeros(((q.nbytes + s.nbytes + b.nbytes) // 4,), mx.uint32)
+        mx.eval(w16, q, s, b, x, a)
+        mx.eval(qmv_kernel(x, q, s, b, 64, 4))
+        mx.eval(qmm_kernel(x, q, s, b, 64, 4))
+        mx.eval(x @ w16.T)
+        mx.eval(stream(kern, a, 4, -(-a.size // 4 // 1024)))
+        del w16, q, s, b, a
+
+
+if __name__ == "__main__":
+    details() if "--details" in sys.argv else run()
