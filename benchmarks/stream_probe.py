@@ -79,6 +79,29 @@ def run():
         del q, s, b, a, w16
 
 
+def tc_sweep():
+    """qmv's two bodies on each shape: the float body's automatic shape, the tensor-core body
+    at every (RT, SK) and its automatic choice, and MLX's quantized_matmul, at 1, 4 and 8 rows
+    of bfloat16 x."""
+    from marlin_mlx.kernels.qmv import qmv_kernel
+    dt = mx.bfloat16
+    for K, N in SHAPES:
+        q, s, b = mx.quantize(mx.random.normal((N, K)).astype(dt) * 0.02, group_size=64, bits=4)
+        mx.eval(q, s, b)
+        for M in (1, 4, 8):
+            x = mx.random.normal((M, K)).astype(dt)
+            mx.eval(x)
+            for rep in range(2):
+                mx.eval(qmv_kernel(x, q, s, b, 64, 4, tc=False))
+                mx.eval(qmv_kernel(x, q, s, b, 64, 4, tc=True))
+                mx.eval(mx.quantized_matmul(x, q, s, b, transpose=True, group_size=64, bits=4))
+                if M == 1:
+                    for RT in (1, 2):
+                        for SK in (1, 2, 4, 8):
+                            mx.eval(qmv_kernel(x, q, s, b, 64, 4, tc=True, RT=RT, SK=SK))
+        del q, s, b
+
+
 def details():
     """One launch each, for Nsight Compute's sections: qmv, qmm at one row, the fp16 GEMV and
     the stream kernel (4 loads in flight, one pass), at 4096 -> 12288 and 28672 -> 8192."""
@@ -100,4 +123,9 @@ def details():
 
 
 if __name__ == "__main__":
-    details() if "--details" in sys.argv else run()
+    if "--details" in sys.argv:
+        details()
+    elif "--tc" in sys.argv:
+        tc_sweep()
+    else:
+        run()

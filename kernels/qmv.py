@@ -15,6 +15,11 @@ from .formats import validate_quantized
 from .launch import KernelSpec, backend, cdiv, cuda_plan_kernel, launch_planned, prod
 
 SPEC = KernelSpec("marlin_qmv", "qmv.h", ("x", "w", "scales", "biases"), ("y",))
+# The tensor-core GEMV (src/qmv_tc.h): 16-bit x, up to TC_MAX_M rows, 2/4 bits (8 with float16)
+TC_SPEC = KernelSpec("marlin_qmv_tc", "qmv_tc.h", ("x", "w", "scales", "biases"), ("y",))
+TC_MAX_M = 8
+# MARLIN_MLX_QMV_TC=0 keeps the float-FMA body for every launch
+USE_TC = os.environ.get("MARLIN_MLX_QMV_TC", "1") != "0"
 
 BITS = (2, 3, 4, 5, 6, 8)
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
@@ -97,18 +102,78 @@ def build_plan(spec, xdt, sdt, bits, group_size, xshape, N, R, SK, PF, gated: bo
             [(*lead, N)], [xdt], kern, ktemplate)
 
 
-def qmv_kernel(x, w, scales, biases, group_size, bits, *, R=None, SK=None, PF=None):
-    """The custom kernel alone (no validation, no fallback). Kept lean: at decode the host
-    cost of this call is paid for every linear layer of every token."""
+def tc_supported(xdt, bits: int, MT: int) -> bool:
+    """Whether the tensor-core body covers a launch: 16-bit x (the products' inputs), at most
+    TC_MAX_M rows, and codes whose pairs decode exactly into a 16-bit exponent."""
+    return (xdt in (mx.float16, mx.bfloat16) and MT <= TC_MAX_M
+            and (bits in (2, 4) or (bits == 8 and xdt == mx.float16)))
+
+
+TC_TARGET_WARPS = 132 * 16  # simdgroups in flight for the tensor-core body (H200: 132 SMs)
+
+
+def tc_config(N: int, K: int, RT: int | None = None, SK: int | None = None):
+    """(16-row weight tiles per simdgroup, simdgroups splitting K) of a tensor-core launch."""
+    if RT is None:
+        RT = 2 if N >= 8192 else 1
+    steps = cdiv(K // 32, 4)
+    if SK is None:
+        SK = cdiv(TC_TARGET_WARPS, cdiv(N, 16 * RT))
+    return RT, max(1, min(SK, steps, 8))
+
+
+def tc_plan(xdt, sdt, bits, group_size, xshape, N, RT=None, SK=None):
+    """The tensor-core launch plan, cached like `_plan`'s."""
+    key = ("tc", xdt, sdt, bits, group_size, xshape, N, RT, SK)
+    plan = _PLANS.get(key)
+    if plan is None:
+        K, lead = xshape[-1], tuple(xshape[:-1])
+        RT, SK = tc_config(N, K, RT, SK)
+        template = [("T", xdt), ("S", sdt), ("XK", XKIND[xdt]), ("BITS", bits),
+                    ("GS", group_size), ("RT", RT), ("SK", SK), ("MT", prod(lead)), ("K", K),
+                    ("N", N)]
+        kern, ktemplate = (cuda_plan_kernel(TC_SPEC, template) if backend() == "cuda"
+                           else (None, None))
+        plan = _PLANS[key] = (template, (32 * SK * cdiv(N, 16 * RT), 1, 1), (32 * SK, 1, 1),
+                              [(*lead, N)], [xdt], kern, ktemplate)
+    return plan
+
+
+def qmv_kernel(x, w, scales, biases, group_size, bits, *, R=None, SK=None, PF=None, tc=None,
+               RT=None):
+    """The custom kernel alone (no validation, no fallback): the tensor-core body where it
+    applies (`tc`, default USE_TC unless a float-body shape R / PF is asked for; RT its row
+    tiles), else the float-FMA one. Kept lean: at decode the host cost of this call is paid
+    for every linear layer of every token."""
     sdt = scales.dtype
-    template, grid, tg, oshape, odt, kern, ktemplate = _plan(x.dtype, sdt, bits, group_size,
-                                                             x.shape, w.shape[0], R, SK, PF)
     if biases.dtype != sdt:
         biases = biases.astype(sdt)
-    return launch_planned(SPEC, [x, w, scales, biases], template, grid, tg, oshape, odt, kern,
+    if tc is None:
+        tc = USE_TC and R is None and PF is None
+    if tc and tc_supported(x.dtype, bits, prod(x.shape[:-1])):
+        spec = TC_SPEC
+        template, grid, tg, oshape, odt, kern, ktemplate = tc_plan(
+            x.dtype, sdt, bits, group_size, x.shape, w.shape[0], RT, SK)
+    else:
+        spec = SPEC
+        template, grid, tg, oshape, odt, kern, ktemplate = _plan(
+            x.dtype, sdt, bits, group_size, x.shape, w.shape[0], R, SK, PF)
+    return launch_planned(spec, [x, w, scales, biases], template, grid, tg, oshape, odt, kern,
                           ktemplate)[0]
 
 
 def template_for(x_dtype, s_dtype, bits, group_size, M, MT, K, N, R=None, SK=None, PF=None):
     """The template list a launch would use (for the compile checks)."""
     return _plan(x_dtype, s_dtype, bits, group_size, (MT, K), N, R, SK, PF)[0]
+
+
+def compile_cases():
+    """Compile checks of the tensor-core body (tests/test_metal_compile.py; the float body's
+    cases are listed there): each decode kind, one and eight rows, one and two row tiles."""
+    out = []
+    for bits, dt in ((4, mx.float16), (4, mx.bfloat16), (2, mx.bfloat16), (8, mx.float16)):
+        for MT, RT in ((1, 2), (8, 1)):
+            t = tc_plan(dt, dt, bits, 64, (MT, 4096), 12288, RT=RT)[0]
+            out.append((f"qmv_tc-b{bits}-{dt}-M{MT}-RT{RT}".replace("mlx.core.", ""), TC_SPEC,
+                        [dt, mx.uint32, dt, dt], [1 << 20] * 4, [dt], t))
+    return out

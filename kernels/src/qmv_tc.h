@@ -1,0 +1,118 @@
+// qmv_tc: y[m, n] = sum_k x[m, k] * (scales[n, g] * q[n, k] + biases[n, g]) for up to 8 rows of
+// x (decode) on tensor cores, weights in MLX's affine layout.
+//
+// Why: the float-FMA GEMV (qmv_core.h) spends ~5.5 instructions per weight (Nsight Compute on
+// the H200: issue slots 57-67% busy, DRAM 38-48%), so it cannot stream weights at the memory's
+// rate. Here the weights are the A operand of m16n8k16 products (16 weight rows x 16 k) and the
+// rows of x the B operand's columns: per two weights one mask, one subtraction and one FMA in
+// 16-bit pair arithmetic (k_dq_pair), and one product per 8 weights of a lane, for every row of
+// x at once (Marlin's decode design, on MLX's layout without repacking).
+//
+// Work: a threadgroup owns TR = 16 * RT weight rows; its SK simdgroups split K in steps of 128
+// and meet in threadgroup memory. In a step, lane 4 g + c reads the 32 codes of chunk c of rows
+// g and g + 8 of each 16-row tile (one 16-byte load per row at 4 bits), and x row g (the
+// product's column g; rows past MT are zero) at the same 32 k. The order of k inside a product
+// is free as long as A and B agree, so each lane gives its fragment slots {2c, 2c+1, 2c+8, 2c+9}
+// code pairs (j, j + 16 / BITS) of a word, which share the word's two 16-bit halves, and builds
+// the matching x pairs from its own loads. Needs 16-bit x and 2/4 bits (8 bits with float16).
+//
+// Template constants: T (x and y), S (scales, biases), XK (1 float16, 2 bfloat16), BITS, GS,
+// RT, SK, MT (rows of x, 1 to 8), K, N.
+//// INCLUDE quant_common.h
+//// BODY
+constexpr int KW = K * BITS / 32;   // words per weight row
+constexpr int NG = K / GS;          // groups per row
+constexpr int CH = K / 32;          // 32-value chunks per row
+constexpr int STEPS = (CH + 3) / 4; // 128-value steps (four lanes, a chunk each)
+constexpr uint32_t MASK = (1u << BITS) - 1u;
+constexpr int PW = 16 / BITS;       // codes j and j + PW of a word sit in its two 16-bit halves
+constexpr uint32_t MAGIC_BITS = (XK == 1) ? 0x64006400u : 0x43004300u;
+constexpr int TR = 16 * RT;
+
+const int g = int(lane) >> 2;
+const int c = int(lane) & 3;
+const int n0 = int(tg_x) * TR;
+
+float acc[RT][4];
+KUNROLL for (int t = 0; t < RT; ++t) {
+  KUNROLL for (int i = 0; i < 4; ++i) acc[t][i] = 0.0f;
+}
+
+// Pair q (0..15) of a 32-value chunk: its low value's offset; the high one is PW further.
+#define QTC_LO(q) (2 * PW * ((q) / PW) + (q) % PW)
+// x values at offsets QTC_LO(q) and QTC_LO(q) + PW of a chunk X (16 words) as one pair
+#define QTC_XPAIR(X, q)                                                                    \
+  ((((X)[QTC_LO(q) >> 1] >> (16 * (QTC_LO(q) & 1))) & 0xFFFFu) |                           \
+   (((X)[(QTC_LO(q) + PW) >> 1] >> (16 * ((QTC_LO(q) + PW) & 1))) << 16))
+// The two weights of pair q of row slot r (row n0 + 8 r + g), dequantized as a 16-bit pair
+#define QTC_W(r, q)                                                                        \
+  k_dq_pair<XK>(((wv[r][(q) / PW] >> (BITS * ((q) % PW))) & (MASK | (MASK << 16))) |      \
+                    MAGIC_BITS, s2[r], b2[r])
+
+// Codes, scale and bias of this lane's chunk of step s_ for its 2 RT row slots (slot r is row
+// n0 + 8 r + g; rows past N clamp to N - 1, chunks past K to the last one with zero scale and
+// bias: valid loads, no effect).
+#define QTC_LOAD(s_, WV, SC, BC)                                                           \
+  {                                                                                        \
+    const int ch_ = 4 * (s_) + c;                                                          \
+    const int chc_ = (ch_ < CH) ? ch_ : (CH - 1);                                          \
+    KUNROLL for (int r = 0; r < 2 * RT; ++r) {                                             \
+      const int row_ = (n0 + 8 * r + g < N) ? (n0 + 8 * r + g) : (N - 1);                  \
+      K_LOAD_CODES(WV[r], w + size_t(row_) * KW + size_t(chc_) * BITS)                     \
+      const size_t gi_ = size_t(row_) * NG + (chc_ * 32) / GS;                             \
+      SC[r] = (ch_ < CH) ? float(scales[gi_]) : 0.0f;                                      \
+      BC[r] = (ch_ < CH) ? float(biases[gi_]) : 0.0f;                                      \
+    }                                                                                      \
+  }
+
+uint32_t nwv[2 * RT][BITS];
+float nsc[2 * RT], nbc[2 * RT];
+int s = int(simd_id);
+if (s < STEPS) QTC_LOAD(s, nwv, nsc, nbc)
+for (; s < STEPS; s += SK) {
+  uint32_t wv[2 * RT][BITS];
+  uint32_t s2[2 * RT], b2[2 * RT];
+  KUNROLL for (int r = 0; r < 2 * RT; ++r) {
+    KUNROLL for (int i = 0; i < BITS; ++i) wv[r][i] = nwv[r][i];
+    s2[r] = k_pack16x2<XK>(nsc[r], nsc[r]);
+    b2[r] = k_pack16x2<XK>(nbc[r], nbc[r]);
+  }
+  if (s + SK < STEPS) QTC_LOAD(s + SK, nwv, nsc, nbc)  // next step's loads in flight
+  const int ch = (4 * s + c < CH) ? (4 * s + c) : (CH - 1);
+
+  uint32_t xw[16];  // x row g at this lane's 32 k (zero past MT)
+  if (g < MT) {
+    const KDEV uint4* xp = (const KDEV uint4*)(x + size_t(g) * K + size_t(ch) * 32);
+    KUNROLL for (int i = 0; i < 4; ++i) {
+      const uint4 v = xp[i];
+      xw[4 * i] = v.x; xw[4 * i + 1] = v.y; xw[4 * i + 2] = v.z; xw[4 * i + 3] = v.w;
+    }
+  } else {
+    KUNROLL for (int i = 0; i < 16; ++i) xw[i] = 0u;
+  }
+  KUNROLL for (int i = 0; i < 8; ++i) {  // eight k16 products cover the chunk's 16 pairs
+    const uint32_t bf[2] = {QTC_XPAIR(xw, 2 * i), QTC_XPAIR(xw, 2 * i + 1)};
+    KUNROLL for (int t = 0; t < RT; ++t) {
+      const uint32_t af[4] = {QTC_W(2 * t, 2 * i), QTC_W(2 * t + 1, 2 * i),
+                              QTC_W(2 * t, 2 * i + 1), QTC_W(2 * t + 1, 2 * i + 1)};
+      k_mma16816<XK>(acc[t], af, bf, lane);
+    }
+  }
+}
+
+// Split-K: every simdgroup's columns below MT to threadgroup memory, then one sum per output.
+KSHARED float red[SK][TR][8];
+KUNROLL for (int t = 0; t < RT; ++t) {
+  red[simd_id][16 * t + g][2 * c] = acc[t][0];
+  red[simd_id][16 * t + g][2 * c + 1] = acc[t][1];
+  red[simd_id][16 * t + g + 8][2 * c] = acc[t][2];
+  red[simd_id][16 * t + g + 8][2 * c + 1] = acc[t][3];
+}
+KBARRIER();
+for (int i = int(tid); i < TR * MT; i += 32 * SK) {
+  const int r = i / MT;
+  const int m = i % MT;
+  float v = 0.0f;
+  KUNROLL for (int k = 0; k < SK; ++k) v += red[k][r][m];
+  if (n0 + r < N) y[size_t(m) * N + n0 + r] = static_cast<T>(v);
+}
