@@ -222,7 +222,7 @@ PY
       echo "ncu details rc=$?"; grep -cE "^  [a-z_]+.*\(" "$OUT/stream_details.txt" ;;
     tc)
       timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
-        tests/test_qmv_tc.py tests/test_kernels_gpu.py 2>&1 | tail -15
+        tests/test_qmv_tc.py tests/test_kernels_gpu.py > "$OUT/tc_tests.log" 2>&1; tail -15 "$OUT/tc_tests.log"
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       timeout ${NCU_TIMEOUT:-240} "$NCU" --clock-control none \
         --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv \

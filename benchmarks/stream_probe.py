@@ -81,11 +81,11 @@ def run():
 
 def tc_sweep():
     """qmv's two bodies on each shape: the float body's automatic shape, the tensor-core body
-    at every (RT, SK) and its automatic choice, and MLX's quantized_matmul, at 1, 4 and 8 rows
+    at every (RT, SK, U) and its automatic choice, and MLX's quantized_matmul, at 1, 4 and 8 rows
     of bfloat16 x."""
     from marlin_mlx.kernels.qmv import qmv_kernel
     dt = mx.bfloat16
-    for K, N in SHAPES:
+    for K, N in ((4096, 4096), (12288, 4096), (4096, 12288), (28672, 8192)):
         q, s, b = mx.quantize(mx.random.normal((N, K)).astype(dt) * 0.02, group_size=64, bits=4)
         mx.eval(q, s, b)
         for M in (1, 4, 8):
@@ -97,8 +97,10 @@ def tc_sweep():
                 mx.eval(mx.quantized_matmul(x, q, s, b, transpose=True, group_size=64, bits=4))
                 if M == 1:
                     for RT in (1, 2):
-                        for SK in (1, 2, 4, 8):
-                            mx.eval(qmv_kernel(x, q, s, b, 64, 4, tc=True, RT=RT, SK=SK))
+                        for SK in (4, 8):
+                            for U in (1, 2, 4):
+                                mx.eval(qmv_kernel(x, q, s, b, 64, 4, tc=True, RT=RT, SK=SK,
+                                                   U=U))
         del q, s, b
 
 

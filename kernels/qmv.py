@@ -112,26 +112,30 @@ def tc_supported(xdt, bits: int, MT: int) -> bool:
 TC_TARGET_WARPS = 132 * 16  # simdgroups in flight for the tensor-core body (H200: 132 SMs)
 
 
-def tc_config(N: int, K: int, RT: int | None = None, SK: int | None = None):
-    """(16-row weight tiles per simdgroup, simdgroups splitting K) of a tensor-core launch."""
+def tc_config(N: int, K: int, RT: int | None = None, SK: int | None = None,
+              U: int | None = None):
+    """(16-row weight tiles per simdgroup, simdgroups splitting K, 32-value chunks per lane
+    and step) of a tensor-core launch."""
     if RT is None:
         RT = 2 if N >= 8192 else 1
-    steps = cdiv(K // 32, 4)
+    if U is None:
+        U = 1
+    steps = cdiv(K // 32, 4 * U)
     if SK is None:
         SK = cdiv(TC_TARGET_WARPS, cdiv(N, 16 * RT))
-    return RT, max(1, min(SK, steps, 8))
+    return RT, max(1, min(SK, steps, 8)), U
 
 
-def tc_plan(xdt, sdt, bits, group_size, xshape, N, RT=None, SK=None):
+def tc_plan(xdt, sdt, bits, group_size, xshape, N, RT=None, SK=None, U=None):
     """The tensor-core launch plan, cached like `_plan`'s."""
-    key = ("tc", xdt, sdt, bits, group_size, xshape, N, RT, SK)
+    key = ("tc", xdt, sdt, bits, group_size, xshape, N, RT, SK, U)
     plan = _PLANS.get(key)
     if plan is None:
         K, lead = xshape[-1], tuple(xshape[:-1])
-        RT, SK = tc_config(N, K, RT, SK)
+        RT, SK, U = tc_config(N, K, RT, SK, U)
         template = [("T", xdt), ("S", sdt), ("XK", XKIND[xdt]), ("BITS", bits),
-                    ("GS", group_size), ("RT", RT), ("SK", SK), ("MT", prod(lead)), ("K", K),
-                    ("N", N)]
+                    ("GS", group_size), ("RT", RT), ("SK", SK), ("U", U), ("MT", prod(lead)),
+                    ("K", K), ("N", N)]
         kern, ktemplate = (cuda_plan_kernel(TC_SPEC, template) if backend() == "cuda"
                            else (None, None))
         plan = _PLANS[key] = (template, (32 * SK * cdiv(N, 16 * RT), 1, 1), (32 * SK, 1, 1),
@@ -140,10 +144,10 @@ def tc_plan(xdt, sdt, bits, group_size, xshape, N, RT=None, SK=None):
 
 
 def qmv_kernel(x, w, scales, biases, group_size, bits, *, R=None, SK=None, PF=None, tc=None,
-               RT=None):
+               RT=None, U=None):
     """The custom kernel alone (no validation, no fallback): the tensor-core body where it
-    applies (`tc`, default USE_TC unless a float-body shape R / PF is asked for; RT its row
-    tiles), else the float-FMA one. Kept lean: at decode the host cost of this call is paid
+    applies (`tc`, default USE_TC unless a float-body shape R / PF is asked for; RT, U its
+    row tiles and chunks per lane), else the float-FMA one. Kept lean: at decode the host cost of this call is paid
     for every linear layer of every token."""
     sdt = scales.dtype
     if biases.dtype != sdt:
@@ -153,7 +157,7 @@ def qmv_kernel(x, w, scales, biases, group_size, bits, *, R=None, SK=None, PF=No
     if tc and tc_supported(x.dtype, bits, prod(x.shape[:-1])):
         spec = TC_SPEC
         template, grid, tg, oshape, odt, kern, ktemplate = tc_plan(
-            x.dtype, sdt, bits, group_size, x.shape, w.shape[0], RT, SK)
+            x.dtype, sdt, bits, group_size, x.shape, w.shape[0], RT, SK, U)
     else:
         spec = SPEC
         template, grid, tg, oshape, odt, kern, ktemplate = _plan(
@@ -172,8 +176,8 @@ def compile_cases():
     cases are listed there): each decode kind, one and eight rows, one and two row tiles."""
     out = []
     for bits, dt in ((4, mx.float16), (4, mx.bfloat16), (2, mx.bfloat16), (8, mx.float16)):
-        for MT, RT in ((1, 2), (8, 1)):
-            t = tc_plan(dt, dt, bits, 64, (MT, 4096), 12288, RT=RT)[0]
-            out.append((f"qmv_tc-b{bits}-{dt}-M{MT}-RT{RT}".replace("mlx.core.", ""), TC_SPEC,
+        for MT, RT, U in ((1, 2, 1), (8, 1, 4)):
+            t = tc_plan(dt, dt, bits, 64, (MT, 4096), 12288, RT=RT, U=U)[0]
+            out.append((f"qmv_tc-b{bits}-{dt}-M{MT}-RT{RT}-U{U}".replace("mlx.core.", ""), TC_SPEC,
                         [dt, mx.uint32, dt, dt], [1 << 20] * 4, [dt], t))
     return out

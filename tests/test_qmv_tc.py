@@ -29,13 +29,13 @@ def _rel_err(y, x, q, s, b, bits, gs):
     return np.linalg.norm(y - ref) / np.linalg.norm(ref)
 
 
-@pytest.mark.parametrize("bits,dtype,MT,gs,RT,SK", [
-    (4, mx.float16, 1, 64, 1, 2),    # float16 magic, one row of x, split-K
-    (4, mx.bfloat16, 3, 32, 2, 2),   # bfloat16 magic, two row tiles, 32-wide groups
-    (2, mx.bfloat16, 8, 64, 1, 1),   # 2-bit pairs, every column of the product used
-    (8, mx.float16, 5, 64, 2, 3),    # 8-bit pairs (float16 only), uneven split-K
+@pytest.mark.parametrize("bits,dtype,MT,gs,RT,SK,U", [
+    (4, mx.float16, 1, 64, 1, 2, 1),    # float16 magic, one row of x, split-K
+    (4, mx.bfloat16, 3, 32, 2, 2, 2),   # bfloat16 magic, two row tiles, 32-wide groups
+    (2, mx.bfloat16, 8, 64, 1, 1, 4),   # 2-bit pairs, every column used, a ragged last step
+    (8, mx.float16, 5, 64, 2, 3, 1),    # 8-bit pairs (float16 only), uneven split-K
 ])
-def test_qmv_tc_body_on_cpu_emulator(bits, dtype, MT, gs, RT, SK, tmp_path):
+def test_qmv_tc_body_on_cpu_emulator(bits, dtype, MT, gs, RT, SK, U, tmp_path):
     import metal_emulator
     if not metal_emulator.available():
         pytest.skip("needs g++ with C++20 <barrier> and _Float16")
@@ -43,7 +43,8 @@ def test_qmv_tc_body_on_cpu_emulator(bits, dtype, MT, gs, RT, SK, tmp_path):
     # of the 16 * RT rows of a threadgroup.
     N, K = (20, 384) if bits == 8 else (40, 320)
     x, q, s, b = _case(MT, N, K, bits, gs, dtype, seed=bits + MT)
-    t, grid, tg, osh, odt, _, _ = qmv.tc_plan(dtype, s.dtype, bits, gs, (MT, K), N, RT=RT, SK=SK)
+    t, grid, tg, osh, odt, _, _ = qmv.tc_plan(dtype, s.dtype, bits, gs, (MT, K), N, RT=RT, SK=SK,
+                                               U=U)
     y = metal_emulator.emulate([dict(spec=qmv.TC_SPEC, inputs=[x, q, s, b], template=t,
                                      grid=grid, threadgroup=tg, output_shapes=osh,
                                      output_dtypes=odt)], tmp_path)[0]
@@ -57,8 +58,8 @@ def test_qmv_tc_support_and_config():
     assert not qmv.tc_supported(mx.float16, 3, 1)      # codes straddle the 16-bit halves
     assert not qmv.tc_supported(mx.float16, 4, 9)      # more rows than the product's columns
     for N, K in ((4096, 4096), (12288, 4096), (4096, 12288), (64, 256), (8192, 28672)):
-        RT, SK = qmv.tc_config(N, K)
-        assert RT in (1, 2) and 1 <= SK <= min(8, -(-K // 128))
+        RT, SK, U = qmv.tc_config(N, K)
+        assert RT in (1, 2) and 1 <= SK <= min(8, -(-K // (128 * U)))
 
 
 @pytest.mark.gpu
@@ -89,9 +90,9 @@ def test_qmv_tc_gpu_matches_float64(bits, dtype, MT, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not launch.backend(), reason="needs an MLX GPU backend")
-@pytest.mark.parametrize("RT,SK", [(1, 1), (2, 3), (2, 8), (1, 8)])
-def test_qmv_tc_gpu_tilings(RT, SK, monkeypatch):
+@pytest.mark.parametrize("RT,SK,U", [(1, 1, 1), (2, 3, 2), (2, 8, 1), (1, 8, 4), (1, 4, 3)])
+def test_qmv_tc_gpu_tilings(RT, SK, U, monkeypatch):
     monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
-    x, q, s, b = _case(1, 12288, 4096, 4, 64, mx.bfloat16, sdt=mx.float32)
-    y = qmv.qmv_kernel(x, q, s, b, 64, 4, tc=True, RT=RT, SK=SK)
+    x, q, s, b = _case(1, 12288, 4096 + 64, 4, 64, mx.bfloat16, sdt=mx.float32)
+    y = qmv.qmv_kernel(x, q, s, b, 64, 4, tc=True, RT=RT, SK=SK, U=U)
     assert _rel_err(y, x, q, s, b, 4, 64) < TOL[mx.bfloat16]

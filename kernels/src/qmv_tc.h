@@ -9,7 +9,7 @@
 // x at once (Marlin's decode design, on MLX's layout without repacking).
 //
 // Work: a threadgroup owns TR = 16 * RT weight rows; its SK simdgroups split K in steps of 128
-// and meet in threadgroup memory. In a step, lane 4 g + c reads the 32 codes of chunk c of rows
+// and meet in threadgroup memory. In a step, lane 4 g + c reads the 32 codes of chunks U c .. U c + U - 1 of rows
 // g and g + 8 of each 16-row tile (one 16-byte load per row at 4 bits), and x row g (the
 // product's column g; rows past MT are zero) at the same 32 k. The order of k inside a product
 // is free as long as A and B agree, so each lane gives its fragment slots {2c, 2c+1, 2c+8, 2c+9}
@@ -17,13 +17,13 @@
 // the matching x pairs from its own loads. Needs 16-bit x and 2/4 bits (8 bits with float16).
 //
 // Template constants: T (x and y), S (scales, biases), XK (1 float16, 2 bfloat16), BITS, GS,
-// RT, SK, MT (rows of x, 1 to 8), K, N.
+// RT, SK, U (chunks per lane and step), MT (rows of x, 1 to 8), K, N.
 //// INCLUDE quant_common.h
 //// BODY
 constexpr int KW = K * BITS / 32;   // words per weight row
 constexpr int NG = K / GS;          // groups per row
 constexpr int CH = K / 32;          // 32-value chunks per row
-constexpr int STEPS = (CH + 3) / 4; // 128-value steps (four lanes, a chunk each)
+constexpr int STEPS = (CH + 4 * U - 1) / (4 * U);  // steps of 128 U values (four lanes, U chunks each)
 constexpr uint32_t MASK = (1u << BITS) - 1u;
 constexpr int PW = 16 / BITS;       // codes j and j + PW of a word sit in its two 16-bit halves
 constexpr uint32_t MAGIC_BITS = (XK == 1) ? 0x64006400u : 0x43004300u;
@@ -49,53 +49,67 @@ KUNROLL for (int t = 0; t < RT; ++t) {
   k_dq_pair<XK>(((wv[r][(q) / PW] >> (BITS * ((q) % PW))) & (MASK | (MASK << 16))) |      \
                     MAGIC_BITS, s2[r], b2[r])
 
-// Codes, scale and bias of this lane's chunk of step s_ for its 2 RT row slots (slot r is row
-// n0 + 8 r + g; rows past N clamp to N - 1, chunks past K to the last one with zero scale and
-// bias: valid loads, no effect).
+// Codes, scale and bias of this lane's U chunks of step s_ for its 2 RT row slots (slot r is
+// row n0 + 8 r + g; the four lanes of a row read 64 U contiguous bytes at 4 bits; rows past N
+// clamp to N - 1, chunks past K to the last one with zero scale and bias: valid loads, no
+// effect).
 #define QTC_LOAD(s_, WV, SC, BC)                                                           \
   {                                                                                        \
-    const int ch_ = 4 * (s_) + c;                                                          \
-    const int chc_ = (ch_ < CH) ? ch_ : (CH - 1);                                          \
-    KUNROLL for (int r = 0; r < 2 * RT; ++r) {                                             \
-      const int row_ = (n0 + 8 * r + g < N) ? (n0 + 8 * r + g) : (N - 1);                  \
-      K_LOAD_CODES(WV[r], w + size_t(row_) * KW + size_t(chc_) * BITS)                     \
-      const size_t gi_ = size_t(row_) * NG + (chc_ * 32) / GS;                             \
-      SC[r] = (ch_ < CH) ? float(scales[gi_]) : 0.0f;                                      \
-      BC[r] = (ch_ < CH) ? float(biases[gi_]) : 0.0f;                                      \
+    KUNROLL for (int u = 0; u < U; ++u) {                                                  \
+      const int ch_ = 4 * U * (s_) + U * c + u;                                            \
+      const int chc_ = (ch_ < CH) ? ch_ : (CH - 1);                                        \
+      KUNROLL for (int r = 0; r < 2 * RT; ++r) {                                           \
+        const int row_ = (n0 + 8 * r + g < N) ? (n0 + 8 * r + g) : (N - 1);                \
+        K_LOAD_CODES(WV[r][u], w + size_t(row_) * KW + size_t(chc_) * BITS)                \
+        const size_t gi_ = size_t(row_) * NG + (chc_ * 32) / GS;                           \
+        SC[r][u] = (ch_ < CH) ? float(scales[gi_]) : 0.0f;                                 \
+        BC[r][u] = (ch_ < CH) ? float(biases[gi_]) : 0.0f;                                 \
+      }                                                                                    \
     }                                                                                      \
   }
 
-uint32_t nwv[2 * RT][BITS];
-float nsc[2 * RT], nbc[2 * RT];
+uint32_t nwv[2 * RT][U][BITS];
+float nsc[2 * RT][U], nbc[2 * RT][U];
 int s = int(simd_id);
 if (s < STEPS) QTC_LOAD(s, nwv, nsc, nbc)
 for (; s < STEPS; s += SK) {
-  uint32_t wv[2 * RT][BITS];
-  uint32_t s2[2 * RT], b2[2 * RT];
+  uint32_t wq[2 * RT][U][BITS];
+  float sq[2 * RT][U], bq[2 * RT][U];
   KUNROLL for (int r = 0; r < 2 * RT; ++r) {
-    KUNROLL for (int i = 0; i < BITS; ++i) wv[r][i] = nwv[r][i];
-    s2[r] = k_pack16x2<XK>(nsc[r], nsc[r]);
-    b2[r] = k_pack16x2<XK>(nbc[r], nbc[r]);
+    KUNROLL for (int u = 0; u < U; ++u) {
+      KUNROLL for (int i = 0; i < BITS; ++i) wq[r][u][i] = nwv[r][u][i];
+      sq[r][u] = nsc[r][u];
+      bq[r][u] = nbc[r][u];
+    }
   }
   if (s + SK < STEPS) QTC_LOAD(s + SK, nwv, nsc, nbc)  // next step's loads in flight
-  const int ch = (4 * s + c < CH) ? (4 * s + c) : (CH - 1);
-
-  uint32_t xw[16];  // x row g at this lane's 32 k (zero past MT)
-  if (g < MT) {
-    const KDEV uint4* xp = (const KDEV uint4*)(x + size_t(g) * K + size_t(ch) * 32);
-    KUNROLL for (int i = 0; i < 4; ++i) {
-      const uint4 v = xp[i];
-      xw[4 * i] = v.x; xw[4 * i + 1] = v.y; xw[4 * i + 2] = v.z; xw[4 * i + 3] = v.w;
+  KUNROLL for (int u = 0; u < U; ++u) {
+    const int ch0 = 4 * U * s + U * c + u;
+    const int ch = (ch0 < CH) ? ch0 : (CH - 1);
+    uint32_t wv[2 * RT][BITS];
+    uint32_t s2[2 * RT], b2[2 * RT];
+    KUNROLL for (int r = 0; r < 2 * RT; ++r) {
+      KUNROLL for (int i = 0; i < BITS; ++i) wv[r][i] = wq[r][u][i];
+      s2[r] = k_pack16x2<XK>(sq[r][u], sq[r][u]);
+      b2[r] = k_pack16x2<XK>(bq[r][u], bq[r][u]);
     }
-  } else {
-    KUNROLL for (int i = 0; i < 16; ++i) xw[i] = 0u;
-  }
-  KUNROLL for (int i = 0; i < 8; ++i) {  // eight k16 products cover the chunk's 16 pairs
-    const uint32_t bf[2] = {QTC_XPAIR(xw, 2 * i), QTC_XPAIR(xw, 2 * i + 1)};
-    KUNROLL for (int t = 0; t < RT; ++t) {
-      const uint32_t af[4] = {QTC_W(2 * t, 2 * i), QTC_W(2 * t + 1, 2 * i),
-                              QTC_W(2 * t, 2 * i + 1), QTC_W(2 * t + 1, 2 * i + 1)};
-      k_mma16816<XK>(acc[t], af, bf, lane);
+    uint32_t xw[16];  // x row g at this chunk's 32 k (zero past MT)
+    if (g < MT) {
+      const KDEV uint4* xp = (const KDEV uint4*)(x + size_t(g) * K + size_t(ch) * 32);
+      KUNROLL for (int i = 0; i < 4; ++i) {
+        const uint4 v = xp[i];
+        xw[4 * i] = v.x; xw[4 * i + 1] = v.y; xw[4 * i + 2] = v.z; xw[4 * i + 3] = v.w;
+      }
+    } else {
+      KUNROLL for (int i = 0; i < 16; ++i) xw[i] = 0u;
+    }
+    KUNROLL for (int i = 0; i < 8; ++i) {  // eight k16 products cover the chunk's 16 pairs
+      const uint32_t bf[2] = {QTC_XPAIR(xw, 2 * i), QTC_XPAIR(xw, 2 * i + 1)};
+      KUNROLL for (int t = 0; t < RT; ++t) {
+        const uint32_t af[4] = {QTC_W(2 * t, 2 * i), QTC_W(2 * t + 1, 2 * i),
+                                QTC_W(2 * t, 2 * i + 1), QTC_W(2 * t + 1, 2 * i + 1)};
+        k_mma16816<XK>(acc[t], af, bf, lane);
+      }
     }
   }
 }
