@@ -42,6 +42,8 @@
 # stream:  Nsight Compute: a plain read kernel over the bytes of each decode GEMV (loads in
 #          flight, blocks per SM) beside qmv / MLX / fp16 on the shape (benchmarks/stream_probe.py),
 #          then the full sections of one launch each of qmv, qmm, fp16 and the stream kernel
+# patterns: Nsight Compute: a GEMV's weight bytes read in qmv's and qmv_tc's orders with no
+#          arithmetic, beside the plain stream (benchmarks/stream_probe.py --patterns)
 # tc:      qmv's tensor-core body: its GPU tests (and the kernel tests, which now take it), then
 #          Nsight Compute times of both bodies and every tensor-core (RT, SK) per decode shape
 # flash:   the flash_prefill and dequantize GPU tests (FLASH_TESTS: more test files), then benchmarks/flash_attention.py (our
@@ -220,6 +222,14 @@ PY
         -k "regex:marlin|stream|gemv|gemm|nvjet" \
         python3 benchmarks/stream_probe.py --details > "$OUT/stream_details.txt" 2>&1
       echo "ncu details rc=$?"; grep -cE "^  [a-z_]+.*\(" "$OUT/stream_details.txt" ;;
+    patterns)
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      timeout ${NCU_TIMEOUT:-240} "$NCU" --clock-control none \
+        --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv \
+        python3 benchmarks/stream_probe.py --patterns > "$OUT/patterns.csv" 2> "$OUT/patterns.err"
+      echo "ncu rc=$?"; tail -3 "$OUT/patterns.err"
+      python3 benchmarks/ncu_probe.py --parse "$OUT/patterns.csv" | grep stream \
+        | tee "$OUT/patterns_times.txt" ;;
     tc)
       timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
         tests/test_qmv_tc.py tests/test_kernels_gpu.py > "$OUT/tc_tests.log" 2>&1; tail -15 "$OUT/tc_tests.log"

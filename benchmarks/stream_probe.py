@@ -40,6 +40,58 @@ if (acc == 0x9e3779b9u) out[0] = acc;
 """
 
 
+# The same bytes read in a GEMV's order, with no arithmetic: a simdgroup reads R rows of KB
+# bytes in 16-byte loads, the SK simdgroups of a threadgroup splitting each row in steps of
+# 32 * 16 * LQ bytes (LQ = 1: a lane reads 16 consecutive bytes, 32 lanes 512 contiguous bytes
+# of one row, as qmv's float body; LQ = 4 lanes per row, 8 rows per load, as qmv_tc: LANES = 4).
+_ROWS_SRC = """
+const uint4* p = reinterpret_cast<const uint4*>(a);
+const int lane = threadIdx.x & 31;
+const int warp = threadIdx.x >> 5;
+const int row0 = blockIdx.x * R;
+constexpr int V16 = KB / 16;               // 16-byte pieces per row
+constexpr int RPL = 32 / LANES;            // rows one load instruction covers
+uint32_t acc = 0;
+for (int v = warp * LANES + (lane % LANES); v < V16; v += SK * LANES) {
+  uint4 t[R / RPL];
+  _Pragma("unroll") for (int r = 0; r < R / RPL; ++r) {
+    const int row = row0 + r * RPL + lane / LANES;
+    t[r] = p[size_t(row) * V16 + v];
+  }
+  _Pragma("unroll") for (int r = 0; r < R / RPL; ++r) acc ^= t[r].x ^ t[r].y ^ t[r].z ^ t[r].w;
+}
+if (acc == 0x9e3779b9u) out[0] = acc;
+"""
+
+
+def rows_kernel():
+    return mx.fast.cuda_kernel(name="stream_rows", input_names=["a"], output_names=["out"],
+                               source=_ROWS_SRC)
+
+
+def rows(kern, a, N, KB, R, SK, lanes):
+    return kern(inputs=[a], template=[("R", R), ("SK", SK), ("KB", KB), ("LANES", lanes)],
+                grid=(32 * SK * (N // R), 1, 1), threadgroup=(32 * SK, 1, 1),
+                output_shapes=[(1,)], output_dtypes=[mx.uint32])[0]
+
+
+def patterns():
+    """Only the weight codes (K * N / 2 bytes) of 4096 -> 12288 and 28672 -> 8192, read as
+    the plain stream, as qmv's float body (R 4, one row per load, SK 2-3) and as qmv_tc
+    (16-32 rows, 8 rows per load, SK 4-8)."""
+    kern, rk = stream_kernel(), rows_kernel()
+    for K, N in ((4096, 12288), (28672, 8192)):
+        KB = K // 2
+        a = mx.zeros((N * KB // 4,), mx.uint32)
+        mx.eval(a)
+        for rep in range(2):
+            mx.eval(stream(kern, a, 4, -(-a.size // 4 // 1024)))
+            for R, SK, lanes in ((4, 2, 32), (4, 3, 32), (8, 1, 32), (16, 4, 4), (16, 8, 4),
+                                 (32, 4, 4), (32, 8, 4), (16, 4, 32), (32, 8, 32)):
+                mx.eval(rows(rk, a, N, KB, R, SK, lanes))
+        del a
+
+
 def stream_kernel():
     return mx.fast.cuda_kernel(name="stream_read", input_names=["a"], output_names=["out"],
                                source=_SRC)
@@ -127,6 +179,8 @@ def details():
 if __name__ == "__main__":
     if "--details" in sys.argv:
         details()
+    elif "--patterns" in sys.argv:
+        patterns()
     elif "--tc" in sys.argv:
         tc_sweep()
     else:
