@@ -211,7 +211,7 @@ PY
         | tee "$OUT/ncu_sweep.txt" | sort -t_ -k1 | head -150 ;;
     stream)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-      timeout ${NCU_TIMEOUT:-240} "$NCU" --clock-control none \
+      [ -z "$DETAILS_ONLY" ] && timeout ${NCU_TIMEOUT:-240} "$NCU" --clock-control none \
         --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv \
         python3 benchmarks/stream_probe.py > "$OUT/stream.csv" 2> "$OUT/stream.err"
       echo "ncu rc=$?"; tail -3 "$OUT/stream.err"
@@ -219,7 +219,7 @@ PY
       timeout ${NCU_TIMEOUT:-240} "$NCU" --clock-control none --section SpeedOfLight \
         --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
         --section SchedulerStats --section LaunchStats --section ComputeWorkloadAnalysis \
-        -k "regex:marlin|stream|gemv|gemm|nvjet" \
+        --section InstructionStats -k "regex:${NCU_KERNELS:-marlin|stream|gemv|gemm|nvjet}" \
         python3 benchmarks/stream_probe.py --details > "$OUT/stream_details.txt" 2>&1
       echo "ncu details rc=$?"; grep -cE "^  [a-z_]+.*\(" "$OUT/stream_details.txt" ;;
     patterns)

@@ -157,7 +157,7 @@ def tc_sweep():
 
 
 def details():
-    """One launch each, for Nsight Compute's sections: qmv, qmm at one row, the fp16 GEMV and
+    """One launch each, for Nsight Compute's sections: qmv's two bodies, qmm at one row, the fp16 GEMV and
     the stream kernel (4 loads in flight, one pass), at 4096 -> 12288 and 28672 -> 8192."""
     from marlin_mlx.kernels.qmm import qmm_kernel
     from marlin_mlx.kernels.qmv import qmv_kernel
@@ -169,7 +169,8 @@ def details():
         x = mx.random.normal((1, K)).astype(dt)
         a = mx.zeros(((q.nbytes + s.nbytes + b.nbytes) // 4,), mx.uint32)
         mx.eval(w16, q, s, b, x, a)
-        mx.eval(qmv_kernel(x, q, s, b, 64, 4))
+        mx.eval(qmv_kernel(x, q, s, b, 64, 4, tc=False))
+        mx.eval(qmv_kernel(x, q, s, b, 64, 4, tc=True, RT=1, SK=4, U=2))
         mx.eval(qmm_kernel(x, q, s, b, 64, 4))
         mx.eval(x @ w16.T)
         mx.eval(stream(kern, a, 4, -(-a.size // 4 // 1024)))
