@@ -18,8 +18,10 @@ SPEC = KernelSpec("marlin_qmv", "qmv.h", ("x", "w", "scales", "biases"), ("y",))
 # The tensor-core GEMV (src/qmv_tc.h): 16-bit x, up to TC_MAX_M rows, 2/4 bits (8 with float16)
 TC_SPEC = KernelSpec("marlin_qmv_tc", "qmv_tc.h", ("x", "w", "scales", "biases"), ("y",))
 TC_MAX_M = 8
-# MARLIN_MLX_QMV_TC=0 keeps the float-FMA body for every launch
-USE_TC = os.environ.get("MARLIN_MLX_QMV_TC", "1") != "0"
+# MARLIN_MLX_QMV_TC=1 sends the launches it covers to the tensor-core body. Off by default: on
+# the H200 it measured level with the float body at one row and with qmm at 2-8 rows
+# (KERNEL_NOTES "Session 12"); it is the base for the pipelined decode GEMV.
+USE_TC = os.environ.get("MARLIN_MLX_QMV_TC", "0") == "1"
 
 BITS = (2, 3, 4, 5, 6, 8)
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
@@ -117,9 +119,9 @@ def tc_config(N: int, K: int, RT: int | None = None, SK: int | None = None,
     """(16-row weight tiles per simdgroup, simdgroups splitting K, 32-value chunks per lane
     and step) of a tensor-core launch."""
     if RT is None:
-        RT = 2 if N >= 8192 else 1
+        RT = 1   # the best measured launches on the H200 had one row tile and two chunks
     if U is None:
-        U = 1
+        U = 2
     steps = cdiv(K // 32, 4 * U)
     if SK is None:
         SK = cdiv(TC_TARGET_WARPS, cdiv(N, 16 * RT))

@@ -65,9 +65,11 @@ def test_qmv_tc_support_and_config():
 @pytest.mark.gpu
 @pytest.mark.skipif(not launch.backend(), reason="needs an MLX GPU backend")
 def test_qmv_dispatch_picks_the_body(monkeypatch):
-    """Float32 x, 3 bits or a float-body shape (R) take the float body; 16-bit x the tensor
-    cores (each checked against the oracle, so a wrong dispatch to a wrong kernel fails)."""
+    """With the tensor-core body switched on, float32 x, 3 bits or a float-body shape (R) still
+    take the float body; 16-bit x the tensor cores (each checked against the oracle, so a wrong
+    dispatch to a wrong kernel fails)."""
     monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(qmv, "USE_TC", True)
     for dtype, bits, kw in ((mx.float32, 4, {}), (mx.float16, 3, {}), (mx.bfloat16, 4, {}),
                             (mx.bfloat16, 4, {"R": 2}), (mx.bfloat16, 4, {"tc": False})):
         x, q, s, b = _case(2, 300, 1024, bits, 64, dtype)
