@@ -157,8 +157,9 @@ def tc_sweep():
 
 
 def details():
-    """One launch each, for Nsight Compute's sections: qmv's two bodies, qmm at one row, the fp16 GEMV and
-    the stream kernel (4 loads in flight, one pass), at 4096 -> 12288 and 28672 -> 8192."""
+    """One launch each, for Nsight Compute's sections: qmv's two bodies, qmm at one row, the
+    fp16 GEMV and the stream kernel (4 loads in flight, one pass), at 4096 -> 12288 and
+    28672 -> 8192."""
     from marlin_mlx.kernels.qmm import qmm_kernel
     from marlin_mlx.kernels.qmv import qmv_kernel
     kern = stream_kernel()

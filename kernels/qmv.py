@@ -149,8 +149,8 @@ def qmv_kernel(x, w, scales, biases, group_size, bits, *, R=None, SK=None, PF=No
                RT=None, U=None):
     """The custom kernel alone (no validation, no fallback): the tensor-core body where it
     applies (`tc`, default USE_TC unless a float-body shape R / PF is asked for; RT, U its
-    row tiles and chunks per lane), else the float-FMA one. Kept lean: at decode the host cost of this call is paid
-    for every linear layer of every token."""
+    row tiles and chunks per lane), else the float-FMA one. Kept lean: at decode the host
+    cost of this call is paid for every linear layer of every token."""
     sdt = scales.dtype
     if biases.dtype != sdt:
         biases = biases.astype(sdt)
@@ -175,11 +175,12 @@ def template_for(x_dtype, s_dtype, bits, group_size, M, MT, K, N, R=None, SK=Non
 
 def compile_cases():
     """Compile checks of the tensor-core body (tests/test_metal_compile.py; the float body's
-    cases are listed there): each decode kind, one and eight rows, one and two row tiles."""
+    cases are listed there): each decode kind, one and eight rows, one and two row tiles, one
+    and four chunks per lane."""
     out = []
     for bits, dt in ((4, mx.float16), (4, mx.bfloat16), (2, mx.bfloat16), (8, mx.float16)):
         for MT, RT, U in ((1, 2, 1), (8, 1, 4)):
             t = tc_plan(dt, dt, bits, 64, (MT, 4096), 12288, RT=RT, U=U)[0]
-            out.append((f"qmv_tc-b{bits}-{dt}-M{MT}-RT{RT}-U{U}".replace("mlx.core.", ""), TC_SPEC,
-                        [dt, mx.uint32, dt, dt], [1 << 20] * 4, [dt], t))
+            name = f"qmv_tc-b{bits}-{dt}-M{MT}-RT{RT}-U{U}".replace("mlx.core.", "")
+            out.append((name, TC_SPEC, [dt, mx.uint32, dt, dt], [1 << 20] * 4, [dt], t))
     return out

@@ -8,10 +8,11 @@
 // 16-bit pair arithmetic (k_dq_pair), and one product per 8 weights of a lane, for every row of
 // x at once (Marlin's decode design, on MLX's layout without repacking).
 //
-// Work: a threadgroup owns TR = 16 * RT weight rows; its SK simdgroups split K in steps of 128
-// and meet in threadgroup memory. In a step, lane 4 g + c reads the 32 codes of chunks U c .. U c + U - 1 of rows
-// g and g + 8 of each 16-row tile (one 16-byte load per row at 4 bits), and x row g (the
-// product's column g; rows past MT are zero) at the same 32 k. The order of k inside a product
+// Work: a threadgroup owns TR = 16 * RT weight rows; its SK simdgroups split K in steps of
+// 128 U and meet in threadgroup memory. In a step, lane 4 g + c reads the 32 codes of each of
+// chunks U c .. U c + U - 1 of rows g and g + 8 of each 16-row tile (one 16-byte load per row
+// and chunk at 4 bits), and x row g (the product's column g; rows past MT are zero) at the
+// same k. The order of k inside a product
 // is free as long as A and B agree, so each lane gives its fragment slots {2c, 2c+1, 2c+8, 2c+9}
 // code pairs (j, j + 16 / BITS) of a word, which share the word's two 16-bit halves, and builds
 // the matching x pairs from its own loads. Needs 16-bit x and 2/4 bits (8 bits with float16).
@@ -23,7 +24,7 @@
 constexpr int KW = K * BITS / 32;   // words per weight row
 constexpr int NG = K / GS;          // groups per row
 constexpr int CH = K / 32;          // 32-value chunks per row
-constexpr int STEPS = (CH + 4 * U - 1) / (4 * U);  // steps of 128 U values (four lanes, U chunks each)
+constexpr int STEPS = (CH + 4 * U - 1) / (4 * U);  // steps of 128 U (4 lanes, U chunks each)
 constexpr uint32_t MASK = (1u << BITS) - 1u;
 constexpr int PW = 16 / BITS;       // codes j and j + PW of a word sit in its two 16-bit halves
 constexpr uint32_t MAGIC_BITS = (XK == 1) ? 0x64006400u : 0x43004300u;
