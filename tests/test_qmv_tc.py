@@ -3,30 +3,14 @@ its Metal rendering on the CPU emulator (fragment layout, k permutation, every d
 split-K and the tails), the dispatch between the two bodies, and on the GPU against the float64
 oracle with poisoned outputs."""
 
-import numpy as np
 import pytest
 
 import mlx.core as mx
 
-from marlin_mlx.kernels import formats, launch, qmv
+from marlin_mlx.kernels import launch, qmv
+from test_qmm import TOL, _case, _rel_err  # qmm's case builder and float64 error: same layout
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-TOL = {mx.float16: 3e-3, mx.bfloat16: 1.5e-2}
-
-
-def _case(MT, N, K, bits, gs, dtype, sdt=None, seed=0):
-    mx.random.seed(seed)
-    q, s, b = mx.quantize(mx.random.normal((N, K)), group_size=gs, bits=bits)
-    sdt = sdt or dtype
-    return mx.random.normal((MT, K)).astype(dtype), q, s.astype(sdt), b.astype(sdt)
-
-
-def _rel_err(y, x, q, s, b, bits, gs):
-    ref = np.array(formats.reference_matmul(x, q, s, b, "affine", bits, gs), np.float64)
-    y = np.array(y.astype(mx.float32), np.float64)
-    assert y.shape == ref.shape and np.isfinite(y).all()
-    return np.linalg.norm(y - ref) / np.linalg.norm(ref)
 
 
 @pytest.mark.parametrize("bits,dtype,MT,gs,RT,SK,U", [
