@@ -44,6 +44,8 @@
 #          then the full sections of one launch each of qmv, qmm, fp16 and the stream kernel
 # patterns: Nsight Compute: a GEMV's weight bytes read in qmv's and qmv_tc's orders with no
 #          arithmetic, beside the plain stream (benchmarks/stream_probe.py --patterns)
+# pipe:    qmv_tc's asynchronous-copy loop: its GPU tests, then Nsight Compute times over
+#          (PIPE, SK, U) beside the float body and the register-prefetch loop
 # tc:      qmv's tensor-core body: its GPU tests (and the kernel tests, which now take it), then
 #          Nsight Compute times of both bodies and every tensor-core (RT, SK) per decode shape
 # flash:   the flash_prefill and dequantize GPU tests (FLASH_TESTS: more test files), then benchmarks/flash_attention.py (our
@@ -230,6 +232,16 @@ PY
       echo "ncu rc=$?"; tail -3 "$OUT/patterns.err"
       python3 benchmarks/ncu_probe.py --parse "$OUT/patterns.csv" | grep stream \
         | tee "$OUT/patterns_times.txt" ;;
+    pipe)
+      timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
+        tests/test_qmv_tc.py > "$OUT/pipe_tests.log" 2>&1; tail -5 "$OUT/pipe_tests.log"
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      timeout ${NCU_TIMEOUT:-300} "$NCU" --clock-control none \
+        --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv \
+        python3 benchmarks/stream_probe.py --pipe > "$OUT/pipe.csv" 2> "$OUT/pipe.err"
+      echo "ncu rc=$?"; tail -3 "$OUT/pipe.err"
+      python3 benchmarks/ncu_probe.py --parse "$OUT/pipe.csv" | grep -E "marlin|qmv" \
+        > "$OUT/pipe_times.txt"; wc -l "$OUT/pipe_times.txt" ;;
     tc)
       timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
         tests/test_qmv_tc.py tests/test_kernels_gpu.py > "$OUT/tc_tests.log" 2>&1; tail -15 "$OUT/tc_tests.log"

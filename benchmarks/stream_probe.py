@@ -156,6 +156,31 @@ def tc_sweep():
         del q, s, b
 
 
+def pipe_sweep():
+    """qmv_tc's asynchronous-copy loop (PIPE stages) over (PIPE, SK, U) at one row, beside the
+    float body and the register-prefetch tensor-core loop, and at 4 / 8 rows with the default
+    shape of each."""
+    from marlin_mlx.kernels.qmv import qmv_kernel
+    dt = mx.bfloat16
+    for K, N in ((4096, 4096), (12288, 4096), (4096, 12288), (28672, 8192)):
+        q, s, b = mx.quantize(mx.random.normal((N, K)).astype(dt) * 0.02, group_size=64, bits=4)
+        mx.eval(q, s, b)
+        for M in (1, 4, 8):
+            x = mx.random.normal((M, K)).astype(dt)
+            mx.eval(x)
+            for rep in range(2):
+                mx.eval(qmv_kernel(x, q, s, b, 64, 4, tc=False))
+                mx.eval(qmv_kernel(x, q, s, b, 64, 4, tc=True, PIPE=0))
+                mx.eval(qmv_kernel(x, q, s, b, 64, 4, tc=True, PIPE=4))
+                if M == 1:
+                    for PIPE in (2, 3, 4):
+                        for SK in (1, 2, 4):
+                            for U in (1, 2):
+                                mx.eval(qmv_kernel(x, q, s, b, 64, 4, tc=True, SK=SK, U=U,
+                                                   PIPE=PIPE))
+        del q, s, b
+
+
 def details():
     """One launch each, for Nsight Compute's sections: qmv's two bodies, qmm at one row, the
     fp16 GEMV and the stream kernel (4 loads in flight, one pass), at 4096 -> 12288 and
@@ -183,6 +208,8 @@ if __name__ == "__main__":
         details()
     elif "--patterns" in sys.argv:
         patterns()
+    elif "--pipe" in sys.argv:
+        pipe_sweep()
     elif "--tc" in sys.argv:
         tc_sweep()
     else:

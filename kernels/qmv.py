@@ -22,6 +22,8 @@ TC_MAX_M = 8
 # the H200 it measured level with the float body at one row and with qmm at 2-8 rows
 # (KERNEL_NOTES "Session 12"); it is the base for the pipelined decode GEMV.
 USE_TC = os.environ.get("MARLIN_MLX_QMV_TC", "0") == "1"
+# stages of qmv_tc's asynchronous copies (0: the next step's loads in registers)
+TC_PIPE = int(os.environ.get("MARLIN_MLX_QMV_TC_PIPE", "0"))
 
 BITS = (2, 3, 4, 5, 6, 8)
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
@@ -114,30 +116,67 @@ def tc_supported(xdt, bits: int, MT: int) -> bool:
 TC_TARGET_WARPS = 132 * 16  # simdgroups in flight for the tensor-core body (H200: 132 SMs)
 
 
+TC_SHARED = {"cuda": 48 * 1024, "metal": 32 * 1024}  # static threadgroup memory per group
+
+
+def tc_pipe_fits(K: int, bits: int, gs: int, ssize: int, U: int) -> bool:
+    """Whether the asynchronous-copy loop covers a shape: 16-byte weight rows, and a step's
+    scales in whole aligned 4-byte words (its 128 U values span whole groups)."""
+    NG = K // gs
+    return ((K * bits // 32) % 4 == 0 and (128 * U) % gs == 0
+            and ((128 * U // gs) * ssize) % 4 == 0 and (NG * ssize) % 4 == 0)
+
+
+def tc_shared_bytes(RT, SK, U, PIPE, bits, gs, ssize, MT) -> int:
+    """Threadgroup memory of a launch: the split-K buffer, plus PIPE stages per simdgroup."""
+    red = SK * 16 * RT * 8 * 4
+    if not PIPE:
+        return red
+    stage = (16 * RT * (U * bits + 1) * 16 + MT * (16 * U + 1) * 16
+             + 2 * 16 * RT * ((128 * U // gs) * ssize // 4) * 4)
+    return red + SK * PIPE * stage
+
+
 def tc_config(N: int, K: int, RT: int | None = None, SK: int | None = None,
-              U: int | None = None):
+              U: int | None = None, PIPE: int | None = None, bits: int = 4, gs: int = 64,
+              ssize: int = 2, MT: int = 1):
     """(16-row weight tiles per simdgroup, simdgroups splitting K, 32-value chunks per lane
-    and step) of a tensor-core launch."""
+    and step, asynchronous-copy stages) of a tensor-core launch. Split-K, then the stages,
+    shrink until the threadgroup memory fits the backend's static limit."""
     if RT is None:
         RT = 1   # the best measured launches on the H200 had one row tile and two chunks
     if U is None:
         U = 2
+    if PIPE is None:
+        PIPE = TC_PIPE
+    if PIPE and not tc_pipe_fits(K, bits, gs, ssize, U):
+        PIPE = 0
     steps = cdiv(K // 32, 4 * U)
     if SK is None:
         SK = cdiv(TC_TARGET_WARPS, cdiv(N, 16 * RT))
-    return RT, max(1, min(SK, steps, 8)), U
+    SK = max(1, min(SK, steps, 8))
+    limit = TC_SHARED.get(backend() or "cuda", TC_SHARED["metal"])
+    while PIPE and tc_shared_bytes(RT, SK, U, PIPE, bits, gs, ssize, MT) > limit:
+        if SK > 1:
+            SK //= 2
+        elif PIPE > 2:
+            PIPE -= 1
+        else:
+            PIPE = 0
+    return RT, SK, U, PIPE
 
 
-def tc_plan(xdt, sdt, bits, group_size, xshape, N, RT=None, SK=None, U=None):
+def tc_plan(xdt, sdt, bits, group_size, xshape, N, RT=None, SK=None, U=None, PIPE=None):
     """The tensor-core launch plan, cached like `_plan`'s."""
-    key = ("tc", xdt, sdt, bits, group_size, xshape, N, RT, SK, U)
+    key = ("tc", xdt, sdt, bits, group_size, xshape, N, RT, SK, U, PIPE)
     plan = _PLANS.get(key)
     if plan is None:
         K, lead = xshape[-1], tuple(xshape[:-1])
-        RT, SK, U = tc_config(N, K, RT, SK, U)
+        MT = prod(lead)
+        RT, SK, U, PIPE = tc_config(N, K, RT, SK, U, PIPE, bits, group_size, sdt.size, MT)
         template = [("T", xdt), ("S", sdt), ("XK", XKIND[xdt]), ("BITS", bits),
-                    ("GS", group_size), ("RT", RT), ("SK", SK), ("U", U), ("MT", prod(lead)),
-                    ("K", K), ("N", N)]
+                    ("GS", group_size), ("RT", RT), ("SK", SK), ("U", U), ("PIPE", PIPE),
+                    ("MT", MT), ("K", K), ("N", N)]
         kern, ktemplate = (cuda_plan_kernel(TC_SPEC, template) if backend() == "cuda"
                            else (None, None))
         plan = _PLANS[key] = (template, (32 * SK * cdiv(N, 16 * RT), 1, 1), (32 * SK, 1, 1),
@@ -146,10 +185,10 @@ def tc_plan(xdt, sdt, bits, group_size, xshape, N, RT=None, SK=None, U=None):
 
 
 def qmv_kernel(x, w, scales, biases, group_size, bits, *, R=None, SK=None, PF=None, tc=None,
-               RT=None, U=None):
+               RT=None, U=None, PIPE=None):
     """The custom kernel alone (no validation, no fallback): the tensor-core body where it
-    applies (`tc`, default USE_TC unless a float-body shape R / PF is asked for; RT, U its
-    row tiles and chunks per lane), else the float-FMA one. Kept lean: at decode the host
+    applies (`tc`, default USE_TC unless a float-body shape R / PF is asked for; RT, U, PIPE
+    its row tiles, chunks per lane and copy stages), else the float-FMA one. Kept lean: at decode the host
     cost of this call is paid for every linear layer of every token."""
     sdt = scales.dtype
     if biases.dtype != sdt:
@@ -159,7 +198,7 @@ def qmv_kernel(x, w, scales, biases, group_size, bits, *, R=None, SK=None, PF=No
     if tc and tc_supported(x.dtype, bits, prod(x.shape[:-1])):
         spec = TC_SPEC
         template, grid, tg, oshape, odt, kern, ktemplate = tc_plan(
-            x.dtype, sdt, bits, group_size, x.shape, w.shape[0], RT, SK, U)
+            x.dtype, sdt, bits, group_size, x.shape, w.shape[0], RT, SK, U, PIPE)
     else:
         spec = SPEC
         template, grid, tg, oshape, odt, kern, ktemplate = _plan(
@@ -176,11 +215,11 @@ def template_for(x_dtype, s_dtype, bits, group_size, M, MT, K, N, R=None, SK=Non
 def compile_cases():
     """Compile checks of the tensor-core body (tests/test_metal_compile.py; the float body's
     cases are listed there): each decode kind, one and eight rows, one and two row tiles, one
-    and four chunks per lane."""
+    to four chunks per lane, register prefetch and asynchronous-copy stages."""
     out = []
     for bits, dt in ((4, mx.float16), (4, mx.bfloat16), (2, mx.bfloat16), (8, mx.float16)):
-        for MT, RT, U in ((1, 2, 1), (8, 1, 4)):
-            t = tc_plan(dt, dt, bits, 64, (MT, 4096), 12288, RT=RT, U=U)[0]
-            name = f"qmv_tc-b{bits}-{dt}-M{MT}-RT{RT}-U{U}".replace("mlx.core.", "")
+        for MT, RT, U, PIPE in ((1, 2, 1, 0), (8, 1, 4, 0), (1, 1, 2, 4), (8, 2, 1, 2)):
+            t = tc_plan(dt, dt, bits, 64, (MT, 4096), 12288, RT=RT, U=U, PIPE=PIPE)[0]
+            name = f"qmv_tc-b{bits}-{dt}-M{MT}-RT{RT}-U{U}-P{PIPE}".replace("mlx.core.", "")
             out.append((name, TC_SPEC, [dt, mx.uint32, dt, dt], [1 << 20] * 4, [dt], t))
     return out

@@ -13,22 +13,27 @@ from test_qmm import TOL, _case, _rel_err  # qmm's case builder and float64 erro
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-@pytest.mark.parametrize("bits,dtype,MT,gs,RT,SK,U", [
-    (4, mx.float16, 1, 64, 1, 2, 1),    # float16 magic, one row of x, split-K
-    (4, mx.bfloat16, 3, 32, 2, 2, 2),   # bfloat16 magic, two row tiles, 32-wide groups
-    (2, mx.bfloat16, 8, 64, 1, 1, 4),   # 2-bit pairs, every column used, a ragged last step
-    (8, mx.float16, 5, 64, 2, 3, 1),    # 8-bit pairs (float16 only), uneven split-K
+@pytest.mark.parametrize("bits,dtype,MT,gs,RT,SK,U,PIPE,K", [
+    (4, mx.float16, 1, 64, 1, 2, 1, 0, 320),    # float16 magic, one row of x, split-K
+    (4, mx.bfloat16, 3, 32, 2, 2, 2, 0, 320),   # bfloat16 magic, two row tiles, 32-wide groups
+    (2, mx.bfloat16, 8, 64, 1, 1, 4, 0, 320),   # 2-bit pairs, every column, a ragged last step
+    (8, mx.float16, 5, 64, 2, 3, 1, 0, 384),    # 8-bit pairs (float16 only), uneven split-K
+    # asynchronous-copy stages: zero-filled tails, the stage ring wrapping, every decode kind
+    (4, mx.float16, 1, 32, 1, 2, 2, 3, 320),
+    (4, mx.bfloat16, 8, 64, 1, 1, 1, 2, 384),
+    (2, mx.bfloat16, 3, 64, 2, 1, 2, 4, 384),
+    (8, mx.float16, 5, 64, 1, 2, 1, 3, 384),
 ])
-def test_qmv_tc_body_on_cpu_emulator(bits, dtype, MT, gs, RT, SK, U, tmp_path):
+def test_qmv_tc_body_on_cpu_emulator(bits, dtype, MT, gs, RT, SK, U, PIPE, K, tmp_path):
     import metal_emulator
     if not metal_emulator.available():
         pytest.skip("needs g++ with C++20 <barrier> and _Float16")
-    # K = 320 / 384: a last 128-wide step with idle lanes (320); N = 40 / 20 is not a multiple
-    # of the 16 * RT rows of a threadgroup.
-    N, K = (20, 384) if bits == 8 else (40, 320)
+    # K = 320 / 384: a last step with idle lanes; N = 40 is not a multiple of 16 * RT rows
+    N = 40
     x, q, s, b = _case(MT, N, K, bits, gs, dtype, seed=bits + MT)
     t, grid, tg, osh, odt, _, _ = qmv.tc_plan(dtype, s.dtype, bits, gs, (MT, K), N, RT=RT, SK=SK,
-                                               U=U)
+                                               U=U, PIPE=PIPE)
+    assert dict(t)["PIPE"] == PIPE and dict(t)["SK"] == SK
     y = metal_emulator.emulate([dict(spec=qmv.TC_SPEC, inputs=[x, q, s, b], template=t,
                                      grid=grid, threadgroup=tg, output_shapes=osh,
                                      output_dtypes=odt)], tmp_path)[0]
@@ -42,8 +47,11 @@ def test_qmv_tc_support_and_config():
     assert not qmv.tc_supported(mx.float16, 3, 1)      # codes straddle the 16-bit halves
     assert not qmv.tc_supported(mx.float16, 4, 9)      # more rows than the product's columns
     for N, K in ((4096, 4096), (12288, 4096), (4096, 12288), (64, 256), (8192, 28672)):
-        RT, SK, U = qmv.tc_config(N, K)
+        RT, SK, U, PIPE = qmv.tc_config(N, K, PIPE=4)
         assert RT in (1, 2) and 1 <= SK <= min(8, -(-K // (128 * U)))
+        assert qmv.tc_shared_bytes(RT, SK, U, PIPE, 4, 64, 2, 1) <= 48 * 1024
+    assert qmv.tc_config(40, 320, PIPE=3)[3] == 0            # 5 groups a row: not whole words
+    assert qmv.tc_config(40, 320, PIPE=3, gs=32)[3] == 3
 
 
 @pytest.mark.gpu
@@ -76,9 +84,10 @@ def test_qmv_tc_gpu_matches_float64(bits, dtype, MT, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not launch.backend(), reason="needs an MLX GPU backend")
-@pytest.mark.parametrize("RT,SK,U", [(1, 1, 1), (2, 3, 2), (2, 8, 1), (1, 8, 4), (1, 4, 3)])
-def test_qmv_tc_gpu_tilings(RT, SK, U, monkeypatch):
+@pytest.mark.parametrize("RT,SK,U,PIPE", [(1, 1, 1, 0), (2, 3, 2, 0), (2, 8, 1, 0), (1, 8, 4, 0),
+                                          (1, 4, 3, 0), (1, 4, 2, 4), (2, 2, 1, 3), (1, 1, 2, 2)])
+def test_qmv_tc_gpu_tilings(RT, SK, U, PIPE, monkeypatch):
     monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
-    x, q, s, b = _case(1, 12288, 4096 + 64, 4, 64, mx.bfloat16, sdt=mx.float32)
-    y = qmv.qmv_kernel(x, q, s, b, 64, 4, tc=True, RT=RT, SK=SK, U=U)
+    x, q, s, b = _case(1, 12288, 4096 + 128, 4, 64, mx.bfloat16, sdt=mx.float32)
+    y = qmv.qmv_kernel(x, q, s, b, 64, 4, tc=True, RT=RT, SK=SK, U=U, PIPE=PIPE)
     assert _rel_err(y, x, q, s, b, 4, 64) < TOL[mx.bfloat16]

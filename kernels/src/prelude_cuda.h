@@ -3,6 +3,7 @@
 #define KDEV                         // address space of device pointers (Metal: `device`)
 #define KTHREAD                      // address space of thread-local arrays (Metal: `thread`)
 #define KSHARED __shared__           // threadgroup (shared) memory
+#define KTG                          // address space of pointers into it (Metal: `threadgroup`)
 #define KBARRIER() __syncthreads()
 #define KUNROLL _Pragma("unroll")
 #define KINLINE __device__ __forceinline__
@@ -109,3 +110,22 @@ KINLINE uint32_t k_dq_pair(uint32_t m, uint32_t s2, uint32_t b2) {
   }
   return r;
 }
+
+// Asynchronous copies into threadgroup memory (cp.async): a 16- or 4-byte copy that does not
+// hold a register while in flight; `valid` false fills zeros. Copies issued since the last
+// k_cp_commit form a group; k_cp_wait<N>() waits until at most N of this thread's groups are
+// in flight. Another lane's copies are visible after its wait and a k_simd_barrier().
+KINLINE void k_cp16(KTG void* dst, const void* src, bool valid) {
+  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+KINLINE void k_cp4(KTG void* dst, const void* src, bool valid) {
+  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(d), "l"(src),
+               "r"(valid ? 4 : 0));
+}
+KINLINE void k_cp_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+KINLINE void k_cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+KINLINE void k_simd_barrier() { __syncwarp(); }

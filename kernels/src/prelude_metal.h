@@ -2,6 +2,9 @@
 #define KDEV device
 #define KTHREAD thread
 #define KSHARED threadgroup
+#ifndef KTG
+#define KTG threadgroup  // pointers into threadgroup memory (the CPU emulator defines it empty)
+#endif
 #define KBARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define KUNROLL _Pragma("unroll")
 #define KINLINE inline
@@ -84,3 +87,16 @@ KINLINE uint32_t k_dq_pair(uint32_t m, uint32_t s2, uint32_t b2) {
   const float lo = fma(v.x - base, s.x, b.x), hi = fma(v.y - base, s.y, b.y);
   return (XK == 1) ? k_pack_f16x2(lo, hi) : k_pack_bf16x2(lo, hi);
 }
+
+// prelude_cuda.h's asynchronous copies as plain copies (Metal has no cp.async): the same body
+// stays correct, without the overlap.
+KINLINE void k_cp16(KTG void* dst, const device void* src, bool valid) {
+  *(KTG uint4*)dst = valid ? *(const device uint4*)src : uint4(0u, 0u, 0u, 0u);
+}
+KINLINE void k_cp4(KTG void* dst, const device void* src, bool valid) {
+  *(KTG uint32_t*)dst = valid ? *(const device uint32_t*)src : 0u;
+}
+KINLINE void k_cp_commit() {}
+template <int N>
+KINLINE void k_cp_wait() {}
+KINLINE void k_simd_barrier() { simdgroup_barrier(mem_flags::mem_threadgroup); }

@@ -14,6 +14,7 @@
 #define constant
 #define thread
 #define threadgroup static
+#define KTG  // a pointer into threadgroup memory is a plain pointer here
 namespace metal {
 struct half { _Float16 v; half() = default; half(float f) : v((_Float16)f) {} operator float() const { return (float)v; } };
 struct bfloat { uint16_t b; bfloat() = default;
@@ -33,6 +34,7 @@ extern std::barrier<>* g_sbar[32];
 extern float g_simd[32][32];
 extern thread_local int t_lane, t_sid;
 inline void threadgroup_barrier(mem_flags) { g_bar->arrive_and_wait(); }
+inline void simdgroup_barrier(mem_flags) { g_sbar[t_sid]->arrive_and_wait(); }
 inline float simd_sum(float v) { g_simd[t_sid][t_lane] = v; g_sbar[t_sid]->arrive_and_wait();
   float s = 0; for (int i = 0; i < 32; ++i) s += g_simd[t_sid][i]; g_sbar[t_sid]->arrive_and_wait(); return s; }
 inline float simd_max(float v) { g_simd[t_sid][t_lane] = v; g_sbar[t_sid]->arrive_and_wait();
