@@ -152,7 +152,8 @@ def down_kernel(h, inds, down, group_size, bits, out_dtype, *, shared=None, R=No
                 residual=None):
     """h (n * slots, I) float32 (routing weights applied), inds (n, k) -> y (n, D) in
     out_dtype: the sum over a token's slots of h Wd^T (`shared`: the shared expert's down
-    triple, slot k; `residual` (n, D) in out_dtype, with `shared` only: added to y)."""
+    triple, slot k; `residual`: n * D values in out_dtype, with `shared` only: added to y,
+    which then takes the residual's shape: no reshape node on a compiled decode step)."""
     n, k = inds.shape
     E, N = down[0].shape[:2]
     sdt = down[1].dtype
@@ -165,6 +166,7 @@ def down_kernel(h, inds, down, group_size, bits, out_dtype, *, shared=None, R=No
         ins += _same_dtype((shared,), sdt)
     if res:
         ins.append(residual)
+        oshape = [residual.shape]
     return launch(spec, ins, t, grid, tg, oshape, odt)[0]
 
 
@@ -231,8 +233,9 @@ def switch_glu(x, inds, weights, gate, up, down, group_size: int = 64, bits: int
 
     shared_fn(x) -> (n, D): an always-active shared expert, added to the result; `shared`, its
     (gate, up, down) quantized triples, lets the custom path fold it into the same two
-    launches where that measures faster than running shared_fn beside them. residual (n, D):
-    added to the result (by the down launch on the fused shared-expert path)."""
+    launches where that measures faster than running shared_fn beside them. residual (n * D
+    values in any shape): added to the result (by the down launch on the fused shared-expert
+    path, whose result then has the residual's shape; elsewhere the result is (n, D))."""
     if validate_inputs:
         validate(x, inds, weights, gate, up, down, group_size, bits)
     # the path is memoized per shape: this runs per layer per token
@@ -246,7 +249,7 @@ def switch_glu(x, inds, weights, gate, up, down, group_size: int = 64, bits: int
         res = residual if residual is not None and residual.dtype == x.dtype else None
         y = switch_glu_kernel(x, inds, weights, gate, up, down, group_size, bits, shared=shared,
                               residual=res)
-        return y if residual is None or res is not None else residual + y
+        return y if residual is None or res is not None else residual.reshape(y.shape) + y
     if path == "kernel":
         y = switch_glu_kernel(x, inds, weights, gate, up, down, group_size, bits)
     elif path.startswith("prefill:"):
@@ -257,7 +260,7 @@ def switch_glu(x, inds, weights, gate, up, down, group_size: int = 64, bits: int
         y = switch_glu_reference(x, inds, weights, gate, up, down, group_size, bits, sort=sort)
     if shared_fn is not None:
         y = y + shared_fn(x)
-    return y if residual is None else residual + y
+    return y if residual is None else residual.reshape(y.shape) + y
 
 
 _PATHS: dict = {}

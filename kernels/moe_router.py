@@ -228,8 +228,11 @@ def norm_route_reference(h, norm_w, eps, gate_w, top_k, **kw):
 def norm_route_kernel(h, norm_w, eps, gate_w, top_k, *, correction_bias=None,
                       scoring="sigmoid", norm_topk_prob=False, n_group=1, topk_group=1,
                       routed_scaling_factor=1.0):
-    """The one launch (no validation, no fallback): h (n, D) -> (xn, inds, weights)."""
-    n, D = h.shape
+    """The one launch (no validation, no fallback): h (..., D) of n rows -> (xn (n, D), inds
+    (n, k), weights (n, k)). The kernel reads h as rows, so its leading dims go in as they are:
+    a reshape is a graph node, and a compiled decode step replays every node on every token."""
+    D = h.shape[-1]
+    n = h.size // D
     E = gate_w.shape[0]
     nth = NORM_THREADS.get(backend(), 512)
     template = [("GT", gate_w.dtype), ("XK", XKIND[h.dtype]), ("D", D),
@@ -254,10 +257,11 @@ _NORM_PLANS: dict = {}
 
 def norm_route(h, norm_w, eps, gate_w, top_k: int, *, correction_bias=None,
                scoring: str = "sigmoid", norm_topk_prob: bool = False, n_group: int = 1,
-               topk_group: int = 1, routed_scaling_factor: float = 1.0):
+               topk_group: int = 1, routed_scaling_factor: float = 1.0, flat: bool = False):
     """A MoE layer's input RMSNorm, float32 router GEMV and routing for a few tokens h (..., D)
-    as one launch on a GPU: (xn (..., D) in h's dtype, indices, weights); None where the
-    kernel does not apply or lost its first-use measurement (the caller runs the MLX ops)."""
+    as one launch on a GPU: (xn (..., D) in h's dtype, indices, weights), or with `flat` the
+    n rows as (n, D), (n, k), (n, k) (no reshape nodes); None where the kernel does not
+    apply or lost its first-use measurement (the caller runs the MLX ops)."""
     from . import fused_linear  # the decode fusions' on/off switch
     lead, D = h.shape[:-1], h.shape[-1]
     n = h.size // D if D else 0
@@ -281,11 +285,13 @@ def norm_route(h, norm_w, eps, gate_w, top_k: int, *, correction_bias=None,
         use = _NORM_PLANS[key] = use and _decide_norm(h.dtype, norm_w, eps, gate_w, top_k, kw)
     if not use:
         return None
-    xn, inds, w = norm_route_kernel(h.reshape(n, D), norm_w, eps, gate_w, top_k,
+    xn, inds, w = norm_route_kernel(h, norm_w, eps, gate_w, top_k,
                                     correction_bias=correction_bias, scoring=scoring,
                                     norm_topk_prob=norm_topk_prob, n_group=n_group,
                                     topk_group=topk_group,
                                     routed_scaling_factor=routed_scaling_factor)
+    if flat:
+        return xn, inds, w
     return xn.reshape(*lead, D), inds.reshape(*lead, top_k), w.reshape(*lead, top_k)
 
 

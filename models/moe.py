@@ -126,8 +126,9 @@ class SwitchGLU(nn.Module):
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array, shared=None,
                  residual=None) -> mx.array:
         """x (..., D), indices and weights (..., k) -> (..., D) in x's dtype; `shared`: an
-        always-active expert (a module) whose output is added; `residual` (..., D): added last
-        (by the experts' down launch where the fused kernels run)."""
+        always-active expert (a module) whose output is added; `residual`: added last (by the
+        experts' down launch where the fused kernels run), its shape the result's (the rows of
+        x may come flat, as the fused router returns them)."""
         lead, D = x.shape[:-1], x.shape[-1]
         k = indices.shape[-1]
         idx = mx.stop_gradient(indices).reshape(-1, k)
@@ -138,12 +139,13 @@ class SwitchGLU(nn.Module):
             # measured and self-tested per shape class (kernels/moe_experts.py)
             trip = [(p.weight, p.scales, p.biases) for p in
                     (self.gate_proj, self.up_proj, self.down_proj)]
+            # the residual goes in as it is: the fused path returns the sum in its shape (a
+            # reshape of the same shape adds no graph node, another one does)
             y = moe_experts.switch_glu(
                 x.reshape(n, D), idx, weights.reshape(n, k), *trip, group_size=fmt[0], bits=fmt[1],
                 shared=None if shared is None else self._shared_triples(shared, fmt),
-                shared_fn=shared, validate_inputs=False,
-                residual=None if residual is None else residual.reshape(n, D))
-            return y.reshape(*lead, D)
+                shared_fn=shared, validate_inputs=False, residual=residual)
+            return y.reshape(residual.shape if residual is not None else (*lead, D))
         do_sort = idx.size >= SORT_MIN_PAIRS
         if do_sort:
             # one row per (token, expert) pair, ordered by expert, so each expert's weights are
@@ -165,7 +167,7 @@ class SwitchGLU(nn.Module):
         out = out.reshape(*lead, D).astype(x.dtype)
         if shared is not None:
             out = out + shared(x)
-        return out if residual is None else residual + out
+        return out if residual is None else residual + out.reshape(residual.shape)
 
 
 class SigmoidRouter(nn.Module):
@@ -229,7 +231,8 @@ class SparseMoE(nn.Module):
                 h, norm.weight, norm.eps, self.gate.weight, self.top_k,
                 correction_bias=self.gate.e_score_correction_bias, scoring=self.scoring,
                 norm_topk_prob=self.norm_topk_prob, n_group=self.n_group,
-                topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor)
+                topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
+                flat=True)
             if fused is not None:
                 xn, inds, weights = fused
                 return self.switch_mlp(

@@ -294,7 +294,8 @@ def _check_norm_route(got, ref, dt):
 def test_norm_route_body_emulated_equals_reference(name, emulated):
     # RMSNorm + float32 router GEMV + routing in one threadgroup per token (moe_route_norm.h)
     args, kwmx = _norm_route_case(name, 3, zlib.crc32(name.encode()))
-    got = moe_router.norm_route_kernel(*args, **kwmx)
+    # h with leading dims (3, 1): the kernel reads it as rows and returns the rows flat
+    got = moe_router.norm_route_kernel(args[0].reshape(3, 1, -1), *args[1:], **kwmx)
     _check_norm_route(got, moe_router.norm_route_reference(*args, **kwmx), args[0].dtype)
 
 
@@ -311,14 +312,15 @@ def test_down_with_residual_emulated_equals_separate_add(dtype, emulated):
     gate, up, down = _experts(E, D, I, bits, gs, dtype)
     sh = tuple(tuple(a[0] for a in t) for t in _experts(1, D, I, bits, gs, dtype))
     x = mx.random.normal((n, D)).astype(dtype)
-    res = (mx.random.normal((n, D)) * 4).astype(dtype)
+    res = (mx.random.normal((n, 1, D)) * 4).astype(dtype)  # a decode step's (B, 1, D) rows
     inds = mx.array([[3, 1], [0, 2]], mx.uint32)
     w = mx.softmax(mx.random.normal((n, k)), axis=-1)
     y = moe_experts.switch_glu_kernel(x, inds, w, gate, up, down, gs, bits, shared=sh)
     yr = moe_experts.switch_glu_kernel(x, inds, w, gate, up, down, gs, bits, shared=sh,
                                        residual=res)
-    assert yr.dtype == dtype
-    assert np.array_equal(np.array(yr.astype(mx.float32)), np.array((res + y).astype(mx.float32)))
+    assert yr.dtype == dtype and yr.shape == res.shape  # the sum takes the residual's shape
+    assert np.array_equal(np.array(yr.astype(mx.float32)),
+                          np.array((res + y[:, None]).astype(mx.float32)))
 
 
 # ---------------------------------------------------------------- GPU: kernels vs references
