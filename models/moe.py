@@ -20,6 +20,8 @@ Stacked expert weights are (num_experts, out, in), as mlx-lm stores them; quanti
 array, so mlx-lm's quantized checkpoints load unchanged.
 """
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -232,7 +234,7 @@ class SparseMoE(nn.Module):
                 correction_bias=self.gate.e_score_correction_bias, scoring=self.scoring,
                 norm_topk_prob=self.norm_topk_prob, n_group=self.n_group,
                 topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
-                flat=True)
+                flat=FLAT_ROUTE)
             if fused is not None:
                 xn, inds, weights = fused
                 return self.switch_mlp(
@@ -240,6 +242,10 @@ class SparseMoE(nn.Module):
                     shared=self.shared_experts if "shared_experts" in self else None)
         return h + self(norm(h))
 
+
+# The fused router hands the experts its rows flat (no reshape nodes in a compiled decode
+# step); MARLIN_MLX_MOE_FLAT=0 reshapes them to h's leading dims (for side-by-side timing).
+FLAT_ROUTE = os.environ.get("MARLIN_MLX_MOE_FLAT", "1") != "0"
 
 _PROJS = ("gate_proj", "up_proj", "down_proj")
 _QPARTS = ("weight", "scales", "biases")
