@@ -143,10 +143,12 @@ def tc_config(N: int, K: int, RT: int | None = None, SK: int | None = None,
     """(16-row weight tiles per simdgroup, simdgroups splitting K, 32-value chunks per lane
     and step, asynchronous-copy stages) of a tensor-core launch. Split-K, then the stages,
     shrink until the threadgroup memory fits the backend's static limit."""
+    # the best measured launches on the H200 (KERNEL_NOTES "Session 12"): one row tile and two
+    # chunks a lane at one row of x; two row tiles (N >= 8192) and one chunk at 4-8 rows
     if RT is None:
-        RT = 1   # the best measured launches on the H200 had one row tile and two chunks
+        RT = 2 if MT > 1 and N >= 8192 else 1
     if U is None:
-        U = 2
+        U = 2 if MT == 1 else 1
     if PIPE is None:
         PIPE = TC_PIPE
     if PIPE and not tc_pipe_fits(K, bits, gs, ssize, U):
