@@ -232,26 +232,17 @@ PY
       echo "ncu rc=$?"; tail -3 "$OUT/patterns.err"
       python3 benchmarks/ncu_probe.py --parse "$OUT/patterns.csv" | grep stream \
         | tee "$OUT/patterns_times.txt" ;;
-    pipe)
+    pipe|tc)
+      tests=tests/test_qmv_tc.py; [ "$part" = tc ] && tests="$tests tests/test_kernels_gpu.py"
       timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
-        tests/test_qmv_tc.py > "$OUT/pipe_tests.log" 2>&1; tail -5 "$OUT/pipe_tests.log"
+        $tests > "$OUT/${part}_tests.log" 2>&1; tail -5 "$OUT/${part}_tests.log"
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       timeout ${NCU_TIMEOUT:-300} "$NCU" --clock-control none \
         --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv \
-        python3 benchmarks/stream_probe.py --pipe > "$OUT/pipe.csv" 2> "$OUT/pipe.err"
-      echo "ncu rc=$?"; tail -3 "$OUT/pipe.err"
-      python3 benchmarks/ncu_probe.py --parse "$OUT/pipe.csv" | grep -E "marlin|qmv" \
-        > "$OUT/pipe_times.txt"; wc -l "$OUT/pipe_times.txt" ;;
-    tc)
-      timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
-        tests/test_qmv_tc.py tests/test_kernels_gpu.py > "$OUT/tc_tests.log" 2>&1; tail -15 "$OUT/tc_tests.log"
-      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-      timeout ${NCU_TIMEOUT:-240} "$NCU" --clock-control none \
-        --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv \
-        python3 benchmarks/stream_probe.py --tc > "$OUT/tc.csv" 2> "$OUT/tc.err"
-      echo "ncu rc=$?"; tail -3 "$OUT/tc.err"
-      python3 benchmarks/ncu_probe.py --parse "$OUT/tc.csv" | grep -E "marlin|qmv" \
-        | tee "$OUT/tc_times.txt" ;;
+        python3 benchmarks/stream_probe.py --$part > "$OUT/$part.csv" 2> "$OUT/$part.err"
+      echo "ncu rc=$?"; tail -3 "$OUT/$part.err"
+      python3 benchmarks/ncu_probe.py --parse "$OUT/$part.csv" | grep -E "marlin|qmv" \
+        > "$OUT/${part}_times.txt"; wc -l "$OUT/${part}_times.txt" ;;
     flash)
       timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
         tests/test_flash_attention.py tests/test_kernels_gpu.py ${FLASH_TESTS:-} -k "flash or dequant" \

@@ -131,10 +131,10 @@ def run():
         del q, s, b, a, w16
 
 
-def tc_sweep():
-    """qmv's two bodies on each shape: the float body's automatic shape, the tensor-core body
-    at every (RT, SK, U) and its automatic choice, and MLX's quantized_matmul, at 1, 4 and 8 rows
-    of bfloat16 x."""
+def body_sweep(each, grid):
+    """qmv's bodies on Qwen3-8B's / the issue's shapes at 1, 4 and 8 rows of bfloat16 x: the
+    launches `each` (qmv_kernel keyword sets; None: MLX's quantized_matmul) at every row
+    count, and at one row every keyword set of `grid`."""
     from marlin_mlx.kernels.qmv import qmv_kernel
     dt = mx.bfloat16
     for K, N in ((4096, 4096), (12288, 4096), (4096, 12288), (28672, 8192)):
@@ -144,41 +144,26 @@ def tc_sweep():
             x = mx.random.normal((M, K)).astype(dt)
             mx.eval(x)
             for rep in range(2):
-                mx.eval(qmv_kernel(x, q, s, b, 64, 4, tc=False))
-                mx.eval(qmv_kernel(x, q, s, b, 64, 4, tc=True))
-                mx.eval(mx.quantized_matmul(x, q, s, b, transpose=True, group_size=64, bits=4))
-                if M == 1:
-                    for RT in (1, 2):
-                        for SK in (4, 8):
-                            for U in (1, 2, 4):
-                                mx.eval(qmv_kernel(x, q, s, b, 64, 4, tc=True, RT=RT, SK=SK,
-                                                   U=U))
+                for kw in each + (grid if M == 1 else []):
+                    mx.eval(qmv_kernel(x, q, s, b, 64, 4, **kw) if kw is not None else
+                            mx.quantized_matmul(x, q, s, b, transpose=True, group_size=64,
+                                                bits=4))
         del q, s, b
+
+
+def tc_sweep():
+    """The float body, the tensor-core body (automatic shape and every (RT, SK, U)), MLX."""
+    body_sweep([dict(tc=False), dict(tc=True), None],
+               [dict(tc=True, RT=RT, SK=SK, U=U) for RT in (1, 2) for SK in (4, 8)
+                for U in (1, 2, 4)])
 
 
 def pipe_sweep():
-    """qmv_tc's asynchronous-copy loop (PIPE stages) over (PIPE, SK, U) at one row, beside the
-    float body and the register-prefetch tensor-core loop, and at 4 / 8 rows with the default
-    shape of each."""
-    from marlin_mlx.kernels.qmv import qmv_kernel
-    dt = mx.bfloat16
-    for K, N in ((4096, 4096), (12288, 4096), (4096, 12288), (28672, 8192)):
-        q, s, b = mx.quantize(mx.random.normal((N, K)).astype(dt) * 0.02, group_size=64, bits=4)
-        mx.eval(q, s, b)
-        for M in (1, 4, 8):
-            x = mx.random.normal((M, K)).astype(dt)
-            mx.eval(x)
-            for rep in range(2):
-                mx.eval(qmv_kernel(x, q, s, b, 64, 4, tc=False))
-                mx.eval(qmv_kernel(x, q, s, b, 64, 4, tc=True, PIPE=0))
-                mx.eval(qmv_kernel(x, q, s, b, 64, 4, tc=True, PIPE=4))
-                if M == 1:
-                    for PIPE in (2, 3, 4):
-                        for SK in (1, 2, 4):
-                            for U in (1, 2):
-                                mx.eval(qmv_kernel(x, q, s, b, 64, 4, tc=True, SK=SK, U=U,
-                                                   PIPE=PIPE))
-        del q, s, b
+    """qmv_tc's asynchronous-copy loop over (PIPE, SK, U) beside the float body and the
+    register-prefetch loop (PIPE 0)."""
+    body_sweep([dict(tc=False), dict(tc=True, PIPE=0), dict(tc=True, PIPE=4)],
+               [dict(tc=True, SK=SK, U=U, PIPE=P) for P in (2, 3, 4) for SK in (1, 2, 4)
+                for U in (1, 2)])
 
 
 def details():

@@ -1,21 +1,23 @@
 // qmv_tc: y[m, n] = sum_k x[m, k] * (scales[n, g] * q[n, k] + biases[n, g]) for up to 8 rows of
 // x (decode) on tensor cores, weights in MLX's affine layout.
 //
-// Why: the float-FMA GEMV (qmv_core.h) spends ~5.5 instructions per weight (Nsight Compute on
-// the H200: issue slots 57-67% busy, DRAM 38-48%), so it cannot stream weights at the memory's
-// rate. Here the weights are the A operand of m16n8k16 products (16 weight rows x 16 k) and the
-// rows of x the B operand's columns: per two weights one mask, one subtraction and one FMA in
-// 16-bit pair arithmetic (k_dq_pair), and one product per 8 weights of a lane, for every row of
-// x at once (Marlin's decode design, on MLX's layout without repacking).
+// Why: the float-FMA GEMV (qmv_core.h) spends ~5.8 instructions per weight. Here the weights
+// are the A operand of m16n8k16 products (16 weight rows x 16 k) and the rows of x the B
+// operand's columns: per two weights one mask, one subtraction and one FMA in 16-bit pair
+// arithmetic (k_dq_pair), one product per 8 weights of a lane, for every row of x at once
+// (Marlin's decode design, on MLX's layout without repacking). Status on the H200
+// (KERNEL_NOTES "Session 12"): 2-8 rows cost what one row costs, but one row runs level with
+// the float body, so launches take this body only when asked (qmv.USE_TC).
 //
 // Work: a threadgroup owns TR = 16 * RT weight rows; its SK simdgroups split K in steps of
 // 128 U and meet in threadgroup memory. In a step, lane 4 g + c reads the 32 codes of each of
 // chunks U c .. U c + U - 1 of rows g and g + 8 of each 16-row tile (one 16-byte load per row
 // and chunk at 4 bits), and x row g (the product's column g; rows past MT are zero) at the
-// same k. The order of k inside a product
-// is free as long as A and B agree, so each lane gives its fragment slots {2c, 2c+1, 2c+8, 2c+9}
-// code pairs (j, j + 16 / BITS) of a word, which share the word's two 16-bit halves, and builds
-// the matching x pairs from its own loads. Needs 16-bit x and 2/4 bits (8 bits with float16).
+// same k. The order of k inside a product is free as long as A and B agree, so each lane gives
+// its fragment slots {2c, 2c+1, 2c+8, 2c+9} code pairs (j, j + 16 / BITS) of a word, which
+// share the word's two 16-bit halves, and builds the matching x pairs from its own loads.
+// Needs 16-bit x and 2/4 bits (8 bits with float16). The loads either run one step ahead in
+// registers (PIPE = 0) or PIPE - 1 steps ahead through asynchronous copies (PIPE > 0, below).
 //
 // Template constants: T (x and y), S (scales, biases), XK (1 float16, 2 bfloat16), BITS, GS,
 // RT, SK, U (chunks per lane and step), PIPE (stages of the asynchronous copies; 0: the
