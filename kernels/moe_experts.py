@@ -238,6 +238,10 @@ def switch_glu(x, inds, weights, gate, up, down, group_size: int = 64, bits: int
     path, whose result then has the residual's shape; elsewhere the result is (n, D))."""
     if validate_inputs:
         validate(x, inds, weights, gate, up, down, group_size, bits)
+        if residual is not None and residual.size != x.size:
+            # the down launch reads n * D residual values, whatever their shape
+            raise ValueError(f"residual {tuple(residual.shape)} does not hold the {x.shape[0]} "
+                             f"rows of {x.shape[1]} values of x")
     # the path is memoized per shape: this runs per layer per token
     key = (x.shape, x.dtype, inds.shape, gate[0].shape, gate[1].dtype, up[1].dtype, down[1].dtype,
            group_size, bits, shared_fn is None, backend(), selection.mode(), prefill_variant(),

@@ -213,6 +213,8 @@ def test_switch_glu_rejects_bad_input():
         moe_experts.switch_glu(x, inds, w, gate, up, gate, 32, 4)
     with pytest.raises(ValueError, match="stacked uint32"):
         moe_experts.switch_glu(x, inds, w, (mx.zeros((4, 32, 64)), *gate[1:]), up, down, 32, 4)
+    with pytest.raises(ValueError, match="residual"):
+        moe_experts.switch_glu(x, inds, w, gate, up, down, 32, 4, residual=mx.zeros((1, 64)))
 
 
 # ---------------------------------------------------------------- CPU: kernel bodies, emulated
