@@ -24,6 +24,10 @@ TC_MAX_M = 8
 USE_TC = os.environ.get("MARLIN_MLX_QMV_TC", "0") == "1"
 # stages of qmv_tc's asynchronous copies (0: the next step's loads in registers)
 TC_PIPE = int(os.environ.get("MARLIN_MLX_QMV_TC_PIPE", "0"))
+# The folded tensor-core GEMV (src/qmv_fold.h): one row of 16-bit x, 4-bit codes, K % 256 == 0.
+FOLD_SPEC = KernelSpec("marlin_qmv_fold", "qmv_fold.h", ("x", "w", "scales", "biases"), ("y",))
+# MARLIN_MLX_QMV_FOLD=1 sends the one-row launches it covers to it.
+USE_FOLD = os.environ.get("MARLIN_MLX_QMV_FOLD", "0") == "1"
 
 BITS = (2, 3, 4, 5, 6, 8)
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
@@ -186,8 +190,40 @@ def tc_plan(xdt, sdt, bits, group_size, xshape, N, RT=None, SK=None, U=None, PIP
     return plan
 
 
+def fold_supported(xdt, sdt, bits: int, group_size: int, MT: int, K: int) -> bool:
+    """Whether the folded body covers a launch: one row of 16-bit x, 16-bit scales, 4-bit
+    codes, groups of 32/64/128 and whole 256-value steps."""
+    return (MT == 1 and xdt in (mx.float16, mx.bfloat16) and sdt in (mx.float16, mx.bfloat16)
+            and bits == 4 and group_size in (32, 64, 128) and K % 256 == 0)
+
+
+def fold_config(N: int, K: int, RT: int | None = None, SK: int | None = None):
+    """(16-row tiles per simdgroup, simdgroups splitting K) of a folded launch: enough
+    simdgroups for TC_TARGET_WARPS, at most one step of 256 values each."""
+    RT = RT or 1
+    if SK is None:
+        SK = cdiv(TC_TARGET_WARPS, cdiv(N, 16 * RT))
+    return RT, max(1, min(SK, K // 256, 8))
+
+
+def fold_plan(xdt, sdt, group_size, xshape, N, RT=None, SK=None):
+    """The folded launch plan, cached like `_plan`'s."""
+    key = ("fold", xdt, sdt, group_size, xshape, N, RT, SK)
+    plan = _PLANS.get(key)
+    if plan is None:
+        K, lead = xshape[-1], tuple(xshape[:-1])
+        RT, SK = fold_config(N, K, RT, SK)
+        template = [("T", xdt), ("S", sdt), ("XK", XKIND[xdt]), ("SXK", XKIND[sdt]),
+                    ("GS", group_size), ("RT", RT), ("SK", SK), ("K", K), ("N", N)]
+        kern, ktemplate = (cuda_plan_kernel(FOLD_SPEC, template) if backend() == "cuda"
+                           else (None, None))
+        plan = _PLANS[key] = (template, (32 * SK * cdiv(N, 16 * RT), 1, 1), (32 * SK, 1, 1),
+                              [(*lead, N)], [xdt], kern, ktemplate)
+    return plan
+
+
 def qmv_kernel(x, w, scales, biases, group_size, bits, *, R=None, SK=None, PF=None, tc=None,
-               RT=None, U=None, PIPE=None):
+               RT=None, U=None, PIPE=None, fold=None):
     """The custom kernel alone (no validation, no fallback): the tensor-core body where it
     applies (`tc`, default USE_TC unless a float-body shape R / PF is asked for; RT, U, PIPE
     its row tiles, chunks per lane and copy stages), else the float-FMA one. Kept lean: at decode the host
@@ -195,9 +231,15 @@ def qmv_kernel(x, w, scales, biases, group_size, bits, *, R=None, SK=None, PF=No
     sdt = scales.dtype
     if biases.dtype != sdt:
         biases = biases.astype(sdt)
+    if fold is None:
+        fold = USE_FOLD and R is None and PF is None and not tc
     if tc is None:
         tc = USE_TC and R is None and PF is None
-    if tc and tc_supported(x.dtype, bits, prod(x.shape[:-1])):
+    if fold and fold_supported(x.dtype, sdt, bits, group_size, prod(x.shape[:-1]), x.shape[-1]):
+        spec = FOLD_SPEC
+        template, grid, tg, oshape, odt, kern, ktemplate = fold_plan(
+            x.dtype, sdt, group_size, x.shape, w.shape[0], RT, SK)
+    elif tc and tc_supported(x.dtype, bits, prod(x.shape[:-1])):
         spec = TC_SPEC
         template, grid, tg, oshape, odt, kern, ktemplate = tc_plan(
             x.dtype, sdt, bits, group_size, x.shape, w.shape[0], RT, SK, U, PIPE)
@@ -224,4 +266,9 @@ def compile_cases():
             t = tc_plan(dt, dt, bits, 64, (MT, 4096), 12288, RT=RT, U=U, PIPE=PIPE)[0]
             name = f"qmv_tc-b{bits}-{dt}-M{MT}-RT{RT}-U{U}-P{PIPE}".replace("mlx.core.", "")
             out.append((name, TC_SPEC, [dt, mx.uint32, dt, dt], [1 << 20] * 4, [dt], t))
+    for dt in (mx.float16, mx.bfloat16):
+        for gs, RT in ((64, 1), (32, 2), (128, 1)):
+            t = fold_plan(dt, dt, gs, (1, 4096), 12288, RT=RT)[0]
+            name = f"qmv_fold-{dt}-g{gs}-RT{RT}".replace("mlx.core.", "")
+            out.append((name, FOLD_SPEC, [dt, mx.uint32, dt, dt], [1 << 20] * 4, [dt], t))
     return out

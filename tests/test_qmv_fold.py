@@ -1,0 +1,100 @@
+"""qmv's folded tensor-core body (src/qmv_fold.h: codes as magic-number values in the products,
+the affine step once per group in float): its Metal rendering on the CPU emulator (fragment
+order, the float16 16 q / x / 16 pairing, the sums product, split-K, row tails), what it
+covers, and on the GPU against the float64 oracle with poisoned outputs."""
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+
+from marlin_mlx.kernels import launch, qmv
+from test_qmm import TOL, _case, _rel_err  # qmm's case builder and float64 error: same layout
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.mark.parametrize("dtype,gs,RT,SK,K", [
+    (mx.float16, 64, 1, 2, 512),    # float16: odd codes at 16 q met by x / 16
+    (mx.bfloat16, 32, 2, 3, 768),   # bfloat16 shifts, two row tiles, 8 groups a step
+    (mx.float16, 128, 1, 3, 768),   # 2 groups a step, 16-byte code loads, uneven split-K
+    (mx.bfloat16, 64, 2, 1, 256),   # one step, one simdgroup
+])
+def test_qmv_fold_body_on_cpu_emulator(dtype, gs, RT, SK, K, tmp_path):
+    import metal_emulator
+    if not metal_emulator.available():
+        pytest.skip("needs g++ with C++20 <barrier> and _Float16")
+    N = 40  # not a multiple of 16 * RT rows: the last tile reads clamped rows, writes none
+    x, q, s, b = _case(1, N, K, 4, gs, dtype, seed=gs + RT)
+    t, grid, tg, osh, odt, _, _ = qmv.fold_plan(dtype, s.dtype, gs, (1, K), N, RT=RT, SK=SK)
+    assert dict(t)["SK"] == SK and dict(t)["RT"] == RT
+    y = metal_emulator.emulate([dict(spec=qmv.FOLD_SPEC, inputs=[x, q, s, b], template=t,
+                                     grid=grid, threadgroup=tg, output_shapes=osh,
+                                     output_dtypes=odt)], tmp_path)[0]
+    assert _rel_err(y, x, q, s, b, 4, gs) < TOL[dtype]
+
+
+def test_qmv_fold_on_emulator_keeps_float_accuracy_with_large_x(tmp_path):
+    """x of magnitude 1e3 with an offset: the codes' 1024 offset is removed in float after the
+    products, so the result must stay within the output's own rounding (float16)."""
+    import metal_emulator
+    if not metal_emulator.available():
+        pytest.skip("needs g++ with C++20 <barrier> and _Float16")
+    N, K = 16, 512
+    x, q, s, b = _case(1, N, K, 4, 64, mx.float16, seed=7)
+    x = (x.astype(mx.float32) * 30 + 20).astype(mx.float16)
+    t, grid, tg, osh, odt, _, _ = qmv.fold_plan(mx.float16, s.dtype, 64, (1, K), N, SK=2)
+    y = metal_emulator.emulate([dict(spec=qmv.FOLD_SPEC, inputs=[x, q, s, b], template=t,
+                                     grid=grid, threadgroup=tg, output_shapes=osh,
+                                     output_dtypes=odt)], tmp_path)[0]
+    assert _rel_err(y, x, q, s, b, 4, 64) < 1e-3
+
+
+def test_qmv_fold_support_and_config():
+    f16, bf16, f32 = mx.float16, mx.bfloat16, mx.float32
+    assert qmv.fold_supported(bf16, bf16, 4, 64, 1, 4096)
+    assert qmv.fold_supported(f16, bf16, 4, 128, 1, 12288)
+    assert not qmv.fold_supported(bf16, bf16, 4, 64, 2, 4096)    # one row of x
+    assert not qmv.fold_supported(f32, f32, 4, 64, 1, 4096)      # 16-bit products
+    assert not qmv.fold_supported(bf16, f32, 4, 64, 1, 4096)     # scales read as 16-bit words
+    assert not qmv.fold_supported(bf16, bf16, 8, 64, 1, 4096)    # 4-bit codes only
+    assert not qmv.fold_supported(bf16, bf16, 4, 64, 1, 4096 + 64)  # whole 256-value steps
+    for N, K in ((4096, 4096), (12288, 4096), (4096, 12288), (256, 256), (8192, 28672)):
+        RT, SK = qmv.fold_config(N, K)
+        assert RT == 1 and 1 <= SK <= min(8, K // 256)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not launch.backend(), reason="needs an MLX GPU backend")
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("gs", [32, 64, 128])
+def test_qmv_fold_gpu_matches_float64(dtype, gs, monkeypatch):
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
+    N, K = 1000, 4096 + 256  # an N tail
+    x, q, s, b = _case(1, N, K, 4, gs, dtype, seed=gs)
+    y = qmv.qmv_kernel(x, q, s, b, gs, 4, fold=True)
+    assert _rel_err(y, x, q, s, b, 4, gs) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not launch.backend(), reason="needs an MLX GPU backend")
+@pytest.mark.parametrize("RT,SK", [(1, 1), (2, 3), (1, 8), (2, 5)])
+def test_qmv_fold_gpu_tilings(RT, SK, monkeypatch):
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
+    x, q, s, b = _case(1, 12288, 4096 + 256, 4, 64, mx.bfloat16)
+    y = qmv.qmv_kernel(x, q, s, b, 64, 4, fold=True, RT=RT, SK=SK)
+    assert _rel_err(y, x, q, s, b, 4, 64) < TOL[mx.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not launch.backend(), reason="needs an MLX GPU backend")
+def test_qmv_fold_gpu_leading_dims_and_fallback(monkeypatch):
+    """x of shape (1, 1, K) comes back (1, 1, N); two rows or a ragged K take the float body
+    (each checked against the oracle)."""
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
+    for MT, K in ((1, 2048), (2, 2048), (1, 2048 + 64)):
+        x, q, s, b = _case(MT, 520, K, 4, 64, mx.bfloat16, seed=MT)
+        y = qmv.qmv_kernel(x.reshape(MT, 1, K), q, s, b, 64, 4, fold=True)
+        assert y.shape == (MT, 1, 520)
+        assert _rel_err(y.reshape(MT, 520), x, q, s, b, 4, 64) < TOL[mx.bfloat16]
+        assert np.isfinite(np.array(y.astype(mx.float32))).all()
