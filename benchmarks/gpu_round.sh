@@ -48,6 +48,9 @@
 #          (PIPE, SK, U) beside the float body and the register-prefetch loop
 # tc:      qmv's tensor-core body: its GPU tests (and the kernel tests, which now take it), then
 #          Nsight Compute times of both bodies and every tensor-core (RT, SK) per decode shape
+# fold:    qmv's folded tensor-core body: its GPU tests, then Nsight Compute times of every
+#          (RT, SK) beside the float body, qmv_tc, MLX and the plain read (stream_probe.py --fold),
+#          then the sections of one launch each (--details; DETAILS=0 skips)
 # flash:   the flash_prefill and dequantize GPU tests (FLASH_TESTS: more test files), then benchmarks/flash_attention.py (our
 #          large-head prefill attention vs MLX's, GLM-4.7-Flash shapes)
 # PROBE_VARIANTS / PROBE_PROFILE override the probe's variant lists.
@@ -243,6 +246,22 @@ PY
       echo "ncu rc=$?"; tail -3 "$OUT/$part.err"
       python3 benchmarks/ncu_probe.py --parse "$OUT/$part.csv" | grep -E "marlin|qmv" \
         > "$OUT/${part}_times.txt"; wc -l "$OUT/${part}_times.txt" ;;
+    fold)
+      timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
+        tests/test_qmv_fold.py > "$OUT/fold_tests.log" 2>&1; tail -5 "$OUT/fold_tests.log"
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      timeout ${NCU_TIMEOUT:-300} "$NCU" --clock-control none \
+        --metrics gpu__time_duration.sum,dram__bytes_read.sum,smsp__inst_executed.sum --csv \
+        python3 benchmarks/stream_probe.py --fold > "$OUT/fold.csv" 2> "$OUT/fold.err"
+      echo "ncu rc=$?"; tail -3 "$OUT/fold.err"
+      python3 benchmarks/ncu_probe.py --parse "$OUT/fold.csv" > "$OUT/fold_times.txt"
+      wc -l "$OUT/fold_times.txt"
+      [ "${DETAILS:-1}" = 1 ] && timeout ${NCU_TIMEOUT:-240} "$NCU" --clock-control none \
+        --section SpeedOfLight --section WarpStateStats --section Occupancy \
+        --section SchedulerStats --section LaunchStats --section InstructionStats \
+        -k "regex:${NCU_KERNELS:-marlin}" \
+        python3 benchmarks/stream_probe.py --details > "$OUT/fold_details.txt" 2>&1
+      echo "details rc=$?" ;;
     flash)
       timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
         tests/test_flash_attention.py tests/test_kernels_gpu.py ${FLASH_TESTS:-} -k "flash or dequant" \

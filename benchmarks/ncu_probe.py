@@ -72,9 +72,11 @@ def sweep():
 
 
 def parse(path):
+    """Median kernel time per (kernel, grid, block), and the median warp instructions issued
+    where the CSV has smsp__inst_executed.sum."""
     rows = list(csv.reader(open(path)))
     hdr = None
-    times = {}
+    times, insts = {}, {}
     for r in rows:
         if "Kernel Name" in r and "Metric Name" in r:
             hdr = r
@@ -82,18 +84,22 @@ def parse(path):
         if hdr is None or len(r) != len(hdr):
             continue
         d = dict(zip(hdr, r))
-        if d["Metric Name"] != "gpu__time_duration.sum":
-            continue
         name = d["Kernel Name"]
         if any(t in name for t in ("copy", "fill", "Random", "random", "astype", "normal")):
             continue
+        key = f"{name[:120]} grid={d.get('Grid Size', '')} block={d.get('Block Size', '')}"
         val = float(d["Metric Value"].replace(",", ""))
+        if d["Metric Name"] == "smsp__inst_executed.sum":
+            insts.setdefault(key, []).append(val)
+        if d["Metric Name"] != "gpu__time_duration.sum":
+            continue
         unit = d.get("Metric Unit", "ns")
         us = val / 1000 if unit in ("nsecond", "ns") else (val if unit in ("usecond", "us") else val * 1000)
-        key = f"{name[:120]} grid={d.get('Grid Size', '')} block={d.get('Block Size', '')}"
         times.setdefault(key, []).append(us)
     for name, ts in times.items():
-        print(f"{statistics.median(ts):9.2f} us  n={len(ts):3d}  {name}")
+        inst = (f"  {statistics.median(insts[name]) / 1e6:7.2f} M inst" if name in insts
+                else "")
+        print(f"{statistics.median(ts):9.2f} us  n={len(ts):3d}{inst}  {name}")
 
 
 if __name__ == "__main__":

@@ -131,16 +131,24 @@ def run():
         del q, s, b, a, w16
 
 
-def body_sweep(each, grid):
-    """qmv's bodies on Qwen3-8B's / the issue's shapes at 1, 4 and 8 rows of bfloat16 x: the
-    launches `each` (qmv_kernel keyword sets; None: MLX's quantized_matmul) at every row
-    count, and at one row every keyword set of `grid`."""
+def body_sweep(each, grid, rows=(1, 4, 8), dt=mx.bfloat16, ceiling=False):
+    """qmv's bodies on Qwen3-8B's / the issue's shapes at `rows` rows of x (bfloat16 unless
+    `dt`): the launches `each` (qmv_kernel keyword sets; None: MLX's quantized_matmul) at
+    every row count, and at one row every keyword set of `grid`; with `ceiling`, the plain
+    read of the same bytes (2 and 4 loads in flight, one pass) in the same process."""
     from marlin_mlx.kernels.qmv import qmv_kernel
-    dt = mx.bfloat16
+    kern = stream_kernel() if ceiling else None
     for K, N in ((4096, 4096), (12288, 4096), (4096, 12288), (28672, 8192)):
         q, s, b = mx.quantize(mx.random.normal((N, K)).astype(dt) * 0.02, group_size=64, bits=4)
         mx.eval(q, s, b)
-        for M in (1, 4, 8):
+        if ceiling:
+            a = mx.zeros(((q.nbytes + s.nbytes + b.nbytes) // 4,), mx.uint32)
+            mx.eval(a)
+            for rep in range(2):
+                for V in (2, 4):
+                    mx.eval(stream(kern, a, V, -(-a.size // 4 // (256 * V))))
+            del a
+        for M in rows:
             x = mx.random.normal((M, K)).astype(dt)
             mx.eval(x)
             for rep in range(2):
@@ -166,6 +174,16 @@ def pipe_sweep():
                 for U in (1, 2)])
 
 
+def fold_sweep():
+    """The folded tensor-core body (automatic shape and every (RT, SK)) beside the float body,
+    qmv_tc's register loop, MLX and the plain read of the same bytes, one row of x, bfloat16
+    then float16."""
+    for dt in (mx.bfloat16, mx.float16):
+        body_sweep([dict(tc=False), dict(fold=True), dict(tc=True, RT=1, SK=4, U=2), None],
+                   [dict(fold=True, RT=RT, SK=SK) for RT in (1, 2) for SK in (1, 2, 3, 4, 6, 8)],
+                   rows=(1,), dt=dt, ceiling=dt == mx.bfloat16)
+
+
 def details():
     """One launch each, for Nsight Compute's sections: qmv's two bodies, qmm at one row, the
     fp16 GEMV and the stream kernel (4 loads in flight, one pass), at 4096 -> 12288 and
@@ -182,6 +200,7 @@ def details():
         mx.eval(w16, q, s, b, x, a)
         mx.eval(qmv_kernel(x, q, s, b, 64, 4, tc=False))
         mx.eval(qmv_kernel(x, q, s, b, 64, 4, tc=True, RT=1, SK=4, U=2))
+        mx.eval(qmv_kernel(x, q, s, b, 64, 4, fold=True))
         mx.eval(qmm_kernel(x, q, s, b, 64, 4))
         mx.eval(x @ w16.T)
         mx.eval(stream(kern, a, 4, -(-a.size // 4 // 1024)))
@@ -195,6 +214,8 @@ if __name__ == "__main__":
         patterns()
     elif "--pipe" in sys.argv:
         pipe_sweep()
+    elif "--fold" in sys.argv:
+        fold_sweep()
     elif "--tc" in sys.argv:
         tc_sweep()
     else:
