@@ -175,13 +175,13 @@ def pipe_sweep():
 
 
 def fold_sweep():
-    """The folded tensor-core body (automatic shape and every (RT, SK)) beside the float body,
-    qmv_tc's register loop, MLX and the plain read of the same bytes, one row of x, bfloat16
-    then float16."""
-    for dt in (mx.bfloat16, mx.float16):
-        body_sweep([dict(tc=False), dict(fold=True), dict(tc=True, RT=1, SK=4, U=2), None],
-                   [dict(fold=True, RT=RT, SK=SK) for RT in (1, 2) for SK in (1, 2, 3, 4, 6, 8)],
-                   rows=(1,), dt=dt, ceiling=dt == mx.bfloat16)
+    """The folded tensor-core body (automatic shape and every (RT, SK, PF)) beside the float
+    body, qmv_tc's register loop, MLX and the plain read of the same bytes, one row of
+    bfloat16 x; then the automatic shapes with float16 x."""
+    each = [dict(tc=False), dict(fold=True), dict(tc=True, RT=1, SK=4, U=2), None]
+    body_sweep(each, [dict(fold=True, RT=RT, SK=SK, PF=PF) for RT in (1, 2)
+                      for SK in (2, 4, 6, 8) for PF in (0, 1)], rows=(1,), ceiling=True)
+    body_sweep(each[:2], [], rows=(1,), dt=mx.float16)
 
 
 def details():

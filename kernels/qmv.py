@@ -28,6 +28,7 @@ TC_PIPE = int(os.environ.get("MARLIN_MLX_QMV_TC_PIPE", "0"))
 FOLD_SPEC = KernelSpec("marlin_qmv_fold", "qmv_fold.h", ("x", "w", "scales", "biases"), ("y",))
 # MARLIN_MLX_QMV_FOLD=1 sends the one-row launches it covers to it.
 USE_FOLD = os.environ.get("MARLIN_MLX_QMV_FOLD", "0") == "1"
+FOLD_PF = int(os.environ.get("MARLIN_MLX_QMV_FOLD_PF", "1"))  # its register prefetch
 
 BITS = (2, 3, 4, 5, 6, 8)
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
@@ -197,24 +198,27 @@ def fold_supported(xdt, sdt, bits: int, group_size: int, MT: int, K: int) -> boo
             and bits == 4 and group_size in (32, 64, 128) and K % 256 == 0)
 
 
-def fold_config(N: int, K: int, RT: int | None = None, SK: int | None = None):
-    """(16-row tiles per simdgroup, simdgroups splitting K) of a folded launch: enough
-    simdgroups for TC_TARGET_WARPS, at most one step of 256 values each."""
+def fold_config(N: int, K: int, RT: int | None = None, SK: int | None = None,
+                PF: int | None = None):
+    """(16-row tiles per simdgroup, simdgroups splitting K, register prefetch) of a folded
+    launch: enough simdgroups for TC_TARGET_WARPS, at most one step of 256 values each."""
     RT = RT or 1
+    PF = FOLD_PF if PF is None else PF
     if SK is None:
         SK = cdiv(TC_TARGET_WARPS, cdiv(N, 16 * RT))
-    return RT, max(1, min(SK, K // 256, 8))
+    return RT, max(1, min(SK, K // 256, 8)), PF
 
 
-def fold_plan(xdt, sdt, group_size, xshape, N, RT=None, SK=None):
+def fold_plan(xdt, sdt, group_size, xshape, N, RT=None, SK=None, PF=None):
     """The folded launch plan, cached like `_plan`'s."""
-    key = ("fold", xdt, sdt, group_size, xshape, N, RT, SK)
+    key = ("fold", xdt, sdt, group_size, xshape, N, RT, SK, PF)
     plan = _PLANS.get(key)
     if plan is None:
         K, lead = xshape[-1], tuple(xshape[:-1])
-        RT, SK = fold_config(N, K, RT, SK)
+        RT, SK, PF = fold_config(N, K, RT, SK, PF)
         template = [("T", xdt), ("S", sdt), ("XK", XKIND[xdt]), ("SXK", XKIND[sdt]),
-                    ("GS", group_size), ("RT", RT), ("SK", SK), ("K", K), ("N", N)]
+                    ("GS", group_size), ("RT", RT), ("SK", SK), ("PF", PF), ("K", K),
+                    ("N", N)]
         kern, ktemplate = (cuda_plan_kernel(FOLD_SPEC, template) if backend() == "cuda"
                            else (None, None))
         plan = _PLANS[key] = (template, (32 * SK * cdiv(N, 16 * RT), 1, 1), (32 * SK, 1, 1),
@@ -238,7 +242,7 @@ def qmv_kernel(x, w, scales, biases, group_size, bits, *, R=None, SK=None, PF=No
     if fold and fold_supported(x.dtype, sdt, bits, group_size, prod(x.shape[:-1]), x.shape[-1]):
         spec = FOLD_SPEC
         template, grid, tg, oshape, odt, kern, ktemplate = fold_plan(
-            x.dtype, sdt, group_size, x.shape, w.shape[0], RT, SK)
+            x.dtype, sdt, group_size, x.shape, w.shape[0], RT, SK, PF)
     elif tc and tc_supported(x.dtype, bits, prod(x.shape[:-1])):
         spec = TC_SPEC
         template, grid, tg, oshape, odt, kern, ktemplate = tc_plan(
@@ -267,8 +271,8 @@ def compile_cases():
             name = f"qmv_tc-b{bits}-{dt}-M{MT}-RT{RT}-U{U}-P{PIPE}".replace("mlx.core.", "")
             out.append((name, TC_SPEC, [dt, mx.uint32, dt, dt], [1 << 20] * 4, [dt], t))
     for dt in (mx.float16, mx.bfloat16):
-        for gs, RT in ((64, 1), (32, 2), (128, 1)):
-            t = fold_plan(dt, dt, gs, (1, 4096), 12288, RT=RT)[0]
-            name = f"qmv_fold-{dt}-g{gs}-RT{RT}".replace("mlx.core.", "")
+        for gs, RT, PF in ((64, 1, 1), (32, 2, 0), (128, 1, 1), (64, 2, 0)):
+            t = fold_plan(dt, dt, gs, (1, 4096), 12288, RT=RT, PF=PF)[0]
+            name = f"qmv_fold-{dt}-g{gs}-RT{RT}-PF{PF}".replace("mlx.core.", "")
             out.append((name, FOLD_SPEC, [dt, mx.uint32, dt, dt], [1 << 20] * 4, [dt], t))
     return out

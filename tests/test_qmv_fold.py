@@ -14,20 +14,21 @@ from test_qmm import TOL, _case, _rel_err  # qmm's case builder and float64 erro
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-@pytest.mark.parametrize("dtype,gs,RT,SK,K", [
-    (mx.float16, 64, 1, 2, 512),    # float16: odd codes at 16 q met by x / 16
-    (mx.bfloat16, 32, 2, 3, 768),   # bfloat16 shifts, two row tiles, 8 groups a step
-    (mx.float16, 128, 1, 3, 768),   # 2 groups a step, 16-byte code loads, uneven split-K
-    (mx.bfloat16, 64, 2, 1, 256),   # one step, one simdgroup
+@pytest.mark.parametrize("dtype,gs,RT,SK,PF,K", [
+    (mx.float16, 64, 1, 2, 1, 1280),  # float16: odd codes at 16 q met by x / 16; 3 and 2 steps
+    (mx.bfloat16, 32, 2, 3, 0, 768),  # bfloat16 shifts, two row tiles, 8 groups a step
+    (mx.float16, 128, 1, 3, 1, 768),  # 2 groups a step, 16-byte code loads, one step each
+    (mx.bfloat16, 64, 2, 1, 1, 1024), # one simdgroup: both register sets in turn, twice
 ])
-def test_qmv_fold_body_on_cpu_emulator(dtype, gs, RT, SK, K, tmp_path):
+def test_qmv_fold_body_on_cpu_emulator(dtype, gs, RT, SK, PF, K, tmp_path):
     import metal_emulator
     if not metal_emulator.available():
         pytest.skip("needs g++ with C++20 <barrier> and _Float16")
     N = 40  # not a multiple of 16 * RT rows: the last tile reads clamped rows, writes none
     x, q, s, b = _case(1, N, K, 4, gs, dtype, seed=gs + RT)
-    t, grid, tg, osh, odt, _, _ = qmv.fold_plan(dtype, s.dtype, gs, (1, K), N, RT=RT, SK=SK)
-    assert dict(t)["SK"] == SK and dict(t)["RT"] == RT
+    t, grid, tg, osh, odt, _, _ = qmv.fold_plan(dtype, s.dtype, gs, (1, K), N, RT=RT, SK=SK,
+                                                 PF=PF)
+    assert dict(t)["SK"] == SK and dict(t)["RT"] == RT and dict(t)["PF"] == PF
     y = metal_emulator.emulate([dict(spec=qmv.FOLD_SPEC, inputs=[x, q, s, b], template=t,
                                      grid=grid, threadgroup=tg, output_shapes=osh,
                                      output_dtypes=odt)], tmp_path)[0]
@@ -60,8 +61,8 @@ def test_qmv_fold_support_and_config():
     assert not qmv.fold_supported(bf16, bf16, 8, 64, 1, 4096)    # 4-bit codes only
     assert not qmv.fold_supported(bf16, bf16, 4, 64, 1, 4096 + 64)  # whole 256-value steps
     for N, K in ((4096, 4096), (12288, 4096), (4096, 12288), (256, 256), (8192, 28672)):
-        RT, SK = qmv.fold_config(N, K)
-        assert RT == 1 and 1 <= SK <= min(8, K // 256)
+        RT, SK, PF = qmv.fold_config(N, K)
+        assert RT == 1 and 1 <= SK <= min(8, K // 256) and PF in (0, 1)
 
 
 @pytest.mark.gpu
@@ -78,11 +79,11 @@ def test_qmv_fold_gpu_matches_float64(dtype, gs, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not launch.backend(), reason="needs an MLX GPU backend")
-@pytest.mark.parametrize("RT,SK", [(1, 1), (2, 3), (1, 8), (2, 5)])
-def test_qmv_fold_gpu_tilings(RT, SK, monkeypatch):
+@pytest.mark.parametrize("RT,SK,PF", [(1, 1, 1), (2, 3, 1), (1, 8, 0), (2, 5, 0), (1, 2, 1)])
+def test_qmv_fold_gpu_tilings(RT, SK, PF, monkeypatch):
     monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
     x, q, s, b = _case(1, 12288, 4096 + 256, 4, 64, mx.bfloat16)
-    y = qmv.qmv_kernel(x, q, s, b, 64, 4, fold=True, RT=RT, SK=SK)
+    y = qmv.qmv_kernel(x, q, s, b, 64, 4, fold=True, RT=RT, SK=SK, PIPE=None, PF=PF)
     assert _rel_err(y, x, q, s, b, 4, 64) < TOL[mx.bfloat16]
 
 

@@ -100,3 +100,6 @@ KINLINE void k_cp_commit() {}
 template <int N>
 KINLINE void k_cp_wait() {}
 KINLINE void k_simd_barrier() { simdgroup_barrier(mem_flags::mem_threadgroup); }
+
+// prelude_cuda.h's k_and_or (one LOP3 there)
+KINLINE uint32_t k_and_or(uint32_t a, uint32_t b, uint32_t c) { return (a & b) | c; }

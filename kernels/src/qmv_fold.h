@@ -16,12 +16,12 @@
 // In a step, lane L of the simdgroup stages word slot L (8 values of x) in fragment order in
 // threadgroup memory; lane 4 g + c then takes, for every group of the step, WPL = GS / 32
 // consecutive code words of rows g and g + 8 of each row tile (one load per row and group), so
-// the 16 k of each product sit in one group. The next step's codes, scales, biases and x are
-// loaded into registers before this step's products (kept raw: nothing waits on them).
+// the 16 k of each product sit in one group. With PF the next step's codes, scales, biases and
+// x are loaded into registers before this step's products (kept raw: nothing waits on them).
 // Needs K % 256 == 0, 16-bit x and 16-bit scales (qmv.fold_supported).
 //
 // Template constants: T (x and y), S (scales, biases), XK (x kind: 1 float16, 2 bfloat16),
-// SXK (scale kind, same codes), GS (32, 64, 128), RT, SK, K, N.
+// SXK (scale kind, same codes), GS (32, 64, 128), RT, SK, PF (register prefetch), K, N.
 //// INCLUDE quant_common.h
 
 // The four 16-bit pairs a code word gives the products, in the order the x fragments use:
@@ -29,17 +29,19 @@
 // (float16: p[1] and p[3] as base + 16 code, met by x / 16).
 template <int XK>
 KINLINE void fold_pairs(uint32_t v, KTHREAD uint32_t* p) {
+  const uint32_t lo = 0x000F000Fu;
   if (XK == 1) {
-    const uint32_t v8 = v >> 8;
-    p[0] = (v & 0x000F000Fu) | 0x64006400u;
-    p[1] = (v & 0x00F000F0u) | 0x64006400u;
-    p[2] = (v8 & 0x000F000Fu) | 0x64006400u;
-    p[3] = (v8 & 0x00F000F0u) | 0x64006400u;
+    const uint32_t v8 = v >> 8, hi = 0x00F000F0u, base = 0x64006400u;
+    p[0] = k_and_or(v, lo, base);
+    p[1] = k_and_or(v, hi, base);
+    p[2] = k_and_or(v8, lo, base);
+    p[3] = k_and_or(v8, hi, base);
   } else {
-    p[0] = (v & 0x000F000Fu) | 0x43004300u;
-    p[1] = ((v >> 4) & 0x000F000Fu) | 0x43004300u;
-    p[2] = ((v >> 8) & 0x000F000Fu) | 0x43004300u;
-    p[3] = ((v >> 12) & 0x000F000Fu) | 0x43004300u;
+    const uint32_t base = 0x43004300u;
+    p[0] = k_and_or(v, lo, base);
+    p[1] = k_and_or(v >> 4, lo, base);
+    p[2] = k_and_or(v >> 8, lo, base);
+    p[3] = k_and_or(v >> 12, lo, base);
   }
 }
 
@@ -124,58 +126,65 @@ KUNROLL for (int t = 0; t < RT; ++t) { tot[t][0] = 0.0f; tot[t][1] = 0.0f; }
     XV = ((const KDEV uint4*)(x + size_t(s_) * 256))[lane];                                \
   }
 
-uint32_t nwv[RT][2][U][WPL], nsv[RT][2][SWR], nbv[RT][2][SWR];
-uint4 nxv;
-int s = int(simd_id);
-if (s < STEPS) FOLD_LOAD(s, nwv, nsv, nbv, nxv)
-for (; s < STEPS; s += SK) {
-  uint32_t wv[RT][2][U][WPL], sv[RT][2][SWR], bv[RT][2][SWR];
-  KUNROLL for (int t = 0; t < RT; ++t) {
-    KUNROLL for (int r = 0; r < 2; ++r) {
-      KUNROLL for (int u = 0; u < U; ++u) {
-        KUNROLL for (int j = 0; j < WPL; ++j) wv[t][r][u][j] = nwv[t][r][u][j];
-      }
-      KUNROLL for (int i = 0; i < SWR; ++i) { sv[t][r][i] = nsv[t][r][i]; bv[t][r][i] = nbv[t][r][i]; }
-    }
+// The products of one step from buffers WV, SV, BV, XV (loaded by FOLD_LOAD)
+#define FOLD_STEP(WV, SV, BV, XV)                                                          \
+  {                                                                                        \
+    xs[simd_id][lane] = fold_x_fragment<XK>(XV);                                           \
+    k_simd_barrier();                                                                      \
+    KUNROLL for (int u = 0; u < U; ++u) {                                                  \
+      uint4 xf[WPL]; /* this lane's x fragments of group u: word slots 4 WPL u + WPL c + j */ \
+      KUNROLL for (int j = 0; j < WPL; ++j) xf[j] = xs[simd_id][u * 4 * WPL + c * WPL + j]; \
+      float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* OFF (rows g) and X (rows g + 8) */      \
+      KUNROLL for (int j = 0; j < WPL; ++j) {                                              \
+        const uint32_t a_[4] = {A_OFF, A_X0, A_OFF, A_X1};                                 \
+        const uint32_t b0_[2] = {xf[j].x, xf[j].y}, b1_[2] = {xf[j].z, xf[j].w};           \
+        k_mma16816<XK>(sums, a_, b0_, lane);                                               \
+        k_mma16816<XK>(sums, a_, b1_, lane);                                               \
+      }                                                                                    \
+      KUNROLL for (int t = 0; t < RT; ++t) {                                               \
+        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                             \
+        KUNROLL for (int j = 0; j < WPL; ++j) {                                            \
+          uint32_t pg[4], ph[4];                                                           \
+          fold_pairs<XK>(WV[t][0][u][j], pg);                                              \
+          fold_pairs<XK>(WV[t][1][u][j], ph);                                              \
+          const uint32_t a0_[4] = {pg[0], ph[0], pg[1], ph[1]};                            \
+          const uint32_t a1_[4] = {pg[2], ph[2], pg[3], ph[3]};                            \
+          const uint32_t b0_[2] = {xf[j].x, xf[j].y}, b1_[2] = {xf[j].z, xf[j].w};         \
+          k_mma16816<XK>(d, a0_, b0_, lane);                                               \
+          k_mma16816<XK>(d, a1_, b1_, lane);                                               \
+        }                                                                                  \
+        KUNROLL for (int r = 0; r < 2; ++r) {                                              \
+          const float sc_ = fold_half<SXK>(SV[t][r][u / 2], u % 2);                        \
+          const float bi_ = fold_half<SXK>(BV[t][r][u / 2], u % 2);                        \
+          tot[t][r] = k_fma(sc_, d[2 * r] - sums[0], k_fma(bi_, sums[2], tot[t][r]));      \
+        }                                                                                  \
+      }                                                                                    \
+    }                                                                                      \
+    k_simd_barrier(); /* every lane has read the fragments before the next are staged */   \
   }
-  const uint4 xv = nxv;
-  if (s + SK < STEPS) FOLD_LOAD(s + SK, nwv, nsv, nbv, nxv)  // the next step's loads in flight
 
-  xs[simd_id][lane] = fold_x_fragment<XK>(xv);
-  k_simd_barrier();
-  KUNROLL for (int u = 0; u < U; ++u) {
-    uint4 xf[WPL];  // this lane's x fragments of group u (word slots 4 WPL u + WPL c + j)
-    KUNROLL for (int j = 0; j < WPL; ++j) xf[j] = xs[simd_id][u * 4 * WPL + c * WPL + j];
-    // OFF (rows g) and X (rows g + 8) of the group, in every lane
-    float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    KUNROLL for (int j = 0; j < WPL; ++j) {
-      const uint32_t a[4] = {A_OFF, A_X0, A_OFF, A_X1};
-      const uint32_t b0[2] = {xf[j].x, xf[j].y};
-      const uint32_t b1[2] = {xf[j].z, xf[j].w};
-      k_mma16816<XK>(sums, a, b0, lane);
-      k_mma16816<XK>(sums, a, b1, lane);
-    }
-    KUNROLL for (int t = 0; t < RT; ++t) {
-      float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      KUNROLL for (int j = 0; j < WPL; ++j) {
-        uint32_t pg[4], ph[4];
-        fold_pairs<XK>(wv[t][0][u][j], pg);
-        fold_pairs<XK>(wv[t][1][u][j], ph);
-        const uint32_t a0[4] = {pg[0], ph[0], pg[1], ph[1]};
-        const uint32_t a1[4] = {pg[2], ph[2], pg[3], ph[3]};
-        const uint32_t b0[2] = {xf[j].x, xf[j].y};
-        const uint32_t b1[2] = {xf[j].z, xf[j].w};
-        k_mma16816<XK>(d, a0, b0, lane);
-        k_mma16816<XK>(d, a1, b1, lane);
-      }
-      KUNROLL for (int r = 0; r < 2; ++r) {
-        const float sc = fold_half<SXK>(sv[t][r][u / 2], u % 2);
-        const float bi = fold_half<SXK>(bv[t][r][u / 2], u % 2);
-        tot[t][r] = k_fma(sc, d[2 * r] - sums[0], k_fma(bi, sums[2], tot[t][r]));
-      }
-    }
+// PF = 1: two register sets in turn, the next step's loads in flight during this step's
+// products (no copies between the sets); PF = 0: each step loads, then computes, and other
+// simdgroups cover the wait (fewer registers, more of them resident).
+uint32_t wa[RT][2][U][WPL], sa[RT][2][SWR], ba[RT][2][SWR];
+uint4 xa;
+int s = int(simd_id);
+if (PF) {
+  uint32_t wb[RT][2][U][WPL], sb[RT][2][SWR], bb[RT][2][SWR];
+  uint4 xb;
+  if (s < STEPS) FOLD_LOAD(s, wa, sa, ba, xa)
+  for (; s < STEPS; s += 2 * SK) {
+    if (s + SK < STEPS) FOLD_LOAD(s + SK, wb, sb, bb, xb)
+    FOLD_STEP(wa, sa, ba, xa)
+    if (s + SK >= STEPS) break;
+    if (s + 2 * SK < STEPS) FOLD_LOAD(s + 2 * SK, wa, sa, ba, xa)
+    FOLD_STEP(wb, sb, bb, xb)
   }
-  k_simd_barrier();  // every lane has read the fragments before the next step's are staged
+} else {
+  for (; s < STEPS; s += SK) {
+    FOLD_LOAD(s, wa, sa, ba, xa)
+    FOLD_STEP(wa, sa, ba, xa)
+  }
 }
 
 // Split-K: each simdgroup's row sums (lanes c = 0 hold them; the other columns repeat them)
