@@ -38,6 +38,13 @@ SPEC_RES = KernelSpec("marlin_qmv_res", "qmv_res.h", ("x", "w", "scales", "biase
 SPEC_GATED_NORM = KernelSpec("marlin_gated_norm", "gated_norm.h",
                              ("x", "w", "scales", "biases", "w2", "scales2", "biases2", "nw"),
                              ("y",))
+# The same fusions on the folded tensor-core GEMV (src/qmv_fold.h), for the launches it covers
+FOLD_SPECS = {
+    SPEC_NORM: KernelSpec("marlin_fold_norm", "fold_norm.h", SPEC_NORM.inputs, ("y",)),
+    SPEC_RES: KernelSpec("marlin_fold_res", "fold_res.h", SPEC_RES.inputs, ("y",)),
+    SPEC_GATED_NORM: KernelSpec("marlin_fold_gated_norm", "fold_gated_norm.h",
+                                SPEC_GATED_NORM.inputs, ("y",)),
+}
 SELF_TEST_TOL = {mx.float32: 1e-4, mx.float16: 3e-3, mx.bfloat16: 1.5e-2}
 # MARLIN_MLX_FUSE_DECODE=0 turns these fusions and kernels.qk_rope off (the probes compare both)
 ENABLED = os.environ.get("MARLIN_MLX_FUSE_DECODE", "1").strip() != "0"
@@ -52,20 +59,29 @@ _PLANS: dict = {}
 
 
 def _plan(spec, xdt, sdt, bits, group_size, xshape, N, eps):
-    key = (spec, xdt, sdt, bits, group_size, xshape, N, eps)
+    """(spec, plan): the folded body's variant where it covers the launch and is switched on
+    (qmv.USE_FOLD), else the float body's."""
+    key = (spec, xdt, sdt, bits, group_size, xshape, N, eps, _qmv.USE_FOLD)
     plan = _PLANS.get(key)
     if plan is None:
         extra = () if eps is None else (("EPS", eps_bits(eps)),)
-        plan = _PLANS[key] = _qmv.build_plan(spec, xdt, sdt, bits, group_size, xshape, N, None,
-                                             None, _qmv.PREFETCH, gated=spec is SPEC_GATED_NORM,
-                                             extra=extra)
+        if _qmv.USE_FOLD and _qmv.fold_supported(xdt, sdt, bits, group_size,
+                                                 math.prod(xshape[:-1]), xshape[-1]):
+            fspec = FOLD_SPECS[spec]
+            plan = (fspec, _qmv.fold_plan(xdt, sdt, group_size, xshape, N, spec=fspec,
+                                          extra=extra))
+        else:
+            plan = (spec, _qmv.build_plan(spec, xdt, sdt, bits, group_size, xshape, N, None,
+                                          None, _qmv.PREFETCH, gated=spec is SPEC_GATED_NORM,
+                                          extra=extra))
+        _PLANS[key] = plan
     return plan
 
 
 def _run(spec, inputs, x, sdt, bits, group_size, N, eps=None, k=None):
     xshape = x.shape if k is None else (*x.shape[:-1], k)  # k: x's first k values
-    template, grid, tg, oshape, odt, kern, ktemplate = _plan(spec, x.dtype, sdt, bits,
-                                                             group_size, xshape, N, eps)
+    spec, (template, grid, tg, oshape, odt, kern, ktemplate) = _plan(
+        spec, x.dtype, sdt, bits, group_size, xshape, N, eps)
     return launch_planned(spec, inputs, template, grid, tg, oshape, odt, kern, ktemplate)[0]
 
 
@@ -234,4 +250,10 @@ def compile_cases():
                    else U32 for n in spec.inputs]
             out.append((f"{spec.name}-{dt}".replace("mlx.core.", ""), spec, dts,
                         [1 << 20] * n_in, [dt], t))
+            if dt != mx.float32:  # the folded body's variant of the same launch
+                fspec = FOLD_SPECS[spec]
+                t = _qmv.fold_plan(dt, dt, 64, (1, 4096), 12288, spec=fspec,
+                                   extra=() if eps is None else (("EPS", eps_bits(eps)),))[0]
+                out.append((f"{fspec.name}-{dt}".replace("mlx.core.", ""), fspec, dts,
+                            [1 << 20] * n_in, [dt], t))
     return out

@@ -26,7 +26,8 @@ USE_TC = os.environ.get("MARLIN_MLX_QMV_TC", "0") == "1"
 TC_PIPE = int(os.environ.get("MARLIN_MLX_QMV_TC_PIPE", "0"))
 # The folded tensor-core GEMV (src/qmv_fold.h): one row of 16-bit x, 4-bit codes, K % 256 == 0.
 FOLD_SPEC = KernelSpec("marlin_qmv_fold", "qmv_fold.h", ("x", "w", "scales", "biases"), ("y",))
-# MARLIN_MLX_QMV_FOLD=1 sends the one-row launches it covers to it.
+# MARLIN_MLX_QMV_FOLD=1 sends the one-row launches it covers (and the fused decode variants,
+# kernels/fused_linear.py) to it.
 USE_FOLD = os.environ.get("MARLIN_MLX_QMV_FOLD", "0") == "1"
 FOLD_PF = int(os.environ.get("MARLIN_MLX_QMV_FOLD_PF", "1"))  # its register prefetch
 
@@ -198,30 +199,41 @@ def fold_supported(xdt, sdt, bits: int, group_size: int, MT: int, K: int) -> boo
             and bits == 4 and group_size in (32, 64, 128) and K % 256 == 0)
 
 
+FOLD_TARGET_WARPS = 2048  # the H200 sweep's best split-K at N = 4096, 8192, 12288 (Session 13)
+
+
 def fold_config(N: int, K: int, RT: int | None = None, SK: int | None = None,
-                PF: int | None = None):
+                PF: int | None = None, gated: bool = False):
     """(16-row tiles per simdgroup, simdgroups splitting K, register prefetch) of a folded
-    launch: enough simdgroups for TC_TARGET_WARPS, at most one step of 256 values each."""
-    RT = RT or 1
+    launch. Split-K is the power of two that brings the simdgroups nearest FOLD_TARGET_WARPS
+    from below (uneven splits measured slower), at most one 256-value step each; a gated
+    launch reads its gate and up rows as two tiles."""
+    RT = 2 if gated else (RT or 1)
     PF = FOLD_PF if PF is None else PF
     if SK is None:
-        SK = cdiv(TC_TARGET_WARPS, cdiv(N, 16 * RT))
+        want = max(1, FOLD_TARGET_WARPS // cdiv(N, 16 * (1 if gated else RT)))
+        SK = 1 << (want.bit_length() - 1)
     return RT, max(1, min(SK, K // 256, 8)), PF
 
 
-def fold_plan(xdt, sdt, group_size, xshape, N, RT=None, SK=None, PF=None):
-    """The folded launch plan, cached like `_plan`'s."""
-    key = ("fold", xdt, sdt, group_size, xshape, N, RT, SK, PF)
+def fold_plan(xdt, sdt, group_size, xshape, N, RT=None, SK=None, PF=None, spec=None,
+              extra: tuple = ()):
+    """The folded launch plan, cached like `_plan`'s (`spec`: a fused variant, whose extra
+    template constants follow)."""
+    spec = spec or FOLD_SPEC
+    key = ("fold", spec, xdt, sdt, group_size, xshape, N, RT, SK, PF, extra)
     plan = _PLANS.get(key)
     if plan is None:
         K, lead = xshape[-1], tuple(xshape[:-1])
-        RT, SK, PF = fold_config(N, K, RT, SK, PF)
+        gated = "gated" in spec.src
+        RT, SK, PF = fold_config(N, K, RT, SK, PF, gated)
         template = [("T", xdt), ("S", sdt), ("XK", XKIND[xdt]), ("SXK", XKIND[sdt]),
                     ("GS", group_size), ("RT", RT), ("SK", SK), ("PF", PF), ("K", K),
-                    ("N", N)]
-        kern, ktemplate = (cuda_plan_kernel(FOLD_SPEC, template) if backend() == "cuda"
+                    ("N", N), *extra]
+        kern, ktemplate = (cuda_plan_kernel(spec, template) if backend() == "cuda"
                            else (None, None))
-        plan = _PLANS[key] = (template, (32 * SK * cdiv(N, 16 * RT), 1, 1), (32 * SK, 1, 1),
+        tiles = cdiv(N, 16 * (1 if gated else RT))
+        plan = _PLANS[key] = (template, (32 * SK * tiles, 1, 1), (32 * SK, 1, 1),
                               [(*lead, N)], [xdt], kern, ktemplate)
     return plan
 

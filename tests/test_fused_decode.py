@@ -76,14 +76,20 @@ SPECS = {"qmv_norm": fused_linear.SPEC_NORM, "qmv_res": fused_linear.SPEC_RES,
 
 @pytest.mark.parametrize("op", list(SPECS))
 @pytest.mark.parametrize("dt", [mx.float16, mx.bfloat16])
-def test_fused_gemv_bodies_on_cpu_emulator(op, dt, tmp_path):
+@pytest.mark.parametrize("fold", [False, True])
+def test_fused_gemv_bodies_on_cpu_emulator(op, dt, fold, tmp_path, monkeypatch):
+    """Both bodies: the float one (K = 320, a ragged step) and the folded tensor-core one
+    (K = 768: three 256-value steps over two simdgroups)."""
     import metal_emulator
     if not metal_emulator.available():
         pytest.skip("no C++20 g++")
-    inputs, ref = _case(op, dt)
-    spec = SPECS[op]
+    monkeypatch.setattr(fused_linear._qmv, "USE_FOLD", fold)
+    K = 768 if fold else 320
+    inputs, ref = _case(op, dt, K=K)
     eps = None if op == "qmv_res" else 1e-5
-    t, grid, tg, osh, odt, _, _ = fused_linear._plan(spec, dt, dt, 4, 64, (1, 320), 40, eps)
+    spec, (t, grid, tg, osh, odt, _, _) = fused_linear._plan(SPECS[op], dt, dt, 4, 64, (1, K),
+                                                             40, eps)
+    assert (spec is fused_linear.FOLD_SPECS[SPECS[op]]) == fold
     y = metal_emulator.emulate([dict(spec=spec, inputs=inputs, template=t, grid=grid,
                                      threadgroup=tg, output_shapes=osh, output_dtypes=odt)],
                                tmp_path)[0]
@@ -201,7 +207,13 @@ def test_eps_bits_round_trip():
 @pytest.mark.parametrize("op", list(SPECS))
 @pytest.mark.parametrize("dt", [mx.float16, mx.bfloat16, mx.float32])
 @pytest.mark.parametrize("bits", [4, 8, 3])
-def test_fused_gemv_kernels_gpu(op, dt, bits, poison):
+@pytest.mark.parametrize("fold", [False, True])
+def test_fused_gemv_kernels_gpu(op, dt, bits, fold, poison, monkeypatch):
+    """fold: the folded tensor-core body where it covers the launch (4 bits, 16-bit x); the
+    float body otherwise."""
+    if fold and (bits != 4 or dt == mx.float32):
+        pytest.skip("the folded body takes 4-bit codes and 16-bit x")
+    monkeypatch.setattr(fused_linear._qmv, "USE_FOLD", fold)
     N, K = 300, 64 * 40
     inputs, ref = _case(op, dt, N=N, K=K, bits=bits, seed=np.random.randint(1 << 20))
     if op == "qmv_norm":

@@ -1,0 +1,176 @@
+// The folded decode GEMV's body (see qmv_fold.h), shared by its fused variants.
+// Variant switches (set before `//// BODY` by fold_norm.h, fold_res.h, fold_gated_norm.h; the
+// defaults are plain): GATED reads gate rows (w) as tile 0 and up rows (QW2/QS2/QB2) as tile 1
+// of the same outputs (RT = 2) and writes silu(gate) * up; NORM multiplies x by QNW as it is
+// staged, sums x^2 and scales each output by 1 / rms(x) (eps QEPS); RES adds QRES[n].
+#ifndef GATED
+#define GATED 0
+#define QW2 w
+#define QS2 scales
+#define QB2 biases
+#endif
+#ifndef NORM
+#define NORM 0
+#define QNW x
+#define QEPS 0.0f
+#endif
+#ifndef RES
+#define RES 0
+#define QRES x
+#endif
+constexpr int KW = K / 8;            // code words per weight row
+constexpr int NG = K / GS;           // groups per row
+constexpr int U = 256 / GS;          // groups per step
+constexpr int WPL = GS / 32;         // code words per lane, row and group
+constexpr int SWR = U / 2;           // words of scales (or biases) per row and step
+constexpr int STEPS = K / 256;
+constexpr int TR = GATED ? 16 : 16 * RT;  // output rows of a threadgroup
+// The constant A of the sums product: rows g give OFF (base times the fragment values, which
+// for float16 hold x / 16 where the codes were taken at 16 q), rows g + 8 give X.
+constexpr uint32_t A_OFF = (XK == 1) ? 0x64006400u : 0x43004300u;  // 1024 or 128
+constexpr uint32_t A_X0 = (XK == 1) ? 0x3C003C00u : 0x3F803F80u;   // 1
+constexpr uint32_t A_X1 = (XK == 1) ? 0x4C004C00u : 0x3F803F80u;   // 16 (float16) or 1
+
+const int g = int(lane) >> 2;
+const int c = int(lane) & 3;
+const int n0 = int(tg_x) * TR;
+
+KSHARED uint4 xs[SK][32];  // each simdgroup's step of x, word slot by word slot
+KSHARED float red[SK][16 * RT + 1];  // row sums (gate, then up), then NORM's sum of x^2
+
+float tot[RT][2];
+KUNROLL for (int t = 0; t < RT; ++t) { tot[t][0] = 0.0f; tot[t][1] = 0.0f; }
+float ssq = 0.0f;  // NORM: this lane's share of sum(x^2)
+
+// Loads of step s_: WV[t][r][u][j] code words, SV / BV[t][r][i] scale / bias words, XV this
+// lane's 8 values of x (rows past N read row N - 1 and are not written).
+// NW consecutive words from p into d[0 .. NW) (16-, 8- or 4-byte loads)
+#define FOLD_WORDS(NW, d, p)                                                               \
+  if ((NW) % 4 == 0) {                                                                     \
+    KUNROLL for (int i_ = 0; i_ < (NW) / 4; ++i_) {                                        \
+      const uint4 v_ = ((const KDEV uint4*)(p))[i_];                                       \
+      d[4 * i_] = v_.x; d[4 * i_ + 1] = v_.y; d[4 * i_ + 2] = v_.z; d[4 * i_ + 3] = v_.w;  \
+    }                                                                                      \
+  } else if ((NW) % 2 == 0) {                                                              \
+    KUNROLL for (int i_ = 0; i_ < (NW) / 2; ++i_) {                                        \
+      const uint2 v_ = ((const KDEV uint2*)(p))[i_];                                       \
+      d[2 * i_] = v_.x; d[2 * i_ + 1] = v_.y;                                              \
+    }                                                                                      \
+  } else {                                                                                 \
+    KUNROLL for (int i_ = 0; i_ < (NW); ++i_) d[i_] = (p)[i_];                             \
+  }
+
+// Loads of step s_: WV[t][r][u][j] code words, SV / BV[t][r][i] scale / bias words, XV this
+// lane's 8 values of x and NV of the norm weight (rows past N read row N - 1 and are not
+// written; GATED: tile 1 reads the up rows of the same outputs).
+#define FOLD_LOAD(s_, WV, SV, BV, XV, NV)                                                  \
+  {                                                                                        \
+    KUNROLL for (int t = 0; t < RT; ++t) {                                                 \
+      KUNROLL for (int r = 0; r < 2; ++r) {                                                \
+        const int rw_ = n0 + (GATED ? 0 : 16 * t) + 8 * r + g;                             \
+        const int row_ = (rw_ < N) ? rw_ : (N - 1);                                        \
+        const bool up_ = GATED && t == 1;                                                  \
+        const KDEV uint32_t* wp_ = (up_ ? QW2 : w) + size_t(row_) * KW + size_t(s_) * 32 + c * WPL; \
+        KUNROLL for (int u = 0; u < U; ++u) { FOLD_WORDS(WPL, WV[t][r][u], wp_ + u * 4 * WPL) } \
+        const size_t so_ = size_t(row_) * NG + size_t(s_) * U;                             \
+        FOLD_WORDS(SWR, SV[t][r], (const KDEV uint32_t*)((up_ ? QS2 : scales) + so_))      \
+        FOLD_WORDS(SWR, BV[t][r], (const KDEV uint32_t*)((up_ ? QB2 : biases) + so_))      \
+      }                                                                                    \
+    }                                                                                      \
+    XV = ((const KDEV uint4*)(x + size_t(s_) * 256))[lane];                                \
+    if (NORM) NV = ((const KDEV uint4*)(QNW + size_t(s_) * 256))[lane];                    \
+  }
+
+// The products of one step from buffers WV, SV, BV, XV (loaded by FOLD_LOAD)
+#define FOLD_STEP(WV, SV, BV, XV, NV)                                                      \
+  {                                                                                        \
+    xs[simd_id][lane] = NORM ? fold_x_norm_fragment<XK>(XV, NV, ssq)                       \
+                             : fold_x_fragment<XK>(XV);                                    \
+    k_simd_barrier();                                                                      \
+    KUNROLL for (int u = 0; u < U; ++u) {                                                  \
+      uint4 xf[WPL]; /* this lane's x fragments of group u: word slots 4 WPL u + WPL c + j */ \
+      KUNROLL for (int j = 0; j < WPL; ++j) xf[j] = xs[simd_id][u * 4 * WPL + c * WPL + j]; \
+      float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* OFF (rows g) and X (rows g + 8) */      \
+      KUNROLL for (int j = 0; j < WPL; ++j) {                                              \
+        const uint32_t a_[4] = {A_OFF, A_X0, A_OFF, A_X1};                                 \
+        const uint32_t b0_[2] = {xf[j].x, xf[j].y}, b1_[2] = {xf[j].z, xf[j].w};           \
+        k_mma16816<XK>(sums, a_, b0_, lane);                                               \
+        k_mma16816<XK>(sums, a_, b1_, lane);                                               \
+      }                                                                                    \
+      KUNROLL for (int t = 0; t < RT; ++t) {                                               \
+        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                             \
+        KUNROLL for (int j = 0; j < WPL; ++j) {                                            \
+          uint32_t pg[4], ph[4];                                                           \
+          fold_pairs<XK>(WV[t][0][u][j], pg);                                              \
+          fold_pairs<XK>(WV[t][1][u][j], ph);                                              \
+          const uint32_t a0_[4] = {pg[0], ph[0], pg[1], ph[1]};                            \
+          const uint32_t a1_[4] = {pg[2], ph[2], pg[3], ph[3]};                            \
+          const uint32_t b0_[2] = {xf[j].x, xf[j].y}, b1_[2] = {xf[j].z, xf[j].w};         \
+          k_mma16816<XK>(d, a0_, b0_, lane);                                               \
+          k_mma16816<XK>(d, a1_, b1_, lane);                                               \
+        }                                                                                  \
+        KUNROLL for (int r = 0; r < 2; ++r) {                                              \
+          const float sc_ = fold_half<SXK>(SV[t][r][u / 2], u % 2);                        \
+          const float bi_ = fold_half<SXK>(BV[t][r][u / 2], u % 2);                        \
+          tot[t][r] = k_fma(sc_, d[2 * r] - sums[0], k_fma(bi_, sums[2], tot[t][r]));      \
+        }                                                                                  \
+      }                                                                                    \
+    }                                                                                      \
+    k_simd_barrier(); /* every lane has read the fragments before the next are staged */   \
+  }
+
+// PF = 1: two register sets in turn, the next step's loads in flight during this step's
+// products (no copies between the sets); PF = 0: each step loads, then computes, and other
+// simdgroups cover the wait (fewer registers, more of them resident).
+uint32_t wa[RT][2][U][WPL], sa[RT][2][SWR], ba[RT][2][SWR];
+uint4 xa, na = k_uint4(0u, 0u, 0u, 0u);
+int s = int(simd_id);
+if (PF) {
+  uint32_t wb[RT][2][U][WPL], sb[RT][2][SWR], bb[RT][2][SWR];
+  uint4 xb, nb = k_uint4(0u, 0u, 0u, 0u);
+  if (s < STEPS) FOLD_LOAD(s, wa, sa, ba, xa, na)
+  for (; s < STEPS; s += 2 * SK) {
+    if (s + SK < STEPS) FOLD_LOAD(s + SK, wb, sb, bb, xb, nb)
+    FOLD_STEP(wa, sa, ba, xa, na)
+    if (s + SK >= STEPS) break;
+    if (s + 2 * SK < STEPS) FOLD_LOAD(s + 2 * SK, wa, sa, ba, xa, na)
+    FOLD_STEP(wb, sb, bb, xb, nb)
+  }
+} else {
+  for (; s < STEPS; s += SK) {
+    FOLD_LOAD(s, wa, sa, ba, xa, na)
+    FOLD_STEP(wa, sa, ba, xa, na)
+  }
+}
+
+// Split-K: each simdgroup's row sums (lanes c = 0 hold them; the other columns repeat them)
+if (c == 0) {
+  KUNROLL for (int t = 0; t < RT; ++t) {
+    red[simd_id][16 * t + g] = tot[t][0];
+    red[simd_id][16 * t + g + 8] = tot[t][1];
+  }
+}
+if (NORM) {  // every k passes through exactly one lane of this threadgroup
+  const float v = k_simd_sum(ssq);
+  if (lane == 0) red[simd_id][16 * RT] = v;
+}
+KBARRIER();
+for (int i = int(tid); i < TR; i += 32 * SK) {
+  float v = 0.0f, u = 0.0f;
+  KUNROLL for (int k = 0; k < SK; ++k) v += red[k][i];
+  if (GATED) {
+    KUNROLL for (int k = 0; k < SK; ++k) u += red[k][16 + i];
+  }
+  if (NORM) {
+    float s2 = 0.0f;
+    KUNROLL for (int k = 0; k < SK; ++k) s2 += red[k][16 * RT];
+    const float inv = k_rsqrt(s2 / float(K) + QEPS);
+    v *= inv;
+    u *= inv;
+  }
+  if (GATED) v = k_silu(v) * u;  // silu(gate) * up
+  if (n0 + i < N) {
+    if (RES) v += float(QRES[n0 + i]);
+    y[n0 + i] = static_cast<T>(v);
+  }
+}

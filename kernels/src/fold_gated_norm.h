@@ -1,0 +1,13 @@
+// fold_gated_norm: silu(Wg . rmsnorm(x)) * (Wu . rmsnorm(x)) on the folded decode GEMV (see
+// qmv_fold.h and gated_norm.h): gate rows are tile 0 and up rows tile 1 of every simdgroup
+// (RT = 2). Template constants as qmv_fold, plus EPS (eps's float32 bits).
+//// INCLUDE fold_common.h
+#define GATED 1
+#define QW2 w2
+#define QS2 scales2
+#define QB2 biases2
+#define NORM 1
+#define QNW nw
+#define QEPS k_as_float(uint32_t(EPS))
+//// BODY
+//// INCLUDE fold_core.h
