@@ -16,7 +16,8 @@ q-k-norm-RoPE fusions of kernels.fused_linear and kernels.qk_rope), -pf1 (softwa
 -qkv (q/k/v as one launch, patched in here for measurement only), -hN (at most N query heads
 per paged-attention threadgroup), -nobake (CUDA launches
 through MLX's template path instead of per-template kernel objects), -rN (N rows per simdgroup
-at M <= 4), -twN (N times the split-K warp target), -layers (with --compiled: one compiled
+at M <= 4), -twN (N times the split-K warp target), -fold / -nofold (the folded tensor-core
+decode GEMVs on / off), -layers (with --compiled: one compiled
 function per layer boundary even where the caches allow a whole compiled step), -noinplace
 (the whole step writes latent-cache rows by slice update, not from the query kernel),
 -collapsed (GLM's sigmoid routers zeroed: every token on the same experts).
@@ -106,6 +107,11 @@ def apply_variant(model, variant: str):
         paged_attention.HEADS_CAP = cap
         paged_attention._PLANS.clear()
     qmv.PREFETCH = 1 if "pf1" in parts else 0
+    # fold / nofold: the folded tensor-core decode GEMVs on or off (else MARLIN_MLX_QMV_FOLD)
+    fold = True if "fold" in parts else False if "nofold" in parts else qmv.USE_FOLD
+    if fold != qmv.USE_FOLD:
+        qmv.USE_FOLD = fold
+        quantized_linear._PATHS.clear()
     from marlin_mlx.models import base as model_base
     model_base.WHOLE_STEP = "layers" not in parts  # the compiled step's per-layer split
     from marlin_mlx.models import mla_cache

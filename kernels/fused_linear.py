@@ -147,7 +147,8 @@ _DECISIONS: dict = {}
 def _decide(op, x, layers, eps=None, k=None) -> bool:
     l0 = layers[0]
     w, sdt = l0["weight"], l0["scales"].dtype
-    key = (op, x.dtype, sdt, w.shape, l0.bits, l0.group_size, eps, selection.mode())
+    key = (op, x.dtype, sdt, w.shape, l0.bits, l0.group_size, eps, selection.mode(),
+           _qmv.USE_FOLD)
     use = _DECISIONS.get(key)
     if use is None:  # (N, K): the packed weight's rows, x's length (not the packed words)
         use = _DECISIONS[key] = _measure(op, x.dtype, sdt, (w.shape[0], k or x.shape[-1]),
@@ -191,7 +192,7 @@ def _measure(op, xdt, sdt, shape, bits, gs, eps) -> bool:
             g = reference_matmul(n, w, s, b, "affine", bits, gs)
             return g * mx.sigmoid(g) * reference_matmul(n, w2, s2, b2, "affine", bits, gs)
 
-    fmt = f"affine-b{bits}-g{gs}"
+    fmt = f"affine-b{bits}-g{gs}" + _qmv.body_tag(xdt, sdt, bits, gs, 1, K)
     cls = f"M1|{xdt}|{sdt}|K{K}|N{N}" + ("" if eps is None else f"|eps{eps:g}")
     return selection.use_custom(op, fmt, cls, make_inputs, custom, builtin, reference,
                                 SELF_TEST_TOL.get(xdt, 1e-2), margin=selection.FUSION_MARGIN)

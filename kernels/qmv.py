@@ -199,6 +199,12 @@ def fold_supported(xdt, sdt, bits: int, group_size: int, MT: int, K: int) -> boo
             and bits == 4 and group_size in (32, 64, 128) and K % 256 == 0)
 
 
+def body_tag(xdt, sdt, bits: int, group_size: int, MT: int, K: int) -> str:
+    """'-fold' where the folded body runs this launch, else '': part of the selection's cache
+    keys, so a choice timed with one body is not reused for the other."""
+    return "-fold" if USE_FOLD and fold_supported(xdt, sdt, bits, group_size, MT, K) else ""
+
+
 FOLD_TARGET_WARPS = 2048  # the H200 sweep's best split-K at N = 4096, 8192, 12288 (Session 13)
 
 

@@ -107,7 +107,7 @@ def _choose(x, w, scales, biases, group_size, bits, mode) -> int:
     if mode == "affine":
         op = _affine_op(x, w, scales, biases, group_size, bits, M)
         key = (_m_class(M), op, x.dtype, scales.dtype, w.shape, bits, group_size,
-               selection.mode())
+               selection.mode(), _qmv.USE_FOLD)
         use = _DECISIONS.get(key)
         if use is None:
             use = _DECISIONS[key] = _decide(x, w, scales, biases, group_size, bits, M, op)
@@ -137,6 +137,8 @@ def _decide(x, w, scales, biases, group_size, bits, M, op) -> bool:
         return False
     N, K = w.shape[0], x.shape[-1]
     fmt = f"affine-b{bits}-g{group_size}"
+    if op == "qmv":
+        fmt += _qmv.body_tag(x.dtype, scales.dtype, bits, group_size, M, K)
     cls = f"{_m_class(M)}|{x.dtype}|{scales.dtype}|K{K}|N{N}"
     Mt = _M_REP[_m_class(M)]
     xdt, sdt = x.dtype, scales.dtype
