@@ -470,8 +470,10 @@ def main(argv=None):
         from marlin_mlx.generation import decode_forward
         _FORWARD[id(model)] = decode_forward(model, True)
         report["compiled"] = True
-    for v in a.variants.split(","):
+    for i, v in enumerate(a.variants.split(",")):
         apply_variant(model, v)
+        rep = a.variants.split(",")[:i].count(v)
+        key = v if rep == 0 else f"{v}#{rep + 1}"  # a repeated variant keeps every run
         if a.compiled:  # a fresh trace: the compiled step keeps the choices it was traced with
             from marlin_mlx.generation import decode_forward
             model.__dict__.pop("_compiled_decoder", None)
@@ -480,19 +482,19 @@ def main(argv=None):
             tps = decode_tps(model, prompt, a.steps)
             hs = host_split(model, prompt)
         except Exception as e:  # noqa: BLE001 - one broken variant must not lose the others
-            report["variants"][v] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            report["variants"][key] = {"error": f"{type(e).__name__}: {e}"[:300]}
             print(f"{v:>22}: ERROR {e}", flush=True)
             continue
         if ref_logits is None:
             ref_logits = _LAST_LOGITS[0]
         err = rel_err(_LAST_LOGITS[0], ref_logits)  # same prompt: the paths must agree
-        report["variants"][v] = {"decode_tps": tps, "ms_per_token": 1e3 / tps, **hs,
-                                 "logits_rel_err_vs_first": err}
+        report["variants"][key] = {"decode_tps": tps, "ms_per_token": 1e3 / tps, **hs,
+                                   "logits_rel_err_vs_first": err}
         if a.nodes:
             _, nodes = build_us(model, prompt, reps=2, inner=1)
-            report["variants"][v]["graph_nodes"] = {"total": sum(nodes.values()), **nodes}
+            report["variants"][key]["graph_nodes"] = {"total": sum(nodes.values()), **nodes}
             print(f"{v:>22}: {sum(nodes.values())} graph nodes per step: {nodes}", flush=True)
-        print(f"{v:>22}: {tps:7.1f} tok/s  {1e3 / tps:6.2f} ms/token  build {hs['build_ms']:.2f} ms"
+        print(f"{key:>22}: {tps:7.1f} tok/s  {1e3 / tps:6.2f} ms/token  build {hs['build_ms']:.2f} ms"
               f"  sync eval {hs['eval_sync_ms']:.2f} ms  logits err {err:.1e}", flush=True)
     modes = [m for m in a.compile_modes.split(",") if m]
     if modes:
