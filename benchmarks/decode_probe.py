@@ -110,7 +110,7 @@ def apply_variant(model, variant: str):
     # fold / nofold: the folded tensor-core decode GEMVs on or off (else MARLIN_MLX_QMV_FOLD)
     fold = True if "fold" in parts else False if "nofold" in parts else qmv.USE_FOLD
     if fold != qmv.USE_FOLD:
-        qmv.USE_FOLD = fold
+        qmv.USE_FOLD = fold  # None: the default (CUDA only)
         quantized_linear._PATHS.clear()
     from marlin_mlx.models import base as model_base
     model_base.WHOLE_STEP = "layers" not in parts  # the compiled step's per-layer split

@@ -60,12 +60,13 @@ _PLANS: dict = {}
 
 def _plan(spec, xdt, sdt, bits, group_size, xshape, N, eps):
     """(spec, plan): the folded body's variant where it covers the launch and is switched on
-    (qmv.USE_FOLD), else the float body's."""
-    key = (spec, xdt, sdt, bits, group_size, xshape, N, eps, _qmv.USE_FOLD)
+    (qmv.fold_enabled()), else the float body's."""
+    fold = _qmv.fold_enabled()
+    key = (spec, xdt, sdt, bits, group_size, xshape, N, eps, fold)
     plan = _PLANS.get(key)
     if plan is None:
         extra = () if eps is None else (("EPS", eps_bits(eps)),)
-        if _qmv.USE_FOLD and _qmv.fold_supported(xdt, sdt, bits, group_size,
+        if fold and _qmv.fold_supported(xdt, sdt, bits, group_size,
                                                  math.prod(xshape[:-1]), xshape[-1]):
             fspec = FOLD_SPECS[spec]
             plan = (fspec, _qmv.fold_plan(xdt, sdt, group_size, xshape, N, spec=fspec,
@@ -148,7 +149,7 @@ def _decide(op, x, layers, eps=None, k=None) -> bool:
     l0 = layers[0]
     w, sdt = l0["weight"], l0["scales"].dtype
     key = (op, x.dtype, sdt, w.shape, l0.bits, l0.group_size, eps, selection.mode(),
-           _qmv.USE_FOLD)
+           _qmv.fold_enabled())
     use = _DECISIONS.get(key)
     if use is None:  # (N, K): the packed weight's rows, x's length (not the packed words)
         use = _DECISIONS[key] = _measure(op, x.dtype, sdt, (w.shape[0], k or x.shape[-1]),

@@ -12,7 +12,8 @@ import os
 import mlx.core as mx
 
 from .formats import validate_quantized
-from .launch import KernelSpec, backend, cdiv, cuda_plan_kernel, launch_planned, prod
+from .launch import (KernelSpec, _gpu_backend, backend, cdiv, cuda_plan_kernel, launch_planned,
+                     prod)
 
 SPEC = KernelSpec("marlin_qmv", "qmv.h", ("x", "w", "scales", "biases"), ("y",))
 # The tensor-core GEMV (src/qmv_tc.h): 16-bit x, up to TC_MAX_M rows, 2/4 bits (8 with float16)
@@ -27,9 +28,17 @@ TC_PIPE = int(os.environ.get("MARLIN_MLX_QMV_TC_PIPE", "0"))
 # The folded tensor-core GEMV (src/qmv_fold.h): one row of 16-bit x, 4-bit codes, K % 256 == 0.
 FOLD_SPEC = KernelSpec("marlin_qmv_fold", "qmv_fold.h", ("x", "w", "scales", "biases"), ("y",))
 # The one-row launches it covers (and the fused decode variants, kernels/fused_linear.py) take
-# it: on the H200 it cut the GPU time of a compiled Qwen3-8B decode step from 3.02 to 2.40 ms
-# (KERNEL_NOTES "Session 13"). MARLIN_MLX_QMV_FOLD=0 restores the float body.
-USE_FOLD = os.environ.get("MARLIN_MLX_QMV_FOLD", "1") != "0"
+# it on CUDA: on the H200 it cut the GPU time of a compiled Qwen3-8B decode step from 3.02 to
+# 2.40 ms (KERNEL_NOTES "Session 13"). On Metal its products are lane shuffles until
+# k_mma16816 maps onto simdgroup_matrix, so there it is opt-in. MARLIN_MLX_QMV_FOLD=0 / 1
+# forces it off / on; None: CUDA only.
+_FOLD_ENV = os.environ.get("MARLIN_MLX_QMV_FOLD", "").strip()
+USE_FOLD = None if _FOLD_ENV == "" else _FOLD_ENV != "0"
+
+
+def fold_enabled() -> bool:
+    """Whether launches the folded body covers take it (USE_FOLD, else CUDA only)."""
+    return USE_FOLD if USE_FOLD is not None else _gpu_backend() == "cuda"
 FOLD_PF = int(os.environ.get("MARLIN_MLX_QMV_FOLD_PF", "1"))  # its register prefetch
 
 BITS = (2, 3, 4, 5, 6, 8)
@@ -203,7 +212,8 @@ def fold_supported(xdt, sdt, bits: int, group_size: int, MT: int, K: int) -> boo
 def body_tag(xdt, sdt, bits: int, group_size: int, MT: int, K: int) -> str:
     """'-fold' where the folded body runs this launch, else '': part of the selection's cache
     keys, so a choice timed with one body is not reused for the other."""
-    return "-fold" if USE_FOLD and fold_supported(xdt, sdt, bits, group_size, MT, K) else ""
+    on = fold_enabled() and fold_supported(xdt, sdt, bits, group_size, MT, K)
+    return "-fold" if on else ""
 
 
 FOLD_TARGET_WARPS = 2048  # the H200 sweep's best split-K at N = 4096, 8192, 12288 (Session 13)
@@ -247,15 +257,16 @@ def fold_plan(xdt, sdt, group_size, xshape, N, RT=None, SK=None, PF=None, spec=N
 
 def qmv_kernel(x, w, scales, biases, group_size, bits, *, R=None, SK=None, PF=None, tc=None,
                RT=None, U=None, PIPE=None, fold=None):
-    """The custom kernel alone (no validation, no fallback): the tensor-core body where it
-    applies (`tc`, default USE_TC unless a float-body shape R / PF is asked for; RT, U, PIPE
-    its row tiles, chunks per lane and copy stages), else the float-FMA one. Kept lean: at decode the host
-    cost of this call is paid for every linear layer of every token."""
+    """The custom kernel alone (no validation, no fallback): the folded body where it covers
+    the launch (`fold`, default fold_enabled() unless a float-body shape R / PF or `tc` is
+    asked for; RT, SK, PF its shape), the tensor-core body where asked (`tc`, default USE_TC;
+    RT, U, PIPE its row tiles, chunks per lane and copy stages), else the float-FMA one. Kept
+    lean: at decode the host cost of this call is paid for every linear layer of every token."""
     sdt = scales.dtype
     if biases.dtype != sdt:
         biases = biases.astype(sdt)
     if fold is None:
-        fold = USE_FOLD and R is None and PF is None and not tc
+        fold = fold_enabled() and R is None and PF is None and not tc
     if tc is None:
         tc = USE_TC and R is None and PF is None
     if fold and fold_supported(x.dtype, sdt, bits, group_size, prod(x.shape[:-1]), x.shape[-1]):

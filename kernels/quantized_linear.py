@@ -107,7 +107,7 @@ def _choose(x, w, scales, biases, group_size, bits, mode) -> int:
     if mode == "affine":
         op = _affine_op(x, w, scales, biases, group_size, bits, M)
         key = (_m_class(M), op, x.dtype, scales.dtype, w.shape, bits, group_size,
-               selection.mode(), _qmv.USE_FOLD)
+               selection.mode(), _qmv.fold_enabled())
         use = _DECISIONS.get(key)
         if use is None:
             use = _DECISIONS[key] = _decide(x, w, scales, biases, group_size, bits, M, op)
@@ -373,7 +373,9 @@ def doctor_report(shape=(4096, 4096)) -> list[dict]:
     cases += [("qmm", 32, 4, mx.float16), ("qmm", 32, 4, mx.bfloat16),
               ("dq+mm", 512, 4, mx.float16)]
     for op, M, bits, dtype in cases:
-        fmt = f"affine-b{bits}-g64"
+        fmt = f"affine-b{bits}-g64"  # "-fold": the folded tensor-core body runs this launch
+        if op == "qmv":
+            fmt += _qmv.body_tag(dtype, dtype, bits, 64, M, K)
         row = {"op": op, "format": fmt, "dtype": str(dtype).split(".")[-1]}
         if be is None:
             rows.append({**row, "self_test": "skipped", "chosen_path": "reference",

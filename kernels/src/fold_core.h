@@ -70,7 +70,8 @@ float ssq = 0.0f;  // NORM: this lane's share of sum(x^2)
         const int rw_ = n0 + (GATED ? 0 : 16 * t) + 8 * r + g;                             \
         const int row_ = (rw_ < N) ? rw_ : (N - 1);                                        \
         const bool up_ = GATED && t == 1;                                                  \
-        const KDEV uint32_t* wp_ = (up_ ? QW2 : w) + size_t(row_) * KW + size_t(s_) * 32 + c * WPL; \
+        const KDEV uint32_t* wp_ =                                                         \
+            (up_ ? QW2 : w) + size_t(row_) * KW + size_t(s_) * 32 + c * WPL;               \
         KUNROLL for (int u = 0; u < U; ++u) { FOLD_WORDS(WPL, WV[t][r][u], wp_ + u * 4 * WPL) } \
         const size_t so_ = size_t(row_) * NG + size_t(s_) * U;                             \
         FOLD_WORDS(SWR, SV[t][r], (const KDEV uint32_t*)((up_ ? QS2 : scales) + so_))      \
