@@ -1,23 +1,9 @@
 // The folded decode GEMV's body (see qmv_fold.h), shared by its fused variants.
-// Variant switches (set before `//// BODY` by fold_norm.h, fold_res.h, fold_gated_norm.h; the
-// defaults are plain): GATED reads gate rows (w) as tile 0 and up rows (QW2/QS2/QB2) as tile 1
-// of the same outputs (RT = 2) and writes silu(gate) * up; NORM multiplies x by QNW as it is
-// staged, sums x^2 and scales each output by 1 / rms(x) (eps QEPS); RES adds QRES[n].
-#ifndef GATED
-#define GATED 0
-#define QW2 w
-#define QS2 scales
-#define QB2 biases
-#endif
-#ifndef NORM
-#define NORM 0
-#define QNW x
-#define QEPS 0.0f
-#endif
-#ifndef RES
-#define RES 0
-#define QRES x
-#endif
+// Variant switches (fused_switches.h; set by fold_norm.h, fold_res.h, fold_gated_norm.h):
+// GATED reads gate rows (w) as tile 0 and up rows (QW2/QS2/QB2) as tile 1 of the same outputs
+// (RT = 2) and writes silu(gate) * up; NORM multiplies x by QNW as it is staged, sums x^2 and
+// scales each output by 1 / rms(x) (eps QEPS); RES adds QRES[n].
+//// INCLUDE fused_switches.h
 constexpr int KW = K / 8;            // code words per weight row
 constexpr int NG = K / GS;           // groups per row
 constexpr int U = 256 / GS;          // groups per step

@@ -2,12 +2,6 @@
 // qmv_fold.h and gated_norm.h): gate rows are tile 0 and up rows tile 1 of every simdgroup
 // (RT = 2). Template constants as qmv_fold, plus EPS (eps's float32 bits).
 //// INCLUDE fold_common.h
-#define GATED 1
-#define QW2 w2
-#define QS2 scales2
-#define QB2 biases2
-#define NORM 1
-#define QNW nw
-#define QEPS k_as_float(uint32_t(EPS))
+//// INCLUDE gated_norm_switches.h
 //// BODY
 //// INCLUDE fold_core.h

@@ -3,21 +3,7 @@
 // weight QNW and eps QEPS folded in; RES: the residual row QRES added to y. HEADS: a batch of
 // per-head matrices stacked as N rows (one x row, M = 1): rows [h * QRH, (h + 1) * QRH) read x
 // from element h * QXH and write y from element h * QYH (QRH a multiple of R).
-#ifndef GATED
-#define GATED 0
-#define QW2 w
-#define QS2 scales
-#define QB2 biases
-#endif
-#ifndef NORM
-#define NORM 0
-#define QNW x
-#define QEPS 0.0f
-#endif
-#ifndef RES
-#define RES 0
-#define QRES x
-#endif
+//// INCLUDE fused_switches.h
 #ifndef HEADS
 #define HEADS 0
 #define QXH 0
