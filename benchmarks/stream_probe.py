@@ -14,6 +14,7 @@ Compute:
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import mlx.core as mx
@@ -177,7 +178,14 @@ def pipe_sweep():
 def fold_sweep():
     """The folded tensor-core body (automatic shape and every (RT, SK, PF)) beside the float
     body, qmv_tc's register loop, MLX and the plain read of the same bytes, one row of
-    bfloat16 x; then the automatic shapes with float16 x."""
+    bfloat16 x; then the automatic shapes with float16 x. FOLD_QUICK=1: the float body and
+    the folded body's prefetch depths only (bfloat16)."""
+    if os.environ.get("FOLD_QUICK") == "1":
+        shapes = ((1, (2, 4, 8)), (2, (2, 4)))  # (RT, split-K values)
+        body_sweep([dict(tc=False), dict(fold=True)],
+                   [dict(fold=True, RT=RT, SK=SK, PF=PF) for RT, SKs in shapes
+                    for SK in SKs for PF in (1, 2)], rows=(1,))
+        return
     each = [dict(tc=False), dict(fold=True), dict(tc=True, RT=1, SK=4, U=2), None]
     body_sweep(each, [dict(fold=True, RT=RT, SK=SK, PF=PF) for RT in (1, 2)
                       for SK in (2, 4, 6, 8) for PF in (0, 1)], rows=(1,), ceiling=True)

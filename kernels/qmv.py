@@ -301,7 +301,7 @@ def compile_cases():
             name = f"qmv_tc-b{bits}-{dt}-M{MT}-RT{RT}-U{U}-P{PIPE}".replace("mlx.core.", "")
             out.append((name, TC_SPEC, [dt, mx.uint32, dt, dt], [1 << 20] * 4, [dt], t))
     for dt in (mx.float16, mx.bfloat16):
-        for gs, RT, PF in ((64, 1, 1), (32, 2, 0), (128, 1, 1), (64, 2, 0)):
+        for gs, RT, PF in ((64, 1, 1), (32, 2, 0), (128, 1, 2), (64, 2, 0)):
             t = fold_plan(dt, dt, gs, (1, 4096), 12288, RT=RT, PF=PF)[0]
             name = f"qmv_fold-{dt}-g{gs}-RT{RT}-PF{PF}".replace("mlx.core.", "")
             out.append((name, FOLD_SPEC, [dt, mx.uint32, dt, dt], [1 << 20] * 4, [dt], t))

@@ -19,6 +19,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
     (mx.bfloat16, 32, 2, 3, 0, 768),  # bfloat16 shifts, two row tiles, 8 groups a step
     (mx.float16, 128, 1, 3, 1, 768),  # 2 groups a step, 16-byte code loads, one step each
     (mx.bfloat16, 64, 2, 1, 1, 1024), # one simdgroup: both register sets in turn, twice
+    (mx.float16, 64, 1, 1, 2, 1792),  # three register sets: 7 steps wrap the ring twice
+    (mx.bfloat16, 32, 1, 2, 2, 1280), # three sets over two simdgroups (3 and 2 steps)
 ])
 def test_qmv_fold_body_on_cpu_emulator(dtype, gs, RT, SK, PF, K, tmp_path):
     import metal_emulator
@@ -79,7 +81,8 @@ def test_qmv_fold_gpu_matches_float64(dtype, gs, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not launch.backend(), reason="needs an MLX GPU backend")
-@pytest.mark.parametrize("RT,SK,PF", [(1, 1, 1), (2, 3, 1), (1, 8, 0), (2, 5, 0), (1, 2, 1)])
+@pytest.mark.parametrize("RT,SK,PF", [(1, 1, 1), (2, 3, 1), (1, 8, 0), (2, 5, 0), (1, 2, 1),
+                                     (1, 2, 2), (2, 3, 2), (1, 1, 2)])
 def test_qmv_fold_gpu_tilings(RT, SK, PF, monkeypatch):
     monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
     x, q, s, b = _case(1, 12288, 4096 + 256, 4, 64, mx.bfloat16)

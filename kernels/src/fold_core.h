@@ -107,12 +107,29 @@ float ssq = 0.0f;  // NORM: this lane's share of sum(x^2)
   }
 
 // PF = 1: two register sets in turn, the next step's loads in flight during this step's
-// products (no copies between the sets); PF = 0: each step loads, then computes, and other
+// products (no copies between the sets); PF = 2: three sets, two steps in flight (more bytes in
+// flight per simdgroup, more registers); PF = 0: each step loads, then computes, and other
 // simdgroups cover the wait (fewer registers, more of them resident).
 uint32_t wa[RT][2][U][WPL], sa[RT][2][SWR], ba[RT][2][SWR];
 uint4 xa, na = k_uint4(0u, 0u, 0u, 0u);
 int s = int(simd_id);
-if (PF) {
+if (PF == 2) {
+  uint32_t wb[RT][2][U][WPL], sb[RT][2][SWR], bb[RT][2][SWR];
+  uint32_t wc[RT][2][U][WPL], sc3[RT][2][SWR], bc[RT][2][SWR];
+  uint4 xb, nb = k_uint4(0u, 0u, 0u, 0u), xc, nc = k_uint4(0u, 0u, 0u, 0u);
+  if (s < STEPS) FOLD_LOAD(s, wa, sa, ba, xa, na)
+  if (s + SK < STEPS) FOLD_LOAD(s + SK, wb, sb, bb, xb, nb)
+  for (; s < STEPS; s += 3 * SK) {
+    if (s + 2 * SK < STEPS) FOLD_LOAD(s + 2 * SK, wc, sc3, bc, xc, nc)
+    FOLD_STEP(wa, sa, ba, xa, na)
+    if (s + SK >= STEPS) break;
+    if (s + 3 * SK < STEPS) FOLD_LOAD(s + 3 * SK, wa, sa, ba, xa, na)
+    FOLD_STEP(wb, sb, bb, xb, nb)
+    if (s + 2 * SK >= STEPS) break;
+    if (s + 4 * SK < STEPS) FOLD_LOAD(s + 4 * SK, wb, sb, bb, xb, nb)
+    FOLD_STEP(wc, sc3, bc, xc, nc)
+  }
+} else if (PF == 1) {
   uint32_t wb[RT][2][U][WPL], sb[RT][2][SWR], bb[RT][2][SWR];
   uint4 xb, nb = k_uint4(0u, 0u, 0u, 0u);
   if (s < STEPS) FOLD_LOAD(s, wa, sa, ba, xa, na)
