@@ -64,7 +64,29 @@ def test_qmv_fold_support_and_config():
     assert not qmv.fold_supported(bf16, bf16, 4, 64, 1, 4096 + 64)  # whole 256-value steps
     for N, K in ((4096, 4096), (12288, 4096), (4096, 12288), (256, 256), (8192, 28672)):
         RT, SK, PF = qmv.fold_config(N, K)
-        assert RT == 1 and 1 <= SK <= min(8, K // 256) and PF in (0, 1)
+        assert RT == 1 and 1 <= SK <= min(8, K // 256) and PF in (0, 1, 2)
+        assert SK & (SK - 1) == 0  # uneven splits measured slower: a power of two
+    assert qmv.fold_config(12288, 4096, gated=True)[:2] == (2, 2)  # gate and up tiles
+
+
+def test_qmv_fold_switch_and_selection_tag(monkeypatch):
+    """Unset, the folded body is CUDA's default (and Metal's opt-in); =0 / =1 force it. The
+    selection's format names it, so a choice timed with one body is not read for the other,
+    and the fused decode plans follow the same switch."""
+    from marlin_mlx.kernels import fused_linear
+    bf16 = mx.bfloat16
+    for value, on in ((None, launch._gpu_backend() == "cuda"), (True, True), (False, False)):
+        monkeypatch.setattr(qmv, "USE_FOLD", value)
+        assert qmv.fold_enabled() is on
+        assert qmv.body_tag(bf16, bf16, 4, 64, 1, 4096) == ("-fold" if on else "")
+        assert qmv.body_tag(bf16, bf16, 4, 64, 2, 4096) == ""    # two rows: the float body
+        assert qmv.body_tag(bf16, bf16, 8, 64, 1, 4096) == ""    # 8 bits: the float body
+        spec, _ = fused_linear._plan(fused_linear.SPEC_RES, bf16, bf16, 4, 64, (1, 1, 512), 64,
+                                     None)
+        assert (spec is fused_linear.FOLD_SPECS[fused_linear.SPEC_RES]) == on
+        spec, _ = fused_linear._plan(fused_linear.SPEC_RES, bf16, bf16, 4, 64, (1, 1, 320), 64,
+                                     None)
+        assert spec is fused_linear.SPEC_RES                     # K % 256 != 0
 
 
 @pytest.mark.gpu
