@@ -66,8 +66,8 @@ def _plan(spec, xdt, sdt, bits, group_size, xshape, N, eps):
     plan = _PLANS.get(key)
     if plan is None:
         extra = () if eps is None else (("EPS", eps_bits(eps)),)
-        if fold and _qmv.fold_supported(xdt, sdt, bits, group_size,
-                                                 math.prod(xshape[:-1]), xshape[-1]):
+        if fold and _qmv.fold_supported(xdt, sdt, bits, group_size, math.prod(xshape[:-1]),
+                                        xshape[-1]):
             fspec = FOLD_SPECS[spec]
             plan = (fspec, _qmv.fold_plan(xdt, sdt, group_size, xshape, N, spec=fspec,
                                           extra=extra))

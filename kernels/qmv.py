@@ -34,12 +34,13 @@ FOLD_SPEC = KernelSpec("marlin_qmv_fold", "qmv_fold.h", ("x", "w", "scales", "bi
 # forces it off / on; None: CUDA only.
 _FOLD_ENV = os.environ.get("MARLIN_MLX_QMV_FOLD", "").strip()
 USE_FOLD = None if _FOLD_ENV == "" else _FOLD_ENV != "0"
+FOLD_PF = int(os.environ.get("MARLIN_MLX_QMV_FOLD_PF", "1"))  # its register sets in turn - 1
 
 
 def fold_enabled() -> bool:
     """Whether launches the folded body covers take it (USE_FOLD, else CUDA only)."""
     return USE_FOLD if USE_FOLD is not None else _gpu_backend() == "cuda"
-FOLD_PF = int(os.environ.get("MARLIN_MLX_QMV_FOLD_PF", "1"))  # its register prefetch
+
 
 BITS = (2, 3, 4, 5, 6, 8)
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)

@@ -28,8 +28,6 @@ float tot[RT][2];
 KUNROLL for (int t = 0; t < RT; ++t) { tot[t][0] = 0.0f; tot[t][1] = 0.0f; }
 float ssq = 0.0f;  // NORM: this lane's share of sum(x^2)
 
-// Loads of step s_: WV[t][r][u][j] code words, SV / BV[t][r][i] scale / bias words, XV this
-// lane's 8 values of x (rows past N read row N - 1 and are not written).
 // NW consecutive words from p into d[0 .. NW) (16-, 8- or 4-byte loads)
 #define FOLD_WORDS(NW, d, p)                                                               \
   if ((NW) % 4 == 0) {                                                                     \
@@ -68,7 +66,7 @@ float ssq = 0.0f;  // NORM: this lane's share of sum(x^2)
     if (NORM) NV = ((const KDEV uint4*)(QNW + size_t(s_) * 256))[lane];                    \
   }
 
-// The products of one step from buffers WV, SV, BV, XV (loaded by FOLD_LOAD)
+// The products of one step from the buffers FOLD_LOAD filled (WV, SV, BV, XV, NV)
 #define FOLD_STEP(WV, SV, BV, XV, NV)                                                      \
   {                                                                                        \
     xs[simd_id][lane] = NORM ? fold_x_norm_fragment<XK>(XV, NV, ssq)                       \
