@@ -12,10 +12,11 @@ norm -> gate/up GEMV -> down GEMV -> add. On the H200 the norms and adds were 14
   launch over both weights (`src/gated_norm.h`).
 
 Each returns None when it does not apply (CPU backend, not a bias-free affine QuantizedLinear,
-more than one row, dtypes that differ, or the measured selection kept MLX's ops for this
-shape) and the caller runs the unfused ops. The selection times each fused launch against the
-MLX ops it replaces (rms_norm + quantized_matmul, quantized_matmul + add) after checking it
-against a float32 reference, once per shape, like every kernel here.
+more than one row where the folded body does not take the launch, dtypes that differ, or the
+measured selection kept MLX's ops for this shape) and the caller runs the unfused ops. The
+selection times each fused launch against the MLX ops it replaces (rms_norm +
+quantized_matmul, quantized_matmul + add) after checking it against a float32 reference, once
+per shape, like every kernel here.
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ SPEC_GATED_NORM = KernelSpec("marlin_gated_norm", "gated_norm.h",
                              ("x", "w", "scales", "biases", "w2", "scales2", "biases2", "nw"),
                              ("y",))
 # The same fusions on the folded tensor-core GEMV (src/qmv_fold.h), for the launches it covers
+# (up to qmv.FOLD_MAX_M rows; their run-time row count comes last)
 FOLD_SPECS = {
-    SPEC_NORM: KernelSpec("marlin_fold_norm", "fold_norm.h", SPEC_NORM.inputs, ("y",)),
-    SPEC_RES: KernelSpec("marlin_fold_res", "fold_res.h", SPEC_RES.inputs, ("y",)),
+    SPEC_NORM: KernelSpec("marlin_fold_norm", "fold_norm.h", (*SPEC_NORM.inputs, "rows"),
+                          ("y",)),
+    SPEC_RES: KernelSpec("marlin_fold_res", "fold_res.h", (*SPEC_RES.inputs, "rows"), ("y",)),
     SPEC_GATED_NORM: KernelSpec("marlin_fold_gated_norm", "fold_gated_norm.h",
-                                SPEC_GATED_NORM.inputs, ("y",)),
+                                (*SPEC_GATED_NORM.inputs, "rows"), ("y",)),
 }
 SELF_TEST_TOL = {mx.float32: 1e-4, mx.float16: 3e-3, mx.bfloat16: 1.5e-2}
 # MARLIN_MLX_FUSE_DECODE=0 turns these fusions and kernels.qk_rope off (the probes compare both)
@@ -81,8 +84,9 @@ def _plan(spec, xdt, sdt, bits, group_size, xshape, N, eps):
 
 def _run(spec, inputs, x, sdt, bits, group_size, N, eps=None, k=None):
     xshape = x.shape if k is None else (*x.shape[:-1], k)  # k: x's first k values
-    spec, (template, grid, tg, oshape, odt, kern, ktemplate) = _plan(
-        spec, x.dtype, sdt, bits, group_size, xshape, N, eps)
+    spec, plan = _plan(spec, x.dtype, sdt, bits, group_size, xshape, N, eps)
+    template, grid, tg, oshape, odt, kern, ktemplate = plan[:7]
+    inputs = inputs + list(plan[7:])  # the folded body's row count
     return launch_planned(spec, inputs, template, grid, tg, oshape, odt, kern, ktemplate)[0]
 
 
@@ -138,8 +142,20 @@ def _layer_ok(layer, x) -> bool:
                                layer.group_size, layer.bits))
 
 
-def _one_row(x) -> bool:
-    return ENABLED and backend() is not None and x.ndim >= 1 and math.prod(x.shape[:-1]) == 1
+def _rows_ok(x, layer, k=None) -> bool:
+    """One row on either body; up to qmv.FOLD_MAX_M rows (a batched decode step) where the
+    folded body covers the launch (it stages each row of x; `k`, a prefix of a longer row,
+    stays one row)."""
+    if not (ENABLED and backend() is not None and x.ndim >= 1):
+        return False
+    M = math.prod(x.shape[:-1])
+    return M == 1 or (k is None and _qmv.fold_enabled() and _qmv.fold_supported(
+        x.dtype, layer["scales"].dtype, layer.bits, layer.group_size, M, x.shape[-1]))
+
+
+def _rows_class(x) -> int:
+    """The timed row count of a launch: 1, or the folded body's row bound (8 or 16)."""
+    return _qmv.fold_rows_bound(math.prod(x.shape[:-1]))
 
 
 _DECISIONS: dict = {}
@@ -148,23 +164,24 @@ _DECISIONS: dict = {}
 def _decide(op, x, layers, eps=None, k=None) -> bool:
     l0 = layers[0]
     w, sdt = l0["weight"], l0["scales"].dtype
+    MR = _rows_class(x)
     key = (op, x.dtype, sdt, w.shape, l0.bits, l0.group_size, eps, selection.mode(),
-           _qmv.fold_enabled())
+           _qmv.fold_enabled(), MR)
     use = _DECISIONS.get(key)
     if use is None:  # (N, K): the packed weight's rows, x's length (not the packed words)
         use = _DECISIONS[key] = _measure(op, x.dtype, sdt, (w.shape[0], k or x.shape[-1]),
-                                         l0.bits, l0.group_size, eps)
+                                         l0.bits, l0.group_size, eps, MR)
     return use
 
 
-def _measure(op, xdt, sdt, shape, bits, gs, eps) -> bool:
+def _measure(op, xdt, sdt, shape, bits, gs, eps, M=1) -> bool:
     N, K = shape
 
     def make_inputs():
         ws = [mx.quantize(mx.random.normal((N, K), dtype=sdt), group_size=gs, bits=bits)
               for _ in range(2 if op == "gated_norm" else 1)]
-        x = mx.random.normal((1, K)).astype(xdt)
-        extra = (mx.random.normal((1, N)).astype(xdt) if op == "qmv_res"
+        x = mx.random.normal((M, K)).astype(xdt)
+        extra = (mx.random.normal((M, N)).astype(xdt) if op == "qmv_res"
                  else (1.0 + 0.1 * mx.random.normal((K,))).astype(xdt))
         return (x, *[a for t in ws for a in t], extra)
 
@@ -193,8 +210,9 @@ def _measure(op, xdt, sdt, shape, bits, gs, eps) -> bool:
             g = reference_matmul(n, w, s, b, "affine", bits, gs)
             return g * mx.sigmoid(g) * reference_matmul(n, w2, s2, b2, "affine", bits, gs)
 
-    fmt = f"affine-b{bits}-g{gs}" + _qmv.body_tag(xdt, sdt, bits, gs, 1, K)
-    cls = f"M1|{xdt}|{sdt}|K{K}|N{N}" + ("" if eps is None else f"|eps{eps:g}")
+    fmt = f"affine-b{bits}-g{gs}" + _qmv.body_tag(xdt, sdt, bits, gs, M, K)
+    rows = "M1" if M == 1 else f"M{M // 2 + 1}-{M}"  # the rows the folded launch is bound to
+    cls = f"{rows}|{xdt}|{sdt}|K{K}|N{N}" + ("" if eps is None else f"|eps{eps:g}")
     return selection.use_custom(op, fmt, cls, make_inputs, custom, builtin, reference,
                                 SELF_TEST_TOL.get(xdt, 1e-2), margin=selection.FUSION_MARGIN)
 
@@ -205,7 +223,7 @@ def norm_linear(x, norm_w, eps: float, layer, prefix: bool = False):
     prefix: x's row is longer than the layer's input (a fused projection's output) and its
     first part is the input: the kernel reads it in place, no slice."""
     k = layer["weight"].shape[-1] * 32 // layer.bits if prefix else None
-    if not (_one_row(x) and norm_w.dtype == x.dtype and _layer_ok(layer, x)
+    if not (norm_w.dtype == x.dtype and _layer_ok(layer, x) and _rows_ok(x, layer, k)
             and (k or x.shape[-1]) == norm_w.shape[-1]
             and _decide("qmv_norm", x, [layer], float(eps), k)):
         return None
@@ -215,7 +233,7 @@ def norm_linear(x, norm_w, eps: float, layer, prefix: bool = False):
 
 def linear_residual(x, layer, res):
     """res + layer(x) in one launch, or None (then run the two ops)."""
-    if not (_one_row(x) and res.dtype == x.dtype and _layer_ok(layer, x)
+    if not (res.dtype == x.dtype and _layer_ok(layer, x) and _rows_ok(x, layer)
             and res.shape == (*x.shape[:-1], layer["weight"].shape[0])
             and _decide("qmv_res", x, [layer])):
         return None
@@ -225,8 +243,8 @@ def linear_residual(x, layer, res):
 
 def norm_swiglu(x, norm_w, eps: float, gate, up):
     """silu(gate(n)) * up(n), n = rms_norm(x, norm_w, eps), in one launch, or None."""
-    if not (_ql.FUSE_GATE_UP and _one_row(x) and norm_w.dtype == x.dtype and _layer_ok(gate, x)
-            and _layer_ok(up, x)
+    if not (_ql.FUSE_GATE_UP and norm_w.dtype == x.dtype and _layer_ok(gate, x)
+            and _layer_ok(up, x) and _rows_ok(x, gate)
             and (gate.bits, gate.group_size) == (up.bits, up.group_size)
             and gate["weight"].shape == up["weight"].shape
             and gate["scales"].dtype == up["scales"].dtype
@@ -240,22 +258,25 @@ def norm_swiglu(x, norm_w, eps: float, gate, up):
 def compile_cases():
     """(id, spec, input dtypes, input sizes, output dtypes, template) for the compile checks."""
     F16, BF16, U32 = mx.float16, mx.bfloat16, mx.uint32
+
+    def dtypes(spec, dt):
+        return [dt if n in ("x", "scales", "biases", "scales2", "biases2", "nw", "res")
+                else (mx.int32 if n == "rows" else U32) for n in spec.inputs]
+
     out = []
     for dt in (F16, BF16, mx.float32):
         for spec in (SPEC_NORM, SPEC_RES, SPEC_GATED_NORM):
             eps = None if spec is SPEC_RES else 1e-6
+            extra = () if eps is None else (("EPS", eps_bits(eps)),)
             t = _qmv.build_plan(spec, dt, dt, 4, 64, (1, 4096), 12288, None, None, 0,
-                                gated=spec is SPEC_GATED_NORM,
-                                extra=() if eps is None else (("EPS", eps_bits(eps)),))[0]
-            n_in = len(spec.inputs)
-            dts = [dt if n in ("x", "scales", "biases", "scales2", "biases2", "nw", "res")
-                   else U32 for n in spec.inputs]
-            out.append((f"{spec.name}-{dt}".replace("mlx.core.", ""), spec, dts,
-                        [1 << 20] * n_in, [dt], t))
-            if dt != mx.float32:  # the folded body's variant of the same launch
+                                gated=spec is SPEC_GATED_NORM, extra=extra)[0]
+            out.append((f"{spec.name}-{dt}".replace("mlx.core.", ""), spec, dtypes(spec, dt),
+                        [1 << 20] * len(spec.inputs), [dt], t))
+            if dt != mx.float32:  # the folded body's variant of the same launch, 1 and 12 rows
                 fspec = FOLD_SPECS[spec]
-                t = _qmv.fold_plan(dt, dt, 64, (1, 4096), 12288, spec=fspec,
-                                   extra=() if eps is None else (("EPS", eps_bits(eps)),))[0]
-                out.append((f"{fspec.name}-{dt}".replace("mlx.core.", ""), fspec, dts,
-                            [1 << 20] * n_in, [dt], t))
+                for MT in (1, 12):
+                    t = _qmv.fold_plan(dt, dt, 64, (MT, 4096), 12288, spec=fspec, extra=extra)[0]
+                    out.append((f"{fspec.name}-{dt}-M{MT}".replace("mlx.core.", ""), fspec,
+                                dtypes(fspec, dt), [1 << 20] * (len(fspec.inputs) - 1) + [8],
+                                [dt], t))
     return out

@@ -152,6 +152,21 @@ def launch(spec: KernelSpec, inputs, template, grid, threadgroup, output_shapes,
                 output_shapes=output_shapes, output_dtypes=output_dtypes, init_value=init_value)
 
 
+_ROWS: dict = {}
+
+
+def rows_input(MT: int) -> mx.array:
+    """A kernel's run-time row count (qmm, the folded GEMV): one int32 array per value, built
+    once (8 entries, so that Metal passes it in the `device` address space like the other
+    inputs). The template then holds a bound on the rows, and batches of different sizes share
+    a compiled kernel."""
+    a = _ROWS.get(MT)
+    if a is None:
+        a = _ROWS[MT] = mx.full((8,), MT, mx.int32)
+        mx.eval(a)
+    return a
+
+
 def launch_planned(spec: KernelSpec, inputs, template, grid, threadgroup, output_shapes,
                    output_dtypes, kern, ktemplate):
     """A launch from a cached plan: on CUDA the plan's kernel object (`cuda_plan_kernel`) is

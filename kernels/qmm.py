@@ -14,7 +14,8 @@ import os
 import mlx.core as mx
 
 from .formats import validate_quantized
-from .launch import KernelSpec, backend, cdiv, cuda_plan_kernel, launch_planned, prod
+from .launch import (KernelSpec, backend, cdiv, cuda_plan_kernel, launch_planned, prod,
+                     rows_input)
 from .qmv import DTYPES as S_DTYPES
 
 SPEC = KernelSpec("marlin_qmm", "qmm.h", ("x", "w", "scales", "biases", "rows"), ("y",))
@@ -66,19 +67,6 @@ def qmm(x, w, scales, biases, group_size: int = 64, bits: int = 4, *, NT: int | 
 
 
 _PLANS: dict = {}
-_ROWS: dict = {}
-
-
-def rows_input(MT: int) -> mx.array:
-    """The kernel's run-time row count: one int32 array per value, built once (8 entries, so
-    that Metal passes it in the `device` address space like the other inputs)."""
-    a = _ROWS.get(MT)
-    if a is None:
-        a = _ROWS[MT] = mx.full((8,), MT, mx.int32)
-        mx.eval(a)
-    return a
-
-
 def plan(xdt, sdt, bits, group_size, xshape, N, NT=None, SK=None):
     """(template, grid, threadgroup, output shapes, output dtypes, kernel object, its template,
     rows input), cached per x shape (as qmv's plans: the host cost of a launch counts at

@@ -13,7 +13,7 @@ import mlx.core as mx
 
 from .formats import validate_quantized
 from .launch import (KernelSpec, _gpu_backend, backend, cdiv, cuda_plan_kernel, launch_planned,
-                     prod)
+                     prod, rows_input)
 
 SPEC = KernelSpec("marlin_qmv", "qmv.h", ("x", "w", "scales", "biases"), ("y",))
 # The tensor-core GEMV (src/qmv_tc.h): 16-bit x, up to TC_MAX_M rows, 2/4 bits (8 with float16)
@@ -25,9 +25,12 @@ TC_MAX_M = 8
 USE_TC = os.environ.get("MARLIN_MLX_QMV_TC", "0") == "1"
 # stages of qmv_tc's asynchronous copies (0: the next step's loads in registers)
 TC_PIPE = int(os.environ.get("MARLIN_MLX_QMV_TC_PIPE", "0"))
-# The folded tensor-core GEMV (src/qmv_fold.h): one row of 16-bit x, 4-bit codes, K % 256 == 0.
-FOLD_SPEC = KernelSpec("marlin_qmv_fold", "qmv_fold.h", ("x", "w", "scales", "biases"), ("y",))
-# The one-row launches it covers (and the fused decode variants, kernels/fused_linear.py) take
+# The folded tensor-core GEMV (src/qmv_fold.h): up to FOLD_MAX_M rows of 16-bit x, 4-bit codes,
+# K % 256 == 0; `rows` is the run-time row count (launch.rows_input).
+FOLD_SPEC = KernelSpec("marlin_qmv_fold", "qmv_fold.h", ("x", "w", "scales", "biases", "rows"),
+                       ("y",))
+FOLD_MAX_M = 16
+# The launches it covers (and the fused decode variants, kernels/fused_linear.py) take
 # it on CUDA: on the H200 it cut the GPU time of a compiled Qwen3-8B decode step from 3.02 to
 # 2.40 ms (KERNEL_NOTES "Session 13"). On Metal its products are lane shuffles until
 # k_mma16816 maps onto simdgroup_matrix, so there it is opt-in. MARLIN_MLX_QMV_FOLD=0 / 1
@@ -204,9 +207,9 @@ def tc_plan(xdt, sdt, bits, group_size, xshape, N, RT=None, SK=None, U=None, PIP
 
 
 def fold_supported(xdt, sdt, bits: int, group_size: int, MT: int, K: int) -> bool:
-    """Whether the folded body covers a launch: one row of 16-bit x, 16-bit scales, 4-bit
-    codes, groups of 32/64/128 and whole 256-value steps."""
-    return (MT == 1 and xdt in (mx.float16, mx.bfloat16) and sdt in (mx.float16, mx.bfloat16)
+    """Whether the folded body covers a launch: 1 to FOLD_MAX_M rows of 16-bit x, 16-bit
+    scales, 4-bit codes, groups of 32/64/128 and whole 256-value steps."""
+    return (1 <= MT <= FOLD_MAX_M and xdt in (mx.float16, mx.bfloat16) and sdt in (mx.float16, mx.bfloat16)
             and bits == 4 and group_size in (32, 64, 128) and K % 256 == 0)
 
 
@@ -220,39 +223,58 @@ def body_tag(xdt, sdt, bits: int, group_size: int, MT: int, K: int) -> str:
 FOLD_TARGET_WARPS = 2048  # the H200 sweep's best split-K at N = 4096, 8192, 12288 (Session 13)
 
 
+def fold_rows_bound(MT: int) -> int:
+    """The template's row bound MR: 1 (x prefetched in registers), else 8 or 16 (one or two
+    8-column tiles of the products; x staged from L2 as each step starts)."""
+    return 1 if MT == 1 else 8 * cdiv(MT, 8)
+
+
+def fold_shared_bytes(RT: int, SK: int, MR: int) -> int:
+    """Threadgroup memory of a folded launch: staged x (rows padded to 33 or 36 slots when
+    MR > 1), then the split-K sums."""
+    return SK * MR * (32 if MR == 1 else 36) * 16 + SK * (MR * 16 * RT + MR) * 4
+
+
 def fold_config(N: int, K: int, RT: int | None = None, SK: int | None = None,
-                PF: int | None = None, gated: bool = False):
+                PF: int | None = None, gated: bool = False, MR: int = 1):
     """(16-row tiles per simdgroup, simdgroups splitting K, register prefetch) of a folded
     launch. Split-K is the power of two that brings the simdgroups nearest FOLD_TARGET_WARPS
-    from below (uneven splits measured slower), at most one 256-value step each; a gated
-    launch reads its gate and up rows as two tiles."""
+    from below (uneven splits measured slower), at most one 256-value step each, halved until
+    the staged x of MR rows fits the backend's threadgroup memory; a gated launch reads its
+    gate and up rows as two tiles."""
     RT = 2 if gated else (RT or 1)
     PF = FOLD_PF if PF is None else PF
     if SK is None:
         want = max(1, FOLD_TARGET_WARPS // cdiv(N, 16 * (1 if gated else RT)))
         SK = 1 << (want.bit_length() - 1)
-    return RT, max(1, min(SK, K // 256, 8)), PF
+    SK = max(1, min(SK, K // 256, 8))
+    limit = TC_SHARED.get(backend() or "cuda", TC_SHARED["metal"])
+    while SK > 1 and fold_shared_bytes(RT, SK, MR) > limit:
+        SK //= 2
+    return RT, SK, PF
 
 
 def fold_plan(xdt, sdt, group_size, xshape, N, RT=None, SK=None, PF=None, spec=None,
               extra: tuple = ()):
-    """The folded launch plan, cached like `_plan`'s (`spec`: a fused variant, whose extra
-    template constants follow)."""
+    """The folded launch plan, cached like `_plan`'s, with its run-time row count input last
+    (`spec`: a fused variant, whose extra template constants follow)."""
     spec = spec or FOLD_SPEC
     key = ("fold", spec, xdt, sdt, group_size, xshape, N, RT, SK, PF, extra)
     plan = _PLANS.get(key)
     if plan is None:
         K, lead = xshape[-1], tuple(xshape[:-1])
         gated = "gated" in spec.src
-        RT, SK, PF = fold_config(N, K, RT, SK, PF, gated)
+        MT = prod(lead)
+        MR = fold_rows_bound(MT)
+        RT, SK, PF = fold_config(N, K, RT, SK, PF, gated, MR)
         template = [("T", xdt), ("S", sdt), ("XK", XKIND[xdt]), ("SXK", XKIND[sdt]),
-                    ("GS", group_size), ("RT", RT), ("SK", SK), ("PF", PF), ("K", K),
-                    ("N", N), *extra]
+                    ("GS", group_size), ("RT", RT), ("SK", SK), ("PF", PF), ("MR", MR),
+                    ("K", K), ("N", N), *extra]
         kern, ktemplate = (cuda_plan_kernel(spec, template) if backend() == "cuda"
                            else (None, None))
         tiles = cdiv(N, 16 * (1 if gated else RT))
         plan = _PLANS[key] = (template, (32 * SK * tiles, 1, 1), (32 * SK, 1, 1),
-                              [(*lead, N)], [xdt], kern, ktemplate)
+                              [(*lead, N)], [xdt], kern, ktemplate, rows_input(MT))
     return plan
 
 
@@ -270,10 +292,12 @@ def qmv_kernel(x, w, scales, biases, group_size, bits, *, R=None, SK=None, PF=No
         fold = fold_enabled() and R is None and PF is None and not tc
     if tc is None:
         tc = USE_TC and R is None and PF is None
+    inputs = [x, w, scales, biases]
     if fold and fold_supported(x.dtype, sdt, bits, group_size, prod(x.shape[:-1]), x.shape[-1]):
         spec = FOLD_SPEC
-        template, grid, tg, oshape, odt, kern, ktemplate = fold_plan(
+        template, grid, tg, oshape, odt, kern, ktemplate, rows = fold_plan(
             x.dtype, sdt, group_size, x.shape, w.shape[0], RT, SK, PF)
+        inputs.append(rows)
     elif tc and tc_supported(x.dtype, bits, prod(x.shape[:-1])):
         spec = TC_SPEC
         template, grid, tg, oshape, odt, kern, ktemplate = tc_plan(
@@ -282,8 +306,7 @@ def qmv_kernel(x, w, scales, biases, group_size, bits, *, R=None, SK=None, PF=No
         spec = SPEC
         template, grid, tg, oshape, odt, kern, ktemplate = _plan(
             x.dtype, sdt, bits, group_size, x.shape, w.shape[0], R, SK, PF)
-    return launch_planned(spec, [x, w, scales, biases], template, grid, tg, oshape, odt, kern,
-                          ktemplate)[0]
+    return launch_planned(spec, inputs, template, grid, tg, oshape, odt, kern, ktemplate)[0]
 
 
 def template_for(x_dtype, s_dtype, bits, group_size, M, MT, K, N, R=None, SK=None, PF=None):
@@ -302,8 +325,10 @@ def compile_cases():
             name = f"qmv_tc-b{bits}-{dt}-M{MT}-RT{RT}-U{U}-P{PIPE}".replace("mlx.core.", "")
             out.append((name, TC_SPEC, [dt, mx.uint32, dt, dt], [1 << 20] * 4, [dt], t))
     for dt in (mx.float16, mx.bfloat16):
-        for gs, RT, PF in ((64, 1, 1), (32, 2, 0), (128, 1, 2), (64, 2, 0)):
-            t = fold_plan(dt, dt, gs, (1, 4096), 12288, RT=RT, PF=PF)[0]
-            name = f"qmv_fold-{dt}-g{gs}-RT{RT}-PF{PF}".replace("mlx.core.", "")
-            out.append((name, FOLD_SPEC, [dt, mx.uint32, dt, dt], [1 << 20] * 4, [dt], t))
+        for gs, RT, PF, MT in ((64, 1, 1, 1), (32, 2, 0, 1), (128, 1, 2, 1), (64, 2, 0, 1),
+                               (64, 1, 1, 5), (32, 2, 1, 16)):
+            t = fold_plan(dt, dt, gs, (MT, 4096), 12288, RT=RT, PF=PF)[0]
+            name = f"qmv_fold-{dt}-g{gs}-RT{RT}-PF{PF}-M{MT}".replace("mlx.core.", "")
+            out.append((name, FOLD_SPEC, [dt, mx.uint32, dt, dt, mx.int32], [1 << 20] * 4 + [8],
+                        [dt], t))
     return out

@@ -45,12 +45,14 @@ def quantized_matmul(x, w, scales, biases=None, group_size: int = 64, bits: int 
                      mode: str = "affine"):
     """y = x @ dequant(w).T, choosing the op by M, format and backend.
 
-    On the CPU backend this is MLX's own quantized_matmul (the reference path). On a GPU, rows
-    of x up to QMV_MAX_M go to the fused qmv kernel (affine, mxfp4, nvfp4), affine float16 /
-    bfloat16 x of QMM_MIN_M to 64 rows to the tensor-core qmm kernel, larger M (affine) to the
-    dequantize kernel followed by MLX's native matmul, each only when the measured
-    selection keeps it (first use per shape class: self-test against the reference, timing
-    against MLX's built-in); everything else goes to MLX's built-in op.
+    On the CPU backend this is MLX's own quantized_matmul (the reference path). On a GPU, 1
+    to 16 rows of 16-bit x over 4-bit affine weights go to the folded tensor-core GEMV (qmv's
+    folded body, where it is switched on); otherwise rows of x up to QMV_MAX_M go to the fused
+    qmv kernel (affine, mxfp4, nvfp4), affine float16 / bfloat16 x of QMM_MIN_M to 64 rows to
+    the tensor-core qmm kernel, larger M (affine) to the dequantize kernel followed by MLX's
+    native matmul, each only when the measured selection keeps it (first use per shape class:
+    self-test against the reference, timing against MLX's built-in); everything else goes to
+    MLX's built-in op.
 
     Leading dimensions are folded into M first: MLX's kernels treat x (B, 1, K) as B separate
     one-row products, each reading the whole weight (a batched decode step of 32 sequences
@@ -117,7 +119,12 @@ def _choose(x, w, scales, biases, group_size, bits, mode) -> int:
 
 
 def _affine_op(x, w, scales, biases, group_size, bits, M) -> str:
-    """Our candidate for an affine product of M rows (the selection then times it)."""
+    """Our candidate for an affine product of M rows (the selection then times it): the folded
+    GEMV where it covers the launch (up to 16 rows, read once for all of them), else qmm from
+    QMM_MIN_M rows, qmv below, dequantize + matmul past qmv's rows."""
+    if _qmv.fold_enabled() and _qmv.fold_supported(x.dtype, scales.dtype, bits, group_size, M,
+                                                   x.shape[-1]):
+        return "qmv"
     if M >= QMM_MIN_M and _qmm.supported(x, w, scales, biases, group_size, bits):
         return "qmm"
     return "qmv" if M <= QMV_MAX_M else "dq+mm"

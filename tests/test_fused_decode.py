@@ -47,14 +47,14 @@ def _err(y, ref):
     return np.linalg.norm(y - ref) / np.linalg.norm(ref)
 
 
-def _case(op, dt, N=40, K=320, bits=4, gs=64, seed=0):
+def _case(op, dt, N=40, K=320, bits=4, gs=64, seed=0, M=1):
     mx.random.seed(seed)
     n_w = 2 if op == "gated_norm" else 1
     ws = [mx.quantize(mx.random.normal((N, K)), group_size=gs, bits=bits) for _ in range(n_w)]
     ws = [(q, s.astype(dt), b.astype(dt)) for q, s, b in ws]
-    x = mx.random.normal((1, K)).astype(dt)
+    x = (mx.random.normal((M, K)) * (1 + mx.arange(M)[:, None])).astype(dt)  # rows' own rms
     nw = (1.0 + 0.2 * mx.random.normal((K,))).astype(dt)
-    res = mx.random.normal((1, N)).astype(dt)
+    res = mx.random.normal((M, N)).astype(dt)
     x64, W = _np(x), [_affine64(*w, bits, gs) for w in ws]
     if op == "qmv_norm":
         ref = _rmsnorm64(x64, _np(nw), 1e-5) @ W[0].T
@@ -87,13 +87,36 @@ def test_fused_gemv_bodies_on_cpu_emulator(op, dt, fold, tmp_path, monkeypatch):
     K = 768 if fold else 320
     inputs, ref = _case(op, dt, K=K)
     eps = None if op == "qmv_res" else 1e-5
-    spec, (t, grid, tg, osh, odt, _, _) = fused_linear._plan(SPECS[op], dt, dt, 4, 64, (1, K),
-                                                             40, eps)
+    spec, plan = fused_linear._plan(SPECS[op], dt, dt, 4, 64, (1, K), 40, eps)
+    t, grid, tg, osh, odt = plan[:5]
     assert (spec is fused_linear.FOLD_SPECS[SPECS[op]]) == fold
-    y = metal_emulator.emulate([dict(spec=spec, inputs=inputs, template=t, grid=grid,
+    y = metal_emulator.emulate([dict(spec=spec, inputs=inputs + list(plan[7:]), template=t,
+                                     grid=grid,
                                      threadgroup=tg, output_shapes=osh, output_dtypes=odt)],
                                tmp_path)[0]
     assert _err(y, ref) < TOL[dt] * 2
+
+
+@pytest.mark.parametrize("op", list(SPECS))
+@pytest.mark.parametrize("dt,M,gs", [(mx.bfloat16, 5, 64), (mx.float16, 12, 32)])
+def test_fused_fold_rows_on_cpu_emulator(op, dt, M, gs, tmp_path, monkeypatch):
+    """Batched decode rows through the folded fused variants: each row's own norm (rows of
+    different rms), residual row and gate/up product, every row checked on its own."""
+    import metal_emulator
+    if not metal_emulator.available():
+        pytest.skip("no C++20 g++")
+    monkeypatch.setattr(fused_linear._qmv, "USE_FOLD", True)
+    K = 768
+    inputs, ref = _case(op, dt, K=K, gs=gs, M=M, seed=M)
+    eps = None if op == "qmv_res" else 1e-5
+    spec, plan = fused_linear._plan(SPECS[op], dt, dt, 4, gs, (M, K), 40, eps)
+    t, grid, tg, osh, odt, _, _, rows = plan
+    assert spec is fused_linear.FOLD_SPECS[SPECS[op]]
+    y = metal_emulator.emulate([dict(spec=spec, inputs=inputs + [rows], template=t, grid=grid,
+                                     threadgroup=tg, output_shapes=osh, output_dtypes=odt)],
+                               tmp_path)[0]
+    for m in range(M):
+        assert _err(y[m], ref[m]) < TOL[dt] * 2, m
 
 
 def _qkv_case(dt, B, H, KV, D, norm, seed=0):
@@ -174,7 +197,7 @@ def test_selection_inputs_have_the_layer_shapes(monkeypatch):
         return False
 
     monkeypatch.setattr(selection, "use_custom", fake_use_custom)
-    monkeypatch.setattr(fused_linear, "_one_row", lambda x: True)
+    monkeypatch.setattr(fused_linear, "_rows_ok", lambda x, layer, k=None: True)
     monkeypatch.setattr(fused_linear, "_DECISIONS", {})
     monkeypatch.setattr(qk_rope, "_DECISIONS", {})
     K, N, gs = 96, 40, 32
@@ -225,6 +248,29 @@ def test_fused_gemv_kernels_gpu(op, dt, bits, fold, poison, monkeypatch):
                                            inputs[7], 1e-5, 64, bits)
     assert y.shape == (1, N) and y.dtype == dt
     assert _err(y, ref) < TOL[dt] * (2 if op != "qmv_res" else 1)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("op", list(SPECS))
+@pytest.mark.parametrize("dt", [mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("M", [2, 8, 13, 16])
+def test_fused_fold_rows_gpu(op, dt, M, poison, monkeypatch):
+    """The folded fused variants over a batched decode step's rows, each row on its own."""
+    monkeypatch.setattr(fused_linear._qmv, "USE_FOLD", True)
+    N, K = 300, 64 * 40
+    inputs, ref = _case(op, dt, N=N, K=K, seed=np.random.randint(1 << 20), M=M)
+    x = inputs[0].reshape(M, 1, K)  # a decode step's (batch, 1, hidden)
+    if op == "qmv_norm":
+        y = fused_linear.qmv_norm_kernel(x, *inputs[1:4], inputs[4], 1e-5, 64, 4)
+    elif op == "qmv_res":
+        y = fused_linear.qmv_res_kernel(x, *inputs[1:4], inputs[4].reshape(M, 1, N), 64, 4)
+    else:
+        y = fused_linear.gated_norm_kernel(x, tuple(inputs[1:4]), tuple(inputs[4:7]),
+                                           inputs[7], 1e-5, 64, 4)
+    assert y.shape == (M, 1, N) and y.dtype == dt
+    for m in range(M):
+        assert _err(y[m], ref[m]) < TOL[dt] * 2, m
 
 
 @pytest.mark.gpu

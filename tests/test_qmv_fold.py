@@ -28,13 +28,46 @@ def test_qmv_fold_body_on_cpu_emulator(dtype, gs, RT, SK, PF, K, tmp_path):
         pytest.skip("needs g++ with C++20 <barrier> and _Float16")
     N = 40  # not a multiple of 16 * RT rows: the last tile reads clamped rows, writes none
     x, q, s, b = _case(1, N, K, 4, gs, dtype, seed=gs + RT)
-    t, grid, tg, osh, odt, _, _ = qmv.fold_plan(dtype, s.dtype, gs, (1, K), N, RT=RT, SK=SK,
-                                                 PF=PF)
+    t, grid, tg, osh, odt, _, _, rows = qmv.fold_plan(dtype, s.dtype, gs, (1, K), N, RT=RT,
+                                                       SK=SK, PF=PF)
     assert dict(t)["SK"] == SK and dict(t)["RT"] == RT and dict(t)["PF"] == PF
-    y = metal_emulator.emulate([dict(spec=qmv.FOLD_SPEC, inputs=[x, q, s, b], template=t,
+    y = metal_emulator.emulate([dict(spec=qmv.FOLD_SPEC, inputs=[x, q, s, b, rows], template=t,
                                      grid=grid, threadgroup=tg, output_shapes=osh,
                                      output_dtypes=odt)], tmp_path)[0]
     assert _rel_err(y, x, q, s, b, 4, gs) < TOL[dtype]
+
+
+def _row_errors(y, x, q, s, b, gs):
+    """Each row's relative error against the float64 oracle (a row given another row's x, or
+    left unwritten, fails on its own)."""
+    from marlin_mlx.kernels import formats
+    ref = np.array(formats.reference_matmul(x, q, s, b, "affine", 4, gs), np.float64)
+    y = np.array(y.astype(mx.float32), np.float64).reshape(ref.shape)
+    assert np.isfinite(y).all()
+    return np.linalg.norm(y - ref, axis=-1) / np.linalg.norm(ref, axis=-1)
+
+
+@pytest.mark.parametrize("dtype,gs,RT,SK,PF,MT,K", [
+    (mx.float16, 64, 1, 2, 1, 3, 768),    # one column tile, odd rows: columns past 3 unused
+    (mx.bfloat16, 32, 2, 1, 0, 8, 512),   # a full column tile, two row tiles, no prefetch
+    (mx.float16, 128, 1, 2, 2, 11, 768),  # two column tiles (MR 16), three register sets
+    (mx.bfloat16, 64, 1, 3, 1, 16, 768),  # both column tiles full, one step per simdgroup
+])
+def test_qmv_fold_rows_on_cpu_emulator(dtype, gs, RT, SK, PF, MT, K, tmp_path):
+    """Several rows of x (batched decode): x row 8 j + g is product column g of column tile j,
+    staged from memory at each step; each row checked on its own."""
+    import metal_emulator
+    if not metal_emulator.available():
+        pytest.skip("needs g++ with C++20 <barrier> and _Float16")
+    N = 40
+    x, q, s, b = _case(MT, N, K, 4, gs, dtype, seed=MT)
+    t, grid, tg, osh, odt, _, _, rows = qmv.fold_plan(dtype, s.dtype, gs, (MT, K), N, RT=RT,
+                                                       SK=SK, PF=PF)
+    assert dict(t)["MR"] == (8 if MT <= 8 else 16)
+    y = metal_emulator.emulate([dict(spec=qmv.FOLD_SPEC, inputs=[x, q, s, b, rows],
+                                     template=t, grid=grid, threadgroup=tg, output_shapes=osh,
+                                     output_dtypes=odt)], tmp_path)[0]
+    assert (_row_errors(y, x, q, s, b, gs) < TOL[dtype]).all()
 
 
 def test_qmv_fold_on_emulator_keeps_float_accuracy_with_large_x(tmp_path):
@@ -46,8 +79,8 @@ def test_qmv_fold_on_emulator_keeps_float_accuracy_with_large_x(tmp_path):
     N, K = 16, 512
     x, q, s, b = _case(1, N, K, 4, 64, mx.float16, seed=7)
     x = (x.astype(mx.float32) * 30 + 20).astype(mx.float16)
-    t, grid, tg, osh, odt, _, _ = qmv.fold_plan(mx.float16, s.dtype, 64, (1, K), N, SK=2)
-    y = metal_emulator.emulate([dict(spec=qmv.FOLD_SPEC, inputs=[x, q, s, b], template=t,
+    t, grid, tg, osh, odt, _, _, rows = qmv.fold_plan(mx.float16, s.dtype, 64, (1, K), N, SK=2)
+    y = metal_emulator.emulate([dict(spec=qmv.FOLD_SPEC, inputs=[x, q, s, b, rows], template=t,
                                      grid=grid, threadgroup=tg, output_shapes=osh,
                                      output_dtypes=odt)], tmp_path)[0]
     assert _rel_err(y, x, q, s, b, 4, 64) < 1e-3
@@ -57,7 +90,8 @@ def test_qmv_fold_support_and_config():
     f16, bf16, f32 = mx.float16, mx.bfloat16, mx.float32
     assert qmv.fold_supported(bf16, bf16, 4, 64, 1, 4096)
     assert qmv.fold_supported(f16, bf16, 4, 128, 1, 12288)
-    assert not qmv.fold_supported(bf16, bf16, 4, 64, 2, 4096)    # one row of x
+    assert qmv.fold_supported(bf16, bf16, 4, 64, 16, 4096)       # up to 16 rows of x
+    assert not qmv.fold_supported(bf16, bf16, 4, 64, 17, 4096)
     assert not qmv.fold_supported(f32, f32, 4, 64, 1, 4096)      # 16-bit products
     assert not qmv.fold_supported(bf16, f32, 4, 64, 1, 4096)     # scales read as 16-bit words
     assert not qmv.fold_supported(bf16, bf16, 8, 64, 1, 4096)    # 4-bit codes only
@@ -67,6 +101,11 @@ def test_qmv_fold_support_and_config():
         assert RT == 1 and 1 <= SK <= min(8, K // 256) and PF in (0, 1, 2)
         assert SK & (SK - 1) == 0  # uneven splits measured slower: a power of two
     assert qmv.fold_config(12288, 4096, gated=True)[:2] == (2, 2)  # gate and up tiles
+    assert [qmv.fold_rows_bound(m) for m in (1, 2, 8, 9, 16)] == [1, 8, 8, 16, 16]
+    for MR in (1, 8, 16):  # split-K halves until the staged rows fit the threadgroup memory
+        for RT in (1, 2):
+            RT_, SK, _ = qmv.fold_config(4096, 4096, RT=RT, MR=MR)
+            assert qmv.fold_shared_bytes(RT_, SK, MR) <= 48 * 1024
 
 
 def test_qmv_fold_switch_and_selection_tag(monkeypatch):
@@ -79,7 +118,8 @@ def test_qmv_fold_switch_and_selection_tag(monkeypatch):
         monkeypatch.setattr(qmv, "USE_FOLD", value)
         assert qmv.fold_enabled() is on
         assert qmv.body_tag(bf16, bf16, 4, 64, 1, 4096) == ("-fold" if on else "")
-        assert qmv.body_tag(bf16, bf16, 4, 64, 2, 4096) == ""    # two rows: the float body
+        assert qmv.body_tag(bf16, bf16, 4, 64, 16, 4096) == ("-fold" if on else "")
+        assert qmv.body_tag(bf16, bf16, 4, 64, 17, 4096) == ""   # 17 rows: the float body
         assert qmv.body_tag(bf16, bf16, 8, 64, 1, 4096) == ""    # 8 bits: the float body
         spec, _ = fused_linear._plan(fused_linear.SPEC_RES, bf16, bf16, 4, 64, (1, 1, 512), 64,
                                      None)
@@ -115,12 +155,36 @@ def test_qmv_fold_gpu_tilings(RT, SK, PF, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not launch.backend(), reason="needs an MLX GPU backend")
 def test_qmv_fold_gpu_leading_dims_and_fallback(monkeypatch):
-    """x of shape (1, 1, K) comes back (1, 1, N); two rows or a ragged K take the float body
+    """x of shape (MT, 1, K) comes back (MT, 1, N); 17 rows or a ragged K take the float body
     (each checked against the oracle)."""
     monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
-    for MT, K in ((1, 2048), (2, 2048), (1, 2048 + 64)):
+    for MT, K in ((1, 2048), (2, 2048), (17, 2048), (1, 2048 + 64)):
         x, q, s, b = _case(MT, 520, K, 4, 64, mx.bfloat16, seed=MT)
         y = qmv.qmv_kernel(x.reshape(MT, 1, K), q, s, b, 64, 4, fold=True)
         assert y.shape == (MT, 1, 520)
         assert _rel_err(y.reshape(MT, 520), x, q, s, b, 4, 64) < TOL[mx.bfloat16]
         assert np.isfinite(np.array(y.astype(mx.float32))).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not launch.backend(), reason="needs an MLX GPU backend")
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("MT", [2, 3, 8, 9, 16])
+@pytest.mark.parametrize("gs", [32, 64, 128])
+def test_qmv_fold_gpu_rows_match_float64(dtype, MT, gs, monkeypatch):
+    """Batched decode rows on the folded body, each row against the float64 oracle."""
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
+    x, q, s, b = _case(MT, 1000, 4096 + 256, 4, gs, dtype, seed=MT + gs)
+    y = qmv.qmv_kernel(x, q, s, b, gs, 4, fold=True)
+    assert (_row_errors(y, x, q, s, b, gs) < TOL[dtype]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not launch.backend(), reason="needs an MLX GPU backend")
+@pytest.mark.parametrize("MT,RT,SK,PF", [(4, 1, 1, 1), (8, 2, 3, 1), (12, 1, 8, 0),
+                                         (16, 2, 4, 2), (5, 1, 2, 2)])
+def test_qmv_fold_gpu_rows_tilings(MT, RT, SK, PF, monkeypatch):
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
+    x, q, s, b = _case(MT, 12288, 4096 + 256, 4, 64, mx.bfloat16, seed=MT)
+    y = qmv.qmv_kernel(x, q, s, b, 64, 4, fold=True, RT=RT, SK=SK, PF=PF)
+    assert (_row_errors(y, x, q, s, b, 64) < TOL[mx.bfloat16]).all()

@@ -2,7 +2,7 @@
 // Variant switches (fused_switches.h; set by fold_norm.h, fold_res.h, fold_gated_norm.h):
 // GATED reads gate rows (w) as tile 0 and up rows (QW2/QS2/QB2) as tile 1 of the same outputs
 // (RT = 2) and writes silu(gate) * up; NORM multiplies x by QNW as it is staged, sums x^2 and
-// scales each output by 1 / rms(x) (eps QEPS); RES adds QRES[n].
+// scales each output by 1 / rms(x) (eps QEPS); RES adds QRES[m, n].
 //// INCLUDE fused_switches.h
 constexpr int KW = K / 8;            // code words per weight row
 constexpr int NG = K / GS;           // groups per row
@@ -11,6 +11,10 @@ constexpr int WPL = GS / 32;         // code words per lane, row and group
 constexpr int SWR = U / 2;           // words of scales (or biases) per row and step
 constexpr int STEPS = K / 256;
 constexpr int TR = GATED ? 16 : 16 * RT;  // output rows of a threadgroup
+constexpr int NT = (MR + 7) / 8;     // 8-column tiles of x rows in the products
+constexpr int RED = MR * 16 * RT;    // split-K sums per simdgroup (x row major), then NORM's
+// Row pitch of the staged x (16-byte slots): lanes of rows g and g + 1 read other banks
+constexpr int XP = 32 + (MR == 1 ? 0 : (WPL == 1 ? 4 : 1));
 // The constant A of the sums product: rows g give OFF (base times the fragment values, which
 // for float16 hold x / 16 where the codes were taken at 16 q), rows g + 8 give X.
 constexpr uint32_t A_OFF = (XK == 1) ? 0x64006400u : 0x43004300u;  // 1024 or 128
@@ -20,13 +24,21 @@ constexpr uint32_t A_X1 = (XK == 1) ? 0x4C004C00u : 0x3F803F80u;   // 16 (float1
 const int g = int(lane) >> 2;
 const int c = int(lane) & 3;
 const int n0 = int(tg_x) * TR;
+const int MT = (MR == 1) ? 1 : int(rows[0]);  // rows of x (run time: one kernel per MR)
 
-KSHARED uint4 xs[SK][32];  // each simdgroup's step of x, word slot by word slot
-KSHARED float red[SK][16 * RT + 1];  // row sums (gate, then up), then NORM's sum of x^2
+KSHARED uint4 xs[SK][MR][XP];  // each simdgroup's step of x, by row and word slot
+KSHARED float red[SK][RED + MR];  // row sums (gate, then up), then NORM's sums of x^2
 
-float tot[RT][2];
-KUNROLL for (int t = 0; t < RT; ++t) { tot[t][0] = 0.0f; tot[t][1] = 0.0f; }
-float ssq = 0.0f;  // NORM: this lane's share of sum(x^2)
+// tot[t][r][j][h]: weight row 16 t + 8 r + g (GATED: tile t is gate / up) times x row
+// 8 j + 2 c + h (the products' column layout)
+float tot[RT][2][NT][2];
+KUNROLL for (int t = 0; t < RT; ++t) {
+  KUNROLL for (int r = 0; r < 2; ++r) {
+    KUNROLL for (int j = 0; j < NT; ++j) { tot[t][r][j][0] = 0.0f; tot[t][r][j][1] = 0.0f; }
+  }
+}
+float ssq[MR];  // NORM: this lane's share of sum(x^2), per x row
+KUNROLL for (int m = 0; m < MR; ++m) ssq[m] = 0.0f;
 
 // NW consecutive words from p into d[0 .. NW) (16-, 8- or 4-byte loads)
 #define FOLD_WORDS(NW, d, p)                                                               \
@@ -45,7 +57,8 @@ float ssq = 0.0f;  // NORM: this lane's share of sum(x^2)
   }
 
 // Loads of step s_: WV[t][r][u][j] code words, SV / BV[t][r][i] scale / bias words, XV this
-// lane's 8 values of x and NV of the norm weight (rows past N read row N - 1 and are not
+// lane's 8 values of x (one row; more rows are read as the step is staged) and NV of the norm
+// weight (rows past N read row N - 1 and are not
 // written; GATED: tile 1 reads the up rows of the same outputs).
 #define FOLD_LOAD(s_, WV, SV, BV, XV, NV)                                                  \
   {                                                                                        \
@@ -62,42 +75,73 @@ float ssq = 0.0f;  // NORM: this lane's share of sum(x^2)
         FOLD_WORDS(SWR, BV[t][r], (const KDEV uint32_t*)((up_ ? QB2 : biases) + so_))      \
       }                                                                                    \
     }                                                                                      \
-    XV = ((const KDEV uint4*)(x + size_t(s_) * 256))[lane];                                \
+    if (MR == 1) XV = ((const KDEV uint4*)(x + size_t(s_) * 256))[lane];                   \
     if (NORM) NV = ((const KDEV uint4*)(QNW + size_t(s_) * 256))[lane];                    \
   }
 
-// The products of one step from the buffers FOLD_LOAD filled (WV, SV, BV, XV, NV)
-#define FOLD_STEP(WV, SV, BV, XV, NV)                                                      \
+// The products of step s_ from the buffers FOLD_LOAD filled (WV, SV, BV, XV, NV). With more
+// than one row of x, each lane stages its word slot of every row here (x sits in L2: the
+// next step's weights are in flight meanwhile).
+#define FOLD_STEP(s_, WV, SV, BV, XV, NV)                                                  \
   {                                                                                        \
-    xs[simd_id][lane] = NORM ? fold_x_norm_fragment<XK>(XV, NV, ssq)                       \
-                             : fold_x_fragment<XK>(XV);                                    \
+    if (MR == 1) {                                                                         \
+      xs[simd_id][0][lane] = NORM ? fold_x_norm_fragment<XK>(XV, NV, ssq[0])               \
+                                  : fold_x_fragment<XK>(XV);                               \
+    } else {                                                                               \
+      KUNROLL for (int m = 0; m < MR; ++m) {                                               \
+        if (m < MT) {                                                                      \
+          const uint4 xv_ = ((const KDEV uint4*)(x + size_t(m) * K + size_t(s_) * 256))[lane]; \
+          xs[simd_id][m][lane] = NORM ? fold_x_norm_fragment<XK>(xv_, NV, ssq[m])          \
+                                      : fold_x_fragment<XK>(xv_);                          \
+        }                                                                                  \
+      }                                                                                    \
+    }                                                                                      \
     k_simd_barrier();                                                                      \
     KUNROLL for (int u = 0; u < U; ++u) {                                                  \
-      uint4 xf[WPL]; /* this lane's x fragments of group u: word slots 4 WPL u + WPL c + j */ \
-      KUNROLL for (int j = 0; j < WPL; ++j) xf[j] = xs[simd_id][u * 4 * WPL + c * WPL + j]; \
-      float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* OFF (rows g) and X (rows g + 8) */      \
-      KUNROLL for (int j = 0; j < WPL; ++j) {                                              \
-        const uint32_t a_[4] = {A_OFF, A_X0, A_OFF, A_X1};                                 \
-        const uint32_t b0_[2] = {xf[j].x, xf[j].y}, b1_[2] = {xf[j].z, xf[j].w};           \
-        k_mma16816<XK>(sums, a_, b0_, lane);                                               \
-        k_mma16816<XK>(sums, a_, b1_, lane);                                               \
+      /* this lane's x fragments of group u (word slots 4 WPL u + WPL c + i) for product  \
+         column g of each column tile j: x row 8 j + g (rows past MT repeat the last) */   \
+      uint4 xf[NT][WPL];                                                                   \
+      KUNROLL for (int j = 0; j < NT; ++j) {                                               \
+        const int m_ = (8 * j + g < MT) ? 8 * j + g : MT - 1;                              \
+        KUNROLL for (int i = 0; i < WPL; ++i) xf[j][i] = xs[simd_id][m_][u * 4 * WPL + c * WPL + i]; \
+      }                                                                                    \
+      float sums[NT][4]; /* per column: OFF (rows g) and X (rows g + 8) */                 \
+      KUNROLL for (int j = 0; j < NT; ++j) {                                               \
+        sums[j][0] = 0.0f; sums[j][1] = 0.0f; sums[j][2] = 0.0f; sums[j][3] = 0.0f;        \
+        KUNROLL for (int i = 0; i < WPL; ++i) {                                            \
+          const uint32_t a_[4] = {A_OFF, A_X0, A_OFF, A_X1};                               \
+          const uint32_t b0_[2] = {xf[j][i].x, xf[j][i].y}, b1_[2] = {xf[j][i].z, xf[j][i].w}; \
+          k_mma16816<XK>(sums[j], a_, b0_, lane);                                          \
+          k_mma16816<XK>(sums[j], a_, b1_, lane);                                          \
+        }                                                                                  \
       }                                                                                    \
       KUNROLL for (int t = 0; t < RT; ++t) {                                               \
-        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                             \
-        KUNROLL for (int j = 0; j < WPL; ++j) {                                            \
+        float d[NT][4];                                                                    \
+        KUNROLL for (int j = 0; j < NT; ++j) {                                             \
+          d[j][0] = 0.0f; d[j][1] = 0.0f; d[j][2] = 0.0f; d[j][3] = 0.0f;                  \
+        }                                                                                  \
+        KUNROLL for (int i = 0; i < WPL; ++i) {                                            \
           uint32_t pg[4], ph[4];                                                           \
-          fold_pairs<XK>(WV[t][0][u][j], pg);                                              \
-          fold_pairs<XK>(WV[t][1][u][j], ph);                                              \
+          fold_pairs<XK>(WV[t][0][u][i], pg);                                              \
+          fold_pairs<XK>(WV[t][1][u][i], ph);                                              \
           const uint32_t a0_[4] = {pg[0], ph[0], pg[1], ph[1]};                            \
           const uint32_t a1_[4] = {pg[2], ph[2], pg[3], ph[3]};                            \
-          const uint32_t b0_[2] = {xf[j].x, xf[j].y}, b1_[2] = {xf[j].z, xf[j].w};         \
-          k_mma16816<XK>(d, a0_, b0_, lane);                                               \
-          k_mma16816<XK>(d, a1_, b1_, lane);                                               \
+          KUNROLL for (int j = 0; j < NT; ++j) {                                           \
+            const uint32_t b0_[2] = {xf[j][i].x, xf[j][i].y};                              \
+            const uint32_t b1_[2] = {xf[j][i].z, xf[j][i].w};                              \
+            k_mma16816<XK>(d[j], a0_, b0_, lane);                                          \
+            k_mma16816<XK>(d[j], a1_, b1_, lane);                                          \
+          }                                                                                \
         }                                                                                  \
         KUNROLL for (int r = 0; r < 2; ++r) {                                              \
           const float sc_ = fold_half<SXK>(SV[t][r][u / 2], u % 2);                        \
           const float bi_ = fold_half<SXK>(BV[t][r][u / 2], u % 2);                        \
-          tot[t][r] = k_fma(sc_, d[2 * r] - sums[0], k_fma(bi_, sums[2], tot[t][r]));      \
+          KUNROLL for (int j = 0; j < NT; ++j) {                                           \
+            KUNROLL for (int h = 0; h < (MR == 1 ? 1 : 2); ++h) {                          \
+              tot[t][r][j][h] = k_fma(sc_, d[j][2 * r + h] - sums[j][h],                   \
+                                      k_fma(bi_, sums[j][2 + h], tot[t][r][j][h]));        \
+            }                                                                              \
+          }                                                                                \
         }                                                                                  \
       }                                                                                    \
     }                                                                                      \
@@ -119,13 +163,13 @@ if (PF == 2) {
   if (s + SK < STEPS) FOLD_LOAD(s + SK, wb, sb, bb, xb, nb)
   for (; s < STEPS; s += 3 * SK) {
     if (s + 2 * SK < STEPS) FOLD_LOAD(s + 2 * SK, wc, sc3, bc, xc, nc)
-    FOLD_STEP(wa, sa, ba, xa, na)
+    FOLD_STEP(s, wa, sa, ba, xa, na)
     if (s + SK >= STEPS) break;
     if (s + 3 * SK < STEPS) FOLD_LOAD(s + 3 * SK, wa, sa, ba, xa, na)
-    FOLD_STEP(wb, sb, bb, xb, nb)
+    FOLD_STEP(s + SK, wb, sb, bb, xb, nb)
     if (s + 2 * SK >= STEPS) break;
     if (s + 4 * SK < STEPS) FOLD_LOAD(s + 4 * SK, wb, sb, bb, xb, nb)
-    FOLD_STEP(wc, sc3, bc, xc, nc)
+    FOLD_STEP(s + 2 * SK, wc, sc3, bc, xc, nc)
   }
 } else if (PF == 1) {
   uint32_t wb[RT][2][U][WPL], sb[RT][2][SWR], bb[RT][2][SWR];
@@ -133,46 +177,54 @@ if (PF == 2) {
   if (s < STEPS) FOLD_LOAD(s, wa, sa, ba, xa, na)
   for (; s < STEPS; s += 2 * SK) {
     if (s + SK < STEPS) FOLD_LOAD(s + SK, wb, sb, bb, xb, nb)
-    FOLD_STEP(wa, sa, ba, xa, na)
+    FOLD_STEP(s, wa, sa, ba, xa, na)
     if (s + SK >= STEPS) break;
     if (s + 2 * SK < STEPS) FOLD_LOAD(s + 2 * SK, wa, sa, ba, xa, na)
-    FOLD_STEP(wb, sb, bb, xb, nb)
+    FOLD_STEP(s + SK, wb, sb, bb, xb, nb)
   }
 } else {
   for (; s < STEPS; s += SK) {
     FOLD_LOAD(s, wa, sa, ba, xa, na)
-    FOLD_STEP(wa, sa, ba, xa, na)
+    FOLD_STEP(s, wa, sa, ba, xa, na)
   }
 }
 
-// Split-K: each simdgroup's row sums (lanes c = 0 hold them; the other columns repeat them)
-if (c == 0) {
-  KUNROLL for (int t = 0; t < RT; ++t) {
-    red[simd_id][16 * t + g] = tot[t][0];
-    red[simd_id][16 * t + g + 8] = tot[t][1];
+// Split-K: each simdgroup's sums, by x row (the lanes of column 2 c + h hold x row
+// 8 j + 2 c + h; with one row only c = 0 does, the other columns repeat it)
+KUNROLL for (int t = 0; t < RT; ++t) {
+  KUNROLL for (int r = 0; r < 2; ++r) {
+    KUNROLL for (int j = 0; j < NT; ++j) {
+      KUNROLL for (int h = 0; h < 2; ++h) {
+        const int m = 8 * j + 2 * c + h;
+        if (m < MR) red[simd_id][m * 16 * RT + 16 * t + 8 * r + g] = tot[t][r][j][h];
+      }
+    }
   }
 }
-if (NORM) {  // every k passes through exactly one lane of this threadgroup
-  const float v = k_simd_sum(ssq);
-  if (lane == 0) red[simd_id][16 * RT] = v;
+if (NORM) {  // every k of every row passes through exactly one lane of this threadgroup
+  KUNROLL for (int m = 0; m < MR; ++m) {
+    const float v = k_simd_sum(ssq[m]);
+    if (lane == 0) red[simd_id][RED + m] = v;
+  }
 }
 KBARRIER();
-for (int i = int(tid); i < TR; i += 32 * SK) {
+for (int i = int(tid); i < TR * MT; i += 32 * SK) {
+  const int m = i / TR, o = i - m * TR;  // x row, output row in the threadgroup
   float v = 0.0f, u = 0.0f;
-  KUNROLL for (int k = 0; k < SK; ++k) v += red[k][i];
+  KUNROLL for (int k = 0; k < SK; ++k) v += red[k][m * 16 * RT + o];
   if (GATED) {
-    KUNROLL for (int k = 0; k < SK; ++k) u += red[k][16 + i];
+    KUNROLL for (int k = 0; k < SK; ++k) u += red[k][m * 16 * RT + 16 + o];
   }
   if (NORM) {
     float s2 = 0.0f;
-    KUNROLL for (int k = 0; k < SK; ++k) s2 += red[k][16 * RT];
+    KUNROLL for (int k = 0; k < SK; ++k) s2 += red[k][RED + m];
     const float inv = k_rsqrt(s2 / float(K) + QEPS);
     v *= inv;
     u *= inv;
   }
   if (GATED) v = k_silu(v) * u;  // silu(gate) * up
-  if (n0 + i < N) {
-    if (RES) v += float(QRES[n0 + i]);
-    y[n0 + i] = static_cast<T>(v);
+  if (n0 + o < N) {
+    if (RES) v += float(QRES[size_t(m) * N + n0 + o]);
+    y[size_t(m) * N + n0 + o] = static_cast<T>(v);
   }
 }
