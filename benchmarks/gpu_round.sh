@@ -51,6 +51,10 @@
 # fold:    qmv's folded tensor-core body: its GPU tests, then Nsight Compute times of every
 #          (RT, SK) beside the float body, qmv_tc, MLX and the plain read (stream_probe.py --fold),
 #          then the sections of one launch each (--details; DETAILS=0 skips)
+# rows:    the folded GEMV at 2-16 rows (batched decode): its GPU tests and the fused variants,
+#          then Nsight Compute times at M = 1-16 on the five shapes beside qmm, MLX and
+#          the 16-bit matmul (stream_probe.py --rows, ncu_probe.py --parse-marked), then the
+#          serving engine's compiled decode step at batch 1-16 with the folded body on and off
 # flash:   the flash_prefill and dequantize GPU tests (FLASH_TESTS: more test files), then benchmarks/flash_attention.py (our
 #          large-head prefill attention vs MLX's, GLM-4.7-Flash shapes)
 # PROBE_VARIANTS / PROBE_PROFILE override the probe's variant lists.
@@ -262,6 +266,20 @@ PY
         -k "regex:${NCU_KERNELS:-marlin}" \
         python3 benchmarks/stream_probe.py --details > "$OUT/fold_details.txt" 2>&1
       echo "details rc=$?" ;;
+    rows)
+      timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
+        tests/test_qmv_fold.py tests/test_fused_decode.py -k fold > "$OUT/pytest_fold_rows.log" 2>&1
+      echo "pytest rc=$?"; tail -5 "$OUT/pytest_fold_rows.log"
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      timeout ${NCU_TIMEOUT:-300} "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv \
+        python3 benchmarks/stream_probe.py --rows > "$OUT/rows.csv" 2> "$OUT/rows.err"
+      echo "ncu rc=$?"; grep -v LABELS "$OUT/rows.err" | tail -3
+      python3 benchmarks/ncu_probe.py --parse-marked "$OUT/rows.csv" "$OUT/rows.err" > "$OUT/rows.json"
+      for fold in ${ENGINE_FOLD:-1 0}; do
+        MARLIN_MLX_QMV_FOLD=$fold timeout ${ENGINE_TIMEOUT:-120} python3 benchmarks/engine_probe.py \
+          --preset qwen3-8b --batch ${ENGINE_BATCH:-1,2,4,8,16} --variants compiled \
+          --json "$OUT/engine_probe_qwen3-8b_fold$fold.json" 2>&1 | tail -8 | tee -a "$OUT/engine.log"
+      done ;;
     flash)
       timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
         tests/test_flash_attention.py tests/test_kernels_gpu.py ${FLASH_TESTS:-} -k "flash or dequant" \

@@ -2,8 +2,11 @@
 
     ncu --clock-control none --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv \
         python3 benchmarks/ncu_probe.py > ncu.csv
-then `python3 benchmarks/ncu_probe.py --parse ncu.csv` prints median µs per (tag, kernel).
-Each launch is preceded by a tiny tagged marker kernel so the CSV rows can be attributed.
+then `python3 benchmarks/ncu_probe.py --parse ncu.csv` prints median µs per (kernel, grid,
+block). Where one compiled kernel serves several launches (a run-time row count), a probe puts
+a numbered marker launch before each (stream_probe.py --rows) and
+`python3 benchmarks/ncu_probe.py --parse-marked ncu.csv probe.err` attributes every kernel to
+the label of the marker before it.
 """
 import csv
 import statistics
@@ -102,8 +105,52 @@ def parse(path):
         print(f"{statistics.median(ts):9.2f} us  n={len(ts):3d}{inst}  {name}")
 
 
+def parse_marked(path, labels_path):
+    """Kernel time per marked label (the sum of the kernels between its marker and the next;
+    the median over repetitions), as JSON {label: {"us": ..., "runs": [...], "kernels": [...]}}
+    on stdout. Markers: kernels named stream_mark, grid 32 * i numbering labels[i - 1]."""
+    import json
+    labels = None
+    for line in open(labels_path):
+        if line.startswith("LABELS "):
+            labels = json.loads(line[len("LABELS "):])
+    hdr, launches = None, {}
+    for r in csv.reader(open(path)):
+        if "Kernel Name" in r and "Metric Name" in r:
+            hdr = r
+            continue
+        if hdr is None or len(r) != len(hdr):
+            continue
+        d = dict(zip(hdr, r))
+        if d["Metric Name"] != "gpu__time_duration.sum":
+            continue
+        unit = d.get("Metric Unit", "ns")
+        val = float(d["Metric Value"].replace(",", ""))
+        us = val / 1000 if unit in ("nsecond", "ns") else (val if unit in ("usecond", "us") else val * 1000)
+        launches[int(d["ID"])] = (d["Kernel Name"], d.get("Grid Size", ""), us)
+    out, label = {}, None
+    for i in sorted(launches):
+        name, grid, us = launches[i]
+        if "stream_mark" in name:
+            label = labels[int(grid.strip("()").split(",")[0]) // 32 - 1]
+            e = out.setdefault(label, {"runs": [], "kernels": []})
+            e["runs"].append(0.0)
+            continue
+        if label is None:
+            continue
+        e = out[label]
+        e["runs"][-1] += us
+        if name[:80] not in e["kernels"]:
+            e["kernels"].append(name[:80])
+    for e in out.values():
+        e["us"] = statistics.median(e["runs"])
+    json.dump(out, sys.stdout, indent=1)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "--parse":
+    if len(sys.argv) > 3 and sys.argv[1] == "--parse-marked":
+        parse_marked(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) > 2 and sys.argv[1] == "--parse":
         parse(sys.argv[2])
     elif "--sweep" in sys.argv:
         sweep()
