@@ -241,7 +241,6 @@ def rows_sweep():
                 timed(f"{tag} mlx", lambda: mx.quantized_matmul(x, q, s, b, transpose=True,
                                                                 group_size=64, bits=4))
                 timed(f"{tag} fp16", lambda: x @ w16.T)
-        del w16, q, s, b
     print("LABELS " + json.dumps(labels), file=sys.stderr)
 
 
