@@ -108,7 +108,7 @@ def parse(path):
 def parse_marked(path, labels_path):
     """Kernel time per marked label (the sum of the kernels between its marker and the next;
     the median over repetitions), as JSON {label: {"us": ..., "runs": [...], "kernels": [...]}}
-    on stdout. Markers: kernels named stream_mark, grid 32 * i numbering labels[i - 1]."""
+    on stdout. Markers: kernels named stream_mark, whose i blocks number labels[i - 1]."""
     import json
     labels = None
     for line in open(labels_path):
@@ -132,7 +132,7 @@ def parse_marked(path, labels_path):
     for i in sorted(launches):
         name, grid, us = launches[i]
         if "stream_mark" in name:
-            label = labels[int(grid.strip("()").split(",")[0]) // 32 - 1]
+            label = labels[int(grid.strip("()").split(",")[0]) - 1]  # blocks of 32 threads
             e = out.setdefault(label, {"runs": [], "kernels": []})
             e["runs"].append(0.0)
             continue

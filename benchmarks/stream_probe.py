@@ -202,41 +202,54 @@ def mark_kernel():
 
 
 def rows_sweep():
-    """Small-M products (issue #4: M <= 16 against the fp16 matmul) on the issue's five shapes,
-    bfloat16 x, M = 1, 2, 4, 8, 16: the folded GEMV (automatic shape, two row tiles, split-K
-    halved and doubled), qmm, MLX's quantized_matmul and the 16-bit matmul, each launch behind
-    a numbered marker. The labels go to stderr as one `LABELS` JSON line."""
+    """Small-M products (issue #4: M <= 16 against the 16-bit matmul) on the issue's five
+    shapes, bfloat16 x: at M = 1, 2, 4, 8 the folded GEMV (automatic shape, the other row
+    tiling, split-K halved and doubled), at M = 1-16 qmm, MLX's quantized_matmul and the
+    16-bit matmul, each launch behind a numbered marker (setup work behind `setup` markers).
+    The labels go to stderr as one `LABELS` JSON line."""
     import json
 
     from marlin_mlx.kernels.qmm import qmm_kernel
-    from marlin_mlx.kernels.qmv import fold_config, fold_rows_bound, qmv_kernel
+    from marlin_mlx.kernels.qmv import fold_config, qmv_kernel
     mk, labels = mark_kernel(), []
     one = mx.zeros((4,), mx.uint32)
     mx.eval(one)
 
-    def timed(label, fn):
+    def mark(label):
         labels.append(label)
         mx.eval(mk(inputs=[one], grid=(32 * len(labels), 1, 1), threadgroup=(32, 1, 1),
                    output_shapes=[(1,)], output_dtypes=[mx.uint32])[0])
+
+    def timed(label, fn):
+        mark(label)
         mx.eval(fn())
 
     dt = mx.bfloat16
+    kern = stream_kernel()  # a warm-up read: the first shape's times start at full clocks
+    a = mx.zeros((1 << 28,), mx.uint32)
+    for _ in range(20):
+        mx.eval(stream(kern, a, 4, -(-a.size // 4 // 1024)))
+    del a
     for K, N in ((4096, 4096), (4096, 12288), (12288, 4096), (8192, 28672), (28672, 8192)):
+        mark(f"setup {K}x{N}")
         w16 = mx.random.normal((N, K)).astype(dt) * 0.02
         q, s, b = mx.quantize(w16, group_size=64, bits=4)
         mx.eval(w16, q, s, b)
         for M in (1, 2, 4, 8, 16):
+            mark(f"setup {K}x{N} M{M}")
             x = mx.random.normal((M, K)).astype(dt)
             mx.eval(x)
-            _, SK, _ = fold_config(N, K, MR=fold_rows_bound(M))
+            RT, SK, _ = fold_config(N, K, MT=M)
             tag = f"{K}x{N} M{M}"
             for rep in range(2):
-                timed(f"{tag} fold", lambda: qmv_kernel(x, q, s, b, 64, 4, fold=True))
-                timed(f"{tag} fold-RT2", lambda: qmv_kernel(x, q, s, b, 64, 4, fold=True, RT=2))
-                for sk in (SK // 2, SK * 2):
-                    if 1 <= sk <= min(8, K // 256):
-                        timed(f"{tag} fold-SK{sk}",
-                              lambda: qmv_kernel(x, q, s, b, 64, 4, fold=True, SK=sk))
+                if M <= 8:
+                    timed(f"{tag} fold", lambda: qmv_kernel(x, q, s, b, 64, 4, fold=True))
+                    timed(f"{tag} fold-RT{3 - RT}",
+                          lambda: qmv_kernel(x, q, s, b, 64, 4, fold=True, RT=3 - RT))
+                    for sk in (SK // 2, SK * 2):
+                        if 1 <= sk <= min(8, K // 256):
+                            timed(f"{tag} fold-SK{sk}",
+                                  lambda: qmv_kernel(x, q, s, b, 64, 4, fold=True, SK=sk))
                 timed(f"{tag} qmm", lambda: qmm_kernel(x, q, s, b, 64, 4))
                 timed(f"{tag} mlx", lambda: mx.quantized_matmul(x, q, s, b, transpose=True,
                                                                 group_size=64, bits=4))

@@ -29,7 +29,7 @@ TC_PIPE = int(os.environ.get("MARLIN_MLX_QMV_TC_PIPE", "0"))
 # K % 256 == 0; `rows` is the run-time row count (launch.rows_input).
 FOLD_SPEC = KernelSpec("marlin_qmv_fold", "qmv_fold.h", ("x", "w", "scales", "biases", "rows"),
                        ("y",))
-FOLD_MAX_M = 16
+FOLD_MAX_M = 8  # one 8-column tile of the products (16 rows, two tiles, measured 1.5-2x qmm's time)
 # The launches it covers (and the fused decode variants, kernels/fused_linear.py) take
 # it on CUDA: on the H200 it cut the GPU time of a compiled Qwen3-8B decode step from 3.02 to
 # 2.40 ms (KERNEL_NOTES "Session 13"). On Metal its products are lane shuffles until
@@ -224,25 +224,27 @@ FOLD_TARGET_WARPS = 2048  # the H200 sweep's best split-K at N = 4096, 8192, 122
 
 
 def fold_rows_bound(MT: int) -> int:
-    """The template's row bound MR: 1 (x prefetched in registers), else 8 or 16 (one or two
-    8-column tiles of the products; x staged from L2 as each step starts)."""
-    return 1 if MT == 1 else 8 * cdiv(MT, 8)
+    """The template's row bound MR: 1 (x in every register set of the weights' prefetch) or 8
+    (the products' 8 columns; each lane's slots of the next step in one more register set)."""
+    return 1 if MT == 1 else 8
 
 
 def fold_shared_bytes(RT: int, SK: int, MR: int) -> int:
     """Threadgroup memory of a folded launch: staged x (rows padded to 33 or 36 slots when
-    MR > 1), then the split-K sums."""
+    MR = 8), then the split-K sums."""
     return SK * MR * (32 if MR == 1 else 36) * 16 + SK * (MR * 16 * RT + MR) * 4
 
 
 def fold_config(N: int, K: int, RT: int | None = None, SK: int | None = None,
-                PF: int | None = None, gated: bool = False, MR: int = 1):
+                PF: int | None = None, gated: bool = False, MT: int = 1):
     """(16-row tiles per simdgroup, simdgroups splitting K, register prefetch) of a folded
     launch. Split-K is the power of two that brings the simdgroups nearest FOLD_TARGET_WARPS
     from below (uneven splits measured slower), at most one 256-value step each, halved until
-    the staged x of MR rows fits the backend's threadgroup memory; a gated launch reads its
+    the staged x of MT rows fits the backend's threadgroup memory; a gated launch reads its
     gate and up rows as two tiles."""
-    RT = 2 if gated else (RT or 1)
+    # two row tiles at 8 rows: 1.05-1.16x faster on four of the issue's five shapes (H200)
+    MR = fold_rows_bound(MT)
+    RT = 2 if gated else (RT or (2 if MT > 4 else 1))
     PF = FOLD_PF if PF is None else PF
     if SK is None:
         want = max(1, FOLD_TARGET_WARPS // cdiv(N, 16 * (1 if gated else RT)))
@@ -266,7 +268,7 @@ def fold_plan(xdt, sdt, group_size, xshape, N, RT=None, SK=None, PF=None, spec=N
         gated = "gated" in spec.src
         MT = prod(lead)
         MR = fold_rows_bound(MT)
-        RT, SK, PF = fold_config(N, K, RT, SK, PF, gated, MR)
+        RT, SK, PF = fold_config(N, K, RT, SK, PF, gated, MT)
         template = [("T", xdt), ("S", sdt), ("XK", XKIND[xdt]), ("SXK", XKIND[sdt]),
                     ("GS", group_size), ("RT", RT), ("SK", SK), ("PF", PF), ("MR", MR),
                     ("K", K), ("N", N), *extra]
@@ -326,7 +328,7 @@ def compile_cases():
             out.append((name, TC_SPEC, [dt, mx.uint32, dt, dt], [1 << 20] * 4, [dt], t))
     for dt in (mx.float16, mx.bfloat16):
         for gs, RT, PF, MT in ((64, 1, 1, 1), (32, 2, 0, 1), (128, 1, 2, 1), (64, 2, 0, 1),
-                               (64, 1, 1, 5), (32, 2, 1, 16)):
+                               (64, 1, 1, 5), (32, 2, 1, 8)):
             t = fold_plan(dt, dt, gs, (MT, 4096), 12288, RT=RT, PF=PF)[0]
             name = f"qmv_fold-{dt}-g{gs}-RT{RT}-PF{PF}-M{MT}".replace("mlx.core.", "")
             out.append((name, FOLD_SPEC, [dt, mx.uint32, dt, dt, mx.int32], [1 << 20] * 4 + [8],

@@ -98,7 +98,7 @@ def test_fused_gemv_bodies_on_cpu_emulator(op, dt, fold, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("op", list(SPECS))
-@pytest.mark.parametrize("dt,M,gs", [(mx.bfloat16, 5, 64), (mx.float16, 12, 32)])
+@pytest.mark.parametrize("dt,M,gs", [(mx.bfloat16, 5, 64), (mx.float16, 8, 32)])
 def test_fused_fold_rows_on_cpu_emulator(op, dt, M, gs, tmp_path, monkeypatch):
     """Batched decode rows through the folded fused variants: each row's own norm (rows of
     different rms), residual row and gate/up product, every row checked on its own."""
@@ -254,7 +254,7 @@ def test_fused_gemv_kernels_gpu(op, dt, bits, fold, poison, monkeypatch):
 @gpu
 @pytest.mark.parametrize("op", list(SPECS))
 @pytest.mark.parametrize("dt", [mx.float16, mx.bfloat16])
-@pytest.mark.parametrize("M", [2, 8, 13, 16])
+@pytest.mark.parametrize("M", [2, 5, 8])
 def test_fused_fold_rows_gpu(op, dt, M, poison, monkeypatch):
     """The folded fused variants over a batched decode step's rows, each row on its own."""
     monkeypatch.setattr(fused_linear._qmv, "USE_FOLD", True)

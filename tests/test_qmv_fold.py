@@ -50,12 +50,12 @@ def _row_errors(y, x, q, s, b, gs):
 @pytest.mark.parametrize("dtype,gs,RT,SK,PF,MT,K", [
     (mx.float16, 64, 1, 2, 1, 3, 768),    # one column tile, odd rows: columns past 3 unused
     (mx.bfloat16, 32, 2, 1, 0, 8, 512),   # a full column tile, two row tiles, no prefetch
-    (mx.float16, 128, 1, 2, 2, 11, 768),  # two column tiles (MR 16), three register sets
-    (mx.bfloat16, 64, 1, 3, 1, 16, 768),  # both column tiles full, one step per simdgroup
+    (mx.float16, 128, 1, 2, 2, 5, 768),   # three register sets, two simdgroups
+    (mx.bfloat16, 64, 1, 3, 1, 7, 768),   # one step per simdgroup: no slots loaded ahead
 ])
 def test_qmv_fold_rows_on_cpu_emulator(dtype, gs, RT, SK, PF, MT, K, tmp_path):
-    """Several rows of x (batched decode): x row 8 j + g is product column g of column tile j,
-    staged from memory at each step; each row checked on its own."""
+    """Several rows of x (batched decode): x row g is product column g, its slots loaded a
+    step ahead and staged at each step; each row checked on its own."""
     import metal_emulator
     if not metal_emulator.available():
         pytest.skip("needs g++ with C++20 <barrier> and _Float16")
@@ -63,7 +63,7 @@ def test_qmv_fold_rows_on_cpu_emulator(dtype, gs, RT, SK, PF, MT, K, tmp_path):
     x, q, s, b = _case(MT, N, K, 4, gs, dtype, seed=MT)
     t, grid, tg, osh, odt, _, _, rows = qmv.fold_plan(dtype, s.dtype, gs, (MT, K), N, RT=RT,
                                                        SK=SK, PF=PF)
-    assert dict(t)["MR"] == (8 if MT <= 8 else 16)
+    assert dict(t)["MR"] == 8
     y = metal_emulator.emulate([dict(spec=qmv.FOLD_SPEC, inputs=[x, q, s, b, rows],
                                      template=t, grid=grid, threadgroup=tg, output_shapes=osh,
                                      output_dtypes=odt)], tmp_path)[0]
@@ -90,8 +90,8 @@ def test_qmv_fold_support_and_config():
     f16, bf16, f32 = mx.float16, mx.bfloat16, mx.float32
     assert qmv.fold_supported(bf16, bf16, 4, 64, 1, 4096)
     assert qmv.fold_supported(f16, bf16, 4, 128, 1, 12288)
-    assert qmv.fold_supported(bf16, bf16, 4, 64, 16, 4096)       # up to 16 rows of x
-    assert not qmv.fold_supported(bf16, bf16, 4, 64, 17, 4096)
+    assert qmv.fold_supported(bf16, bf16, 4, 64, 8, 4096)        # up to 8 rows of x
+    assert not qmv.fold_supported(bf16, bf16, 4, 64, 9, 4096)
     assert not qmv.fold_supported(f32, f32, 4, 64, 1, 4096)      # 16-bit products
     assert not qmv.fold_supported(bf16, f32, 4, 64, 1, 4096)     # scales read as 16-bit words
     assert not qmv.fold_supported(bf16, bf16, 8, 64, 1, 4096)    # 4-bit codes only
@@ -101,11 +101,12 @@ def test_qmv_fold_support_and_config():
         assert RT == 1 and 1 <= SK <= min(8, K // 256) and PF in (0, 1, 2)
         assert SK & (SK - 1) == 0  # uneven splits measured slower: a power of two
     assert qmv.fold_config(12288, 4096, gated=True)[:2] == (2, 2)  # gate and up tiles
-    assert [qmv.fold_rows_bound(m) for m in (1, 2, 8, 9, 16)] == [1, 8, 8, 16, 16]
-    for MR in (1, 8, 16):  # split-K halves until the staged rows fit the threadgroup memory
+    assert [qmv.fold_rows_bound(m) for m in (1, 2, 8)] == [1, 8, 8]
+    assert [qmv.fold_config(12288, 4096, MT=m)[0] for m in (1, 4, 5, 8)] == [1, 1, 2, 2]
+    for MT in (1, 8):  # the staged rows fit the threadgroup memory
         for RT in (1, 2):
-            RT_, SK, _ = qmv.fold_config(4096, 4096, RT=RT, MR=MR)
-            assert qmv.fold_shared_bytes(RT_, SK, MR) <= 48 * 1024
+            RT_, SK, _ = qmv.fold_config(4096, 4096, RT=RT, MT=MT)
+            assert qmv.fold_shared_bytes(RT_, SK, qmv.fold_rows_bound(MT)) <= 48 * 1024
 
 
 def test_qmv_fold_switch_and_selection_tag(monkeypatch):
@@ -118,8 +119,8 @@ def test_qmv_fold_switch_and_selection_tag(monkeypatch):
         monkeypatch.setattr(qmv, "USE_FOLD", value)
         assert qmv.fold_enabled() is on
         assert qmv.body_tag(bf16, bf16, 4, 64, 1, 4096) == ("-fold" if on else "")
-        assert qmv.body_tag(bf16, bf16, 4, 64, 16, 4096) == ("-fold" if on else "")
-        assert qmv.body_tag(bf16, bf16, 4, 64, 17, 4096) == ""   # 17 rows: the float body
+        assert qmv.body_tag(bf16, bf16, 4, 64, 8, 4096) == ("-fold" if on else "")
+        assert qmv.body_tag(bf16, bf16, 4, 64, 9, 4096) == ""    # 9 rows: the float body
         assert qmv.body_tag(bf16, bf16, 8, 64, 1, 4096) == ""    # 8 bits: the float body
         spec, _ = fused_linear._plan(fused_linear.SPEC_RES, bf16, bf16, 4, 64, (1, 1, 512), 64,
                                      None)
@@ -155,10 +156,10 @@ def test_qmv_fold_gpu_tilings(RT, SK, PF, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not launch.backend(), reason="needs an MLX GPU backend")
 def test_qmv_fold_gpu_leading_dims_and_fallback(monkeypatch):
-    """x of shape (MT, 1, K) comes back (MT, 1, N); 17 rows or a ragged K take the float body
+    """x of shape (MT, 1, K) comes back (MT, 1, N); 9 rows or a ragged K take the float body
     (each checked against the oracle)."""
     monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
-    for MT, K in ((1, 2048), (2, 2048), (17, 2048), (1, 2048 + 64)):
+    for MT, K in ((1, 2048), (2, 2048), (9, 2048), (1, 2048 + 64)):
         x, q, s, b = _case(MT, 520, K, 4, 64, mx.bfloat16, seed=MT)
         y = qmv.qmv_kernel(x.reshape(MT, 1, K), q, s, b, 64, 4, fold=True)
         assert y.shape == (MT, 1, 520)
@@ -169,7 +170,7 @@ def test_qmv_fold_gpu_leading_dims_and_fallback(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not launch.backend(), reason="needs an MLX GPU backend")
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-@pytest.mark.parametrize("MT", [2, 3, 8, 9, 16])
+@pytest.mark.parametrize("MT", [2, 3, 5, 8])
 @pytest.mark.parametrize("gs", [32, 64, 128])
 def test_qmv_fold_gpu_rows_match_float64(dtype, MT, gs, monkeypatch):
     """Batched decode rows on the folded body, each row against the float64 oracle."""
@@ -181,8 +182,8 @@ def test_qmv_fold_gpu_rows_match_float64(dtype, MT, gs, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not launch.backend(), reason="needs an MLX GPU backend")
-@pytest.mark.parametrize("MT,RT,SK,PF", [(4, 1, 1, 1), (8, 2, 3, 1), (12, 1, 8, 0),
-                                         (16, 2, 4, 2), (5, 1, 2, 2)])
+@pytest.mark.parametrize("MT,RT,SK,PF", [(4, 1, 1, 1), (8, 2, 3, 1), (6, 1, 8, 0),
+                                         (8, 2, 4, 2), (5, 1, 2, 2)])
 def test_qmv_fold_gpu_rows_tilings(MT, RT, SK, PF, monkeypatch):
     monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
     x, q, s, b = _case(MT, 12288, 4096 + 256, 4, 64, mx.bfloat16, seed=MT)

@@ -11,7 +11,6 @@ constexpr int WPL = GS / 32;         // code words per lane, row and group
 constexpr int SWR = U / 2;           // words of scales (or biases) per row and step
 constexpr int STEPS = K / 256;
 constexpr int TR = GATED ? 16 : 16 * RT;  // output rows of a threadgroup
-constexpr int NT = (MR + 7) / 8;     // 8-column tiles of x rows in the products
 constexpr int RED = MR * 16 * RT;    // split-K sums per simdgroup (x row major), then NORM's
 // Row pitch of the staged x (16-byte slots): lanes of rows g and g + 1 read other banks
 constexpr int XP = 32 + (MR == 1 ? 0 : (WPL == 1 ? 4 : 1));
@@ -29,13 +28,11 @@ const int MT = (MR == 1) ? 1 : int(rows[0]);  // rows of x (run time: one kernel
 KSHARED uint4 xs[SK][MR][XP];  // each simdgroup's step of x, by row and word slot
 KSHARED float red[SK][RED + MR];  // row sums (gate, then up), then NORM's sums of x^2
 
-// tot[t][r][j][h]: weight row 16 t + 8 r + g (GATED: tile t is gate / up) times x row
-// 8 j + 2 c + h (the products' column layout)
-float tot[RT][2][NT][2];
+// tot[t][r][h]: weight row 16 t + 8 r + g (GATED: tile t is gate / up) times x row 2 c + h
+// (the products' column layout)
+float tot[RT][2][2];
 KUNROLL for (int t = 0; t < RT; ++t) {
-  KUNROLL for (int r = 0; r < 2; ++r) {
-    KUNROLL for (int j = 0; j < NT; ++j) { tot[t][r][j][0] = 0.0f; tot[t][r][j][1] = 0.0f; }
-  }
+  KUNROLL for (int r = 0; r < 2; ++r) { tot[t][r][0] = 0.0f; tot[t][r][1] = 0.0f; }
 }
 float ssq[MR];  // NORM: this lane's share of sum(x^2), per x row
 KUNROLL for (int m = 0; m < MR; ++m) ssq[m] = 0.0f;
@@ -79,9 +76,16 @@ KUNROLL for (int m = 0; m < MR; ++m) ssq[m] = 0.0f;
     if (NORM) NV = ((const KDEV uint4*)(QNW + size_t(s_) * 256))[lane];                    \
   }
 
+// This lane's word slot of step s_ of every row of x into XR (more than one row: one register
+// set, loaded a step ahead, so a step's staging does not wait on L2).
+#define FOLD_LOAD_ROWS(s_, XR)                                                             \
+  KUNROLL for (int m = 0; m < MR; ++m) {                                                   \
+    if (m < MT) XR[m] = ((const KDEV uint4*)(x + size_t(m) * K + size_t(s_) * 256))[lane]; \
+  }
+
 // The products of step s_ from the buffers FOLD_LOAD filled (WV, SV, BV, XV, NV). With more
-// than one row of x, each lane stages its word slot of every row here (x sits in L2: the
-// next step's weights are in flight meanwhile).
+// than one row of x, each lane stages its word slot of every row from xr, then loads the
+// slots of its next step (s_ + SK) into xr.
 #define FOLD_STEP(s_, WV, SV, BV, XV, NV)                                                  \
   {                                                                                        \
     if (MR == 1) {                                                                         \
@@ -90,57 +94,44 @@ KUNROLL for (int m = 0; m < MR; ++m) ssq[m] = 0.0f;
     } else {                                                                               \
       KUNROLL for (int m = 0; m < MR; ++m) {                                               \
         if (m < MT) {                                                                      \
-          const uint4 xv_ = ((const KDEV uint4*)(x + size_t(m) * K + size_t(s_) * 256))[lane]; \
-          xs[simd_id][m][lane] = NORM ? fold_x_norm_fragment<XK>(xv_, NV, ssq[m])          \
-                                      : fold_x_fragment<XK>(xv_);                          \
+          xs[simd_id][m][lane] = NORM ? fold_x_norm_fragment<XK>(xr[m], NV, ssq[m])        \
+                                      : fold_x_fragment<XK>(xr[m]);                        \
         }                                                                                  \
       }                                                                                    \
+      if ((s_) + SK < STEPS) FOLD_LOAD_ROWS((s_) + SK, xr)                                 \
     }                                                                                      \
     k_simd_barrier();                                                                      \
     KUNROLL for (int u = 0; u < U; ++u) {                                                  \
       /* this lane's x fragments of group u (word slots 4 WPL u + WPL c + i) for product  \
-         column g of each column tile j: x row 8 j + g (rows past MT repeat the last) */   \
-      uint4 xf[NT][WPL];                                                                   \
-      KUNROLL for (int j = 0; j < NT; ++j) {                                               \
-        const int m_ = (8 * j + g < MT) ? 8 * j + g : MT - 1;                              \
-        KUNROLL for (int i = 0; i < WPL; ++i) xf[j][i] = xs[simd_id][m_][u * 4 * WPL + c * WPL + i]; \
-      }                                                                                    \
-      float sums[NT][4]; /* per column: OFF (rows g) and X (rows g + 8) */                 \
-      KUNROLL for (int j = 0; j < NT; ++j) {                                               \
-        sums[j][0] = 0.0f; sums[j][1] = 0.0f; sums[j][2] = 0.0f; sums[j][3] = 0.0f;        \
-        KUNROLL for (int i = 0; i < WPL; ++i) {                                            \
-          const uint32_t a_[4] = {A_OFF, A_X0, A_OFF, A_X1};                               \
-          const uint32_t b0_[2] = {xf[j][i].x, xf[j][i].y}, b1_[2] = {xf[j][i].z, xf[j][i].w}; \
-          k_mma16816<XK>(sums[j], a_, b0_, lane);                                          \
-          k_mma16816<XK>(sums[j], a_, b1_, lane);                                          \
-        }                                                                                  \
+         column g: x row g (columns past MT repeat the last row) */                        \
+      const int m_ = (g < MT) ? g : MT - 1;                                                \
+      uint4 xf[WPL];                                                                       \
+      KUNROLL for (int i = 0; i < WPL; ++i) xf[i] = xs[simd_id][m_][u * 4 * WPL + c * WPL + i]; \
+      float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* per column: OFF (rows g), X (rows g + 8) */ \
+      KUNROLL for (int i = 0; i < WPL; ++i) {                                              \
+        const uint32_t a_[4] = {A_OFF, A_X0, A_OFF, A_X1};                                 \
+        const uint32_t b0_[2] = {xf[i].x, xf[i].y}, b1_[2] = {xf[i].z, xf[i].w};           \
+        k_mma16816<XK>(sums, a_, b0_, lane);                                               \
+        k_mma16816<XK>(sums, a_, b1_, lane);                                               \
       }                                                                                    \
       KUNROLL for (int t = 0; t < RT; ++t) {                                               \
-        float d[NT][4];                                                                    \
-        KUNROLL for (int j = 0; j < NT; ++j) {                                             \
-          d[j][0] = 0.0f; d[j][1] = 0.0f; d[j][2] = 0.0f; d[j][3] = 0.0f;                  \
-        }                                                                                  \
+        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                             \
         KUNROLL for (int i = 0; i < WPL; ++i) {                                            \
           uint32_t pg[4], ph[4];                                                           \
           fold_pairs<XK>(WV[t][0][u][i], pg);                                              \
           fold_pairs<XK>(WV[t][1][u][i], ph);                                              \
           const uint32_t a0_[4] = {pg[0], ph[0], pg[1], ph[1]};                            \
           const uint32_t a1_[4] = {pg[2], ph[2], pg[3], ph[3]};                            \
-          KUNROLL for (int j = 0; j < NT; ++j) {                                           \
-            const uint32_t b0_[2] = {xf[j][i].x, xf[j][i].y};                              \
-            const uint32_t b1_[2] = {xf[j][i].z, xf[j][i].w};                              \
-            k_mma16816<XK>(d[j], a0_, b0_, lane);                                          \
-            k_mma16816<XK>(d[j], a1_, b1_, lane);                                          \
-          }                                                                                \
+          const uint32_t b0_[2] = {xf[i].x, xf[i].y}, b1_[2] = {xf[i].z, xf[i].w};         \
+          k_mma16816<XK>(d, a0_, b0_, lane);                                               \
+          k_mma16816<XK>(d, a1_, b1_, lane);                                               \
         }                                                                                  \
         KUNROLL for (int r = 0; r < 2; ++r) {                                              \
           const float sc_ = fold_half<SXK>(SV[t][r][u / 2], u % 2);                        \
           const float bi_ = fold_half<SXK>(BV[t][r][u / 2], u % 2);                        \
-          KUNROLL for (int j = 0; j < NT; ++j) {                                           \
-            KUNROLL for (int h = 0; h < (MR == 1 ? 1 : 2); ++h) {                          \
-              tot[t][r][j][h] = k_fma(sc_, d[j][2 * r + h] - sums[j][h],                   \
-                                      k_fma(bi_, sums[j][2 + h], tot[t][r][j][h]));        \
-            }                                                                              \
+          KUNROLL for (int h = 0; h < (MR == 1 ? 1 : 2); ++h) {                            \
+            tot[t][r][h] = k_fma(sc_, d[2 * r + h] - sums[h],                              \
+                                 k_fma(bi_, sums[2 + h], tot[t][r][h]));                   \
           }                                                                                \
         }                                                                                  \
       }                                                                                    \
@@ -155,6 +146,8 @@ KUNROLL for (int m = 0; m < MR; ++m) ssq[m] = 0.0f;
 uint32_t wa[RT][2][U][WPL], sa[RT][2][SWR], ba[RT][2][SWR];
 uint4 xa, na = k_uint4(0u, 0u, 0u, 0u);
 int s = int(simd_id);
+uint4 xr[MR];  // more than one row: the rows' slots of this simdgroup's next step
+if (MR > 1 && s < STEPS) FOLD_LOAD_ROWS(s, xr)
 if (PF == 2) {
   uint32_t wb[RT][2][U][WPL], sb[RT][2][SWR], bb[RT][2][SWR];
   uint32_t wc[RT][2][U][WPL], sc3[RT][2][SWR], bc[RT][2][SWR];
@@ -189,15 +182,13 @@ if (PF == 2) {
   }
 }
 
-// Split-K: each simdgroup's sums, by x row (the lanes of column 2 c + h hold x row
-// 8 j + 2 c + h; with one row only c = 0 does, the other columns repeat it)
+// Split-K: each simdgroup's sums, by x row (the lanes of column 2 c + h hold x row 2 c + h;
+// with one row only c = 0 does, the other columns repeat it)
 KUNROLL for (int t = 0; t < RT; ++t) {
   KUNROLL for (int r = 0; r < 2; ++r) {
-    KUNROLL for (int j = 0; j < NT; ++j) {
-      KUNROLL for (int h = 0; h < 2; ++h) {
-        const int m = 8 * j + 2 * c + h;
-        if (m < MR) red[simd_id][m * 16 * RT + 16 * t + 8 * r + g] = tot[t][r][j][h];
-      }
+    KUNROLL for (int h = 0; h < 2; ++h) {
+      const int m = 2 * c + h;
+      if (m < MR) red[simd_id][m * 16 * RT + 16 * t + 8 * r + g] = tot[t][r][h];
     }
   }
 }
