@@ -242,9 +242,10 @@ def fold_config(N: int, K: int, RT: int | None = None, SK: int | None = None,
     from below (uneven splits measured slower), at most one 256-value step each, halved until
     the staged x of MT rows fits the backend's threadgroup memory; a gated launch reads its
     gate and up rows as two tiles."""
-    # two row tiles at 8 rows: 1.05-1.16x faster on four of the issue's five shapes (H200)
+    # several rows: two row tiles, level or up to 1.5x faster at 2-8 rows on the issue's five
+    # shapes (H200, KERNEL_NOTES "Session 14"), as their loads in flight cover the staging
     MR = fold_rows_bound(MT)
-    RT = 2 if gated else (RT or (2 if MT > 4 else 1))
+    RT = 2 if gated else (RT or (2 if MT > 1 else 1))
     PF = FOLD_PF if PF is None else PF
     if SK is None:
         want = max(1, FOLD_TARGET_WARPS // cdiv(N, 16 * (1 if gated else RT)))
