@@ -65,6 +65,48 @@ if (acc == 0x9e3779b9u) out[0] = acc;
 """
 
 
+# The same bytes in the folded GEMV's order (src/fold_core.h, one row of x): a simdgroup owns
+# 16 RT rows, lane 4 g + c reads rows g and g + 8 of each tile, a step is 32 words of a row
+# read as 32 / (4 LW) loads of LW words per lane (LW 2: the g64 fold's 8-byte pieces, 32 bytes
+# of a row per load and lane quad; LW 4: 16-byte pieces, 64 bytes), SK simdgroups splitting K.
+_FOLD_ORDER_SRC = """
+const unsigned int* p = a;
+const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+const int g = lane >> 2, c = lane & 3;
+const int n0 = blockIdx.x * 16 * RT;
+constexpr int KW = KB / 4, STEPS = KW / 32, NL = 32 / (4 * LW);
+uint32_t acc = 0;
+for (int s = warp; s < STEPS; s += SK) {
+  uint4 t[RT][2][NL];
+  _Pragma("unroll") for (int tt = 0; tt < RT; ++tt) {
+    _Pragma("unroll") for (int r = 0; r < 2; ++r) {
+      const unsigned int* q = p + size_t(n0 + 16 * tt + 8 * r + g) * KW + s * 32 + c * LW;
+      _Pragma("unroll") for (int l = 0; l < NL; ++l) {
+        if (LW == 4) t[tt][r][l] = *(const uint4*)(q + l * 4 * LW);
+        else if (LW == 2) { const uint2 v = *(const uint2*)(q + l * 4 * LW); t[tt][r][l] = make_uint4(v.x, v.y, 0, 0); }
+        else t[tt][r][l] = make_uint4(q[l * 4 * LW], 0, 0, 0);
+      }
+    }
+  }
+  _Pragma("unroll") for (int tt = 0; tt < RT; ++tt)
+    _Pragma("unroll") for (int r = 0; r < 2; ++r)
+      _Pragma("unroll") for (int l = 0; l < NL; ++l)
+        acc ^= t[tt][r][l].x ^ t[tt][r][l].y ^ t[tt][r][l].z ^ t[tt][r][l].w;
+}
+if (acc == 0x9e3779b9u) out[0] = acc;
+"""
+
+
+def fold_order_kernel():
+    return mx.fast.cuda_kernel(name="stream_fold_order", input_names=["a"],
+                               output_names=["out"], source=_FOLD_ORDER_SRC)
+
+
+def fold_order(kern, a, N, KB, RT, SK, LW):
+    return kern(inputs=[a], template=[("RT", RT), ("SK", SK), ("KB", KB), ("LW", LW)],
+                grid=(32 * SK * (N // (16 * RT)), 1, 1), threadgroup=(32 * SK, 1, 1),
+                output_shapes=[(1,)], output_dtypes=[mx.uint32])[0]
+
 def rows_kernel():
     return mx.fast.cuda_kernel(name="stream_rows", input_names=["a"], output_names=["out"],
                                source=_ROWS_SRC)
@@ -78,9 +120,10 @@ def rows(kern, a, N, KB, R, SK, lanes):
 
 def patterns():
     """Only the weight codes (K * N / 2 bytes) of 4096 -> 12288 and 28672 -> 8192, read as
-    the plain stream, as qmv's float body (R 4, one row per load, SK 2-3) and as qmv_tc
-    (16-32 rows, 8 rows per load, SK 4-8)."""
-    kern, rk = stream_kernel(), rows_kernel()
+    the plain stream, as qmv's float body (R 4, one row per load, SK 2-3), as qmv_tc
+    (16-32 rows, 8 rows per load, SK 4-8) and in the folded GEMV's order with 4-, 8- and
+    16-byte pieces per lane (RT 1-2, SK 2-8)."""
+    kern, rk, fk = stream_kernel(), rows_kernel(), fold_order_kernel()
     for K, N in ((4096, 12288), (28672, 8192)):
         KB = K // 2
         a = mx.zeros((N * KB // 4,), mx.uint32)
@@ -90,6 +133,9 @@ def patterns():
             for R, SK, lanes in ((4, 2, 32), (4, 3, 32), (8, 1, 32), (16, 4, 4), (16, 8, 4),
                                  (32, 4, 4), (32, 8, 4), (16, 4, 32), (32, 8, 32)):
                 mx.eval(rows(rk, a, N, KB, R, SK, lanes))
+            for RT, SK in ((1, 2), (1, 4), (1, 8), (2, 4)):
+                for LW in (1, 2, 4):
+                    mx.eval(fold_order(fk, a, N, KB, RT, SK, LW))
         del a
 
 
