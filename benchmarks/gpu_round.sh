@@ -55,6 +55,9 @@
 #          then Nsight Compute times at M = 1-16 on the issue's five shapes beside qmm, MLX and
 #          the 16-bit matmul (stream_probe.py --rows, ncu_probe.py --parse-marked), then the
 #          serving engine's compiled decode step at batch 1-16 with the folded body on and off
+# pieces:  the folded GEMV's 16-byte pieces at one row (P16): the fold GPU tests with them on,
+#          the fused variants' too (MARLIN_MLX_QMV_FOLD_P16=1), then Nsight Compute
+#          times against the per-group reads (stream_probe.py --pieces, ncu_probe.py --parse-marked)
 # flash:   the flash_prefill and dequantize GPU tests (FLASH_TESTS: more test files), then benchmarks/flash_attention.py (our
 #          large-head prefill attention vs MLX's, GLM-4.7-Flash shapes)
 # PROBE_VARIANTS / PROBE_PROFILE override the probe's variant lists.
@@ -280,6 +283,17 @@ PY
           --preset qwen3-8b --batch ${ENGINE_BATCH:-1,2,4,8,16} --variants compiled \
           --json "$OUT/engine_probe_qwen3-8b_fold$fold.json" 2>&1 | tail -8 | tee -a "$OUT/engine.log"
       done ;;
+    pieces)
+      MARLIN_MLX_QMV_FOLD_P16=1 timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -rf --tb=short \
+        -p no:cacheprovider -m gpu tests/test_qmv_fold.py tests/test_fused_decode.py \
+        -k "fold or fused_gemv" > "$OUT/pytest_fold_pieces.log" 2>&1
+      echo "pytest rc=$?"; tail -5 "$OUT/pytest_fold_pieces.log"
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      timeout ${NCU_TIMEOUT:-300} "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv \
+        python3 benchmarks/stream_probe.py --pieces > "$OUT/pieces.csv" 2> "$OUT/pieces.err"
+      echo "ncu rc=$?"; grep -v LABELS "$OUT/pieces.err" | tail -3
+      python3 benchmarks/ncu_probe.py --parse-marked "$OUT/pieces.csv" "$OUT/pieces.err" \
+        > "$OUT/pieces.json" ;;
     flash)
       timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
         tests/test_flash_attention.py tests/test_kernels_gpu.py ${FLASH_TESTS:-} -k "flash or dequant" \

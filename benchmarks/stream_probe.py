@@ -303,6 +303,56 @@ def rows_sweep():
     print("LABELS " + json.dumps(labels), file=sys.stderr)
 
 
+def pieces_sweep():
+    """One row of x: the folded GEMV reading each group's words (P16 0) against 16-byte pieces
+    (P16 1; automatic shape, split-K halved and doubled, two row tiles), bfloat16 and float16,
+    group sizes 64 (all five shapes) and 32 / 128 (4096 -> 12288), marked like --rows."""
+    import json
+
+    from marlin_mlx.kernels.qmv import fold_config, qmv_kernel
+    mk, labels = mark_kernel(), []
+    one = mx.zeros((4,), mx.uint32)
+    mx.eval(one)
+
+    def mark(label):
+        labels.append(label)
+        mx.eval(mk(inputs=[one], grid=(32 * len(labels), 1, 1), threadgroup=(32, 1, 1),
+                   output_shapes=[(1,)], output_dtypes=[mx.uint32])[0])
+
+    def timed(label, fn):
+        mark(label)
+        mx.eval(fn())
+
+    kern = stream_kernel()
+    a = mx.zeros((1 << 28,), mx.uint32)
+    for _ in range(20):
+        mx.eval(stream(kern, a, 4, -(-a.size // 4 // 1024)))
+    del a
+    cases = [(K, N, 64, mx.bfloat16) for K, N in ((4096, 4096), (4096, 12288), (12288, 4096),
+                                                  (8192, 28672), (28672, 8192))]
+    cases += [(4096, 12288, 64, mx.float16), (4096, 12288, 32, mx.bfloat16),
+              (4096, 12288, 128, mx.bfloat16)]
+    for K, N, gs, dt in cases:
+        mark(f"setup {K}x{N} g{gs}")
+        q, s, b = mx.quantize(mx.random.normal((N, K)).astype(dt) * 0.02, group_size=gs, bits=4)
+        x = mx.random.normal((1, K)).astype(dt)
+        mx.eval(q, s, b, x)
+        _, SK, _ = fold_config(N, K)
+        tag = f"{K}x{N} g{gs} {str(dt).split('.')[-1]}"
+        for rep in range(2):
+            timed(f"{tag} P0", lambda: qmv_kernel(x, q, s, b, gs, 4, fold=True, P16=0))
+            timed(f"{tag} P1", lambda: qmv_kernel(x, q, s, b, gs, 4, fold=True, P16=1))
+            timed(f"{tag} P1-RT2", lambda: qmv_kernel(x, q, s, b, gs, 4, fold=True, P16=1,
+                                                      RT=2))
+            for sk in (SK // 2, SK * 2):
+                if 1 <= sk <= min(8, K // 256):
+                    timed(f"{tag} P1-SK{sk}",
+                          lambda: qmv_kernel(x, q, s, b, gs, 4, fold=True, P16=1, SK=sk))
+                    timed(f"{tag} P0-SK{sk}",
+                          lambda: qmv_kernel(x, q, s, b, gs, 4, fold=True, P16=0, SK=sk))
+    print("LABELS " + json.dumps(labels), file=sys.stderr)
+
+
 def details():
     """One launch each, for Nsight Compute's sections: qmv's two bodies, qmm at one row, the
     fp16 GEMV and the stream kernel (4 loads in flight, one pass), at 4096 -> 12288 and
@@ -337,6 +387,8 @@ if __name__ == "__main__":
         fold_sweep()
     elif "--rows" in sys.argv:
         rows_sweep()
+    elif "--pieces" in sys.argv:
+        pieces_sweep()
     elif "--tc" in sys.argv:
         tc_sweep()
     else:

@@ -38,6 +38,9 @@ FOLD_MAX_M = 8  # one 8-column tile of the products (16 rows, two tiles, measure
 _FOLD_ENV = os.environ.get("MARLIN_MLX_QMV_FOLD", "").strip()
 USE_FOLD = None if _FOLD_ENV == "" else _FOLD_ENV != "0"
 FOLD_PF = int(os.environ.get("MARLIN_MLX_QMV_FOLD_PF", "1"))  # its register sets in turn - 1
+# One row: each lane reads 16-byte pieces of a row's codes (groups spread over the products'
+# columns) instead of its GS / 32 words of every group (fold_core.h, PIECES)
+FOLD_P16 = int(os.environ.get("MARLIN_MLX_QMV_FOLD_P16", "0"))
 
 
 def fold_enabled() -> bool:
@@ -230,9 +233,9 @@ def fold_rows_bound(MT: int) -> int:
 
 
 def fold_shared_bytes(RT: int, SK: int, MR: int) -> int:
-    """Threadgroup memory of a folded launch: staged x (rows padded to 33 or 36 slots when
-    MR = 8), then the split-K sums."""
-    return SK * MR * (32 if MR == 1 else 36) * 16 + SK * (MR * 16 * RT + MR) * 4
+    """Threadgroup memory of a folded launch: staged x (rows of 33 to 36 slots), then the
+    split-K sums."""
+    return SK * MR * (33 if MR == 1 else 36) * 16 + SK * (MR * 16 * RT + MR) * 4
 
 
 def fold_config(N: int, K: int, RT: int | None = None, SK: int | None = None,
@@ -258,11 +261,13 @@ def fold_config(N: int, K: int, RT: int | None = None, SK: int | None = None,
 
 
 def fold_plan(xdt, sdt, group_size, xshape, N, RT=None, SK=None, PF=None, spec=None,
-              extra: tuple = ()):
+              extra: tuple = (), P16=None):
     """The folded launch plan, cached like `_plan`'s, with its run-time row count input last
-    (`spec`: a fused variant, whose extra template constants follow)."""
+    (`spec`: a fused variant, whose extra template constants follow; P16: 16-byte pieces at
+    one row, default FOLD_P16)."""
     spec = spec or FOLD_SPEC
-    key = ("fold", spec, xdt, sdt, group_size, xshape, N, RT, SK, PF, extra)
+    P16 = FOLD_P16 if P16 is None else P16
+    key = ("fold", spec, xdt, sdt, group_size, xshape, N, RT, SK, PF, extra, P16)
     plan = _PLANS.get(key)
     if plan is None:
         K, lead = xshape[-1], tuple(xshape[:-1])
@@ -272,7 +277,7 @@ def fold_plan(xdt, sdt, group_size, xshape, N, RT=None, SK=None, PF=None, spec=N
         RT, SK, PF = fold_config(N, K, RT, SK, PF, gated, MT)
         template = [("T", xdt), ("S", sdt), ("XK", XKIND[xdt]), ("SXK", XKIND[sdt]),
                     ("GS", group_size), ("RT", RT), ("SK", SK), ("PF", PF), ("MR", MR),
-                    ("K", K), ("N", N), *extra]
+                    ("P16", int(bool(P16) and MR == 1)), ("K", K), ("N", N), *extra]
         kern, ktemplate = (cuda_plan_kernel(spec, template) if backend() == "cuda"
                            else (None, None))
         tiles = cdiv(N, 16 * (1 if gated else RT))
@@ -282,11 +287,12 @@ def fold_plan(xdt, sdt, group_size, xshape, N, RT=None, SK=None, PF=None, spec=N
 
 
 def qmv_kernel(x, w, scales, biases, group_size, bits, *, R=None, SK=None, PF=None, tc=None,
-               RT=None, U=None, PIPE=None, fold=None):
+               RT=None, U=None, PIPE=None, fold=None, P16=None):
     """The custom kernel alone (no validation, no fallback): the folded body where it covers
     the launch (`fold`, default fold_enabled() unless a float-body shape R / PF or `tc` is
     asked for; RT, SK, PF its shape), the tensor-core body where asked (`tc`, default USE_TC;
-    RT, U, PIPE its row tiles, chunks per lane and copy stages), else the float-FMA one. Kept
+    RT, U, PIPE its row tiles, chunks per lane and copy stages; P16 the folded body's 16-byte
+    pieces), else the float-FMA one. Kept
     lean: at decode the host cost of this call is paid for every linear layer of every token."""
     sdt = scales.dtype
     if biases.dtype != sdt:
@@ -299,7 +305,7 @@ def qmv_kernel(x, w, scales, biases, group_size, bits, *, R=None, SK=None, PF=No
     if fold and fold_supported(x.dtype, sdt, bits, group_size, prod(x.shape[:-1]), x.shape[-1]):
         spec = FOLD_SPEC
         template, grid, tg, oshape, odt, kern, ktemplate, rows = fold_plan(
-            x.dtype, sdt, group_size, x.shape, w.shape[0], RT, SK, PF)
+            x.dtype, sdt, group_size, x.shape, w.shape[0], RT, SK, PF, P16=P16)
         inputs.append(rows)
     elif tc and tc_supported(x.dtype, bits, prod(x.shape[:-1])):
         spec = TC_SPEC
@@ -328,10 +334,11 @@ def compile_cases():
             name = f"qmv_tc-b{bits}-{dt}-M{MT}-RT{RT}-U{U}-P{PIPE}".replace("mlx.core.", "")
             out.append((name, TC_SPEC, [dt, mx.uint32, dt, dt], [1 << 20] * 4, [dt], t))
     for dt in (mx.float16, mx.bfloat16):
-        for gs, RT, PF, MT in ((64, 1, 1, 1), (32, 2, 0, 1), (128, 1, 2, 1), (64, 2, 0, 1),
-                               (64, 1, 1, 5), (32, 2, 1, 8)):
-            t = fold_plan(dt, dt, gs, (MT, 4096), 12288, RT=RT, PF=PF)[0]
-            name = f"qmv_fold-{dt}-g{gs}-RT{RT}-PF{PF}-M{MT}".replace("mlx.core.", "")
+        for gs, RT, PF, MT, P16 in ((64, 1, 1, 1, 0), (32, 2, 0, 1, 0), (128, 1, 2, 1, 0),
+                                    (64, 2, 0, 1, 0), (64, 1, 1, 5, 0), (32, 2, 1, 8, 0),
+                                    (64, 1, 1, 1, 1), (32, 2, 1, 1, 1), (128, 1, 0, 1, 1)):
+            t = fold_plan(dt, dt, gs, (MT, 4096), 12288, RT=RT, PF=PF, P16=P16)[0]
+            name = f"qmv_fold-{dt}-g{gs}-RT{RT}-PF{PF}-M{MT}-P{P16}".replace("mlx.core.", "")
             out.append((name, FOLD_SPEC, [dt, mx.uint32, dt, dt, mx.int32], [1 << 20] * 4 + [8],
                         [dt], t))
     return out

@@ -70,6 +70,28 @@ def test_qmv_fold_rows_on_cpu_emulator(dtype, gs, RT, SK, PF, MT, K, tmp_path):
     assert (_row_errors(y, x, q, s, b, gs) < TOL[dtype]).all()
 
 
+@pytest.mark.parametrize("dtype,gs,RT,SK,PF,K", [
+    (mx.float16, 64, 1, 2, 1, 1280),  # two groups a piece (columns 0, 1: lane c = 0 folds)
+    (mx.bfloat16, 32, 2, 1, 0, 768),  # four groups a piece: lanes c = 0 and 1 fold, then meet
+    (mx.float16, 128, 1, 3, 2, 768),  # one group a piece: column 0 only
+    (mx.bfloat16, 64, 1, 2, 1, 1024),
+])
+def test_qmv_fold_pieces_on_cpu_emulator(dtype, gs, RT, SK, PF, K, tmp_path):
+    """One row read as 16-byte pieces (P16): each product column carries one group."""
+    import metal_emulator
+    if not metal_emulator.available():
+        pytest.skip("needs g++ with C++20 <barrier> and _Float16")
+    N = 40
+    x, q, s, b = _case(1, N, K, 4, gs, dtype, seed=gs + 3 * RT)
+    t, grid, tg, osh, odt, _, _, rows = qmv.fold_plan(dtype, s.dtype, gs, (1, K), N, RT=RT,
+                                                       SK=SK, PF=PF, P16=1)
+    assert dict(t)["P16"] == 1
+    y = metal_emulator.emulate([dict(spec=qmv.FOLD_SPEC, inputs=[x, q, s, b, rows], template=t,
+                                     grid=grid, threadgroup=tg, output_shapes=osh,
+                                     output_dtypes=odt)], tmp_path)[0]
+    assert _rel_err(y, x, q, s, b, 4, gs) < TOL[dtype]
+
+
 def test_qmv_fold_on_emulator_keeps_float_accuracy_with_large_x(tmp_path):
     """x of magnitude 1e3 with an offset: the codes' 1024 offset is removed in float after the
     products, so the result must stay within the output's own rounding (float16)."""
@@ -189,3 +211,16 @@ def test_qmv_fold_gpu_rows_tilings(MT, RT, SK, PF, monkeypatch):
     x, q, s, b = _case(MT, 12288, 4096 + 256, 4, 64, mx.bfloat16, seed=MT)
     y = qmv.qmv_kernel(x, q, s, b, 64, 4, fold=True, RT=RT, SK=SK, PF=PF)
     assert (_row_errors(y, x, q, s, b, 64) < TOL[mx.bfloat16]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not launch.backend(), reason="needs an MLX GPU backend")
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("gs,RT,SK,PF", [(64, 1, 2, 1), (32, 1, 4, 1), (128, 1, 8, 1),
+                                         (64, 2, 3, 0), (32, 2, 1, 2)])
+def test_qmv_fold_gpu_pieces(dtype, gs, RT, SK, PF, monkeypatch):
+    """One row read as 16-byte pieces (P16) against the float64 oracle."""
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
+    x, q, s, b = _case(1, 1000, 4096 + 256, 4, gs, dtype, seed=gs + SK)
+    y = qmv.qmv_kernel(x, q, s, b, gs, 4, fold=True, RT=RT, SK=SK, PF=PF, P16=1)
+    assert _rel_err(y, x, q, s, b, 4, gs) < TOL[dtype]

@@ -12,8 +12,15 @@ constexpr int SWR = U / 2;           // words of scales (or biases) per row and 
 constexpr int STEPS = K / 256;
 constexpr int TR = GATED ? 16 : 16 * RT;  // output rows of a threadgroup
 constexpr int RED = MR * 16 * RT;    // split-K sums per simdgroup (x row major), then NORM's
-// Row pitch of the staged x (16-byte slots): lanes of rows g and g + 1 read other banks
-constexpr int XP = 32 + (MR == 1 ? 0 : (WPL == 1 ? 4 : 1));
+// PIECES (P16, one row of x): a lane reads a row's codes as 16-byte pieces of 4 words, which
+// hold NC = 4 / WPL groups across the piece's 4 lanes. Product column j then carries the
+// group of lanes c with c / WPL = j (x at their k positions, zeros elsewhere), so each
+// column's sum stays inside one group. Else a lane reads its WPL words of every group.
+constexpr bool PIECES = P16 && MR == 1;
+constexpr int NC = 4 / WPL;
+// Row pitch of the staged x (16-byte slots): one row has a zero slot (32) for PIECES' empty
+// columns; with more rows, lanes of rows g and g + 1 read other banks
+constexpr int XP = 32 + (MR == 1 ? 1 : (WPL == 1 ? 4 : 1));
 // The constant A of the sums product: rows g give OFF (base times the fragment values, which
 // for float16 hold x / 16 where the codes were taken at 16 q), rows g + 8 give X.
 constexpr uint32_t A_OFF = (XK == 1) ? 0x64006400u : 0x43004300u;  // 1024 or 128
@@ -53,7 +60,8 @@ KUNROLL for (int m = 0; m < MR; ++m) ssq[m] = 0.0f;
     KUNROLL for (int i_ = 0; i_ < (NW); ++i_) d[i_] = (p)[i_];                             \
   }
 
-// Loads of step s_: WV[t][r][u][j] code words, SV / BV[t][r][i] scale / bias words, XV this
+// Loads of step s_: WV[t][r][8] code words (word u WPL + i: word i of group u; PIECES: word
+// 4 p + j: word j of piece p), SV / BV[t][r][i] scale / bias words, XV this
 // lane's 8 values of x (one row; more rows are read as the step is staged) and NV of the norm
 // weight (rows past N read row N - 1 and are not
 // written; GATED: tile 1 reads the up rows of the same outputs).
@@ -64,9 +72,15 @@ KUNROLL for (int m = 0; m < MR; ++m) ssq[m] = 0.0f;
         const int rw_ = n0 + (GATED ? 0 : 16 * t) + 8 * r + g;                             \
         const int row_ = (rw_ < N) ? rw_ : (N - 1);                                        \
         const bool up_ = GATED && t == 1;                                                  \
-        const KDEV uint32_t* wp_ =                                                         \
-            (up_ ? QW2 : w) + size_t(row_) * KW + size_t(s_) * 32 + c * WPL;               \
-        KUNROLL for (int u = 0; u < U; ++u) { FOLD_WORDS(WPL, WV[t][r][u], wp_ + u * 4 * WPL) } \
+        const KDEV uint32_t* wp_ = (up_ ? QW2 : w) + size_t(row_) * KW + size_t(s_) * 32;  \
+        if (PIECES) {                                                                      \
+          FOLD_WORDS(4, WV[t][r], wp_ + 4 * c)                                             \
+          FOLD_WORDS(4, (WV[t][r] + 4), wp_ + 16 + 4 * c)                                  \
+        } else {                                                                           \
+          KUNROLL for (int u = 0; u < U; ++u) {                                            \
+            FOLD_WORDS(WPL, (WV[t][r] + u * WPL), wp_ + u * 4 * WPL + c * WPL)             \
+          }                                                                                \
+        }                                                                                  \
         const size_t so_ = size_t(row_) * NG + size_t(s_) * U;                             \
         FOLD_WORDS(SWR, SV[t][r], (const KDEV uint32_t*)((up_ ? QS2 : scales) + so_))      \
         FOLD_WORDS(SWR, BV[t][r], (const KDEV uint32_t*)((up_ ? QB2 : biases) + so_))      \
@@ -74,6 +88,89 @@ KUNROLL for (int m = 0; m < MR; ++m) ssq[m] = 0.0f;
     }                                                                                      \
     if (MR == 1) XV = ((const KDEV uint4*)(x + size_t(s_) * 256))[lane];                   \
     if (NORM) NV = ((const KDEV uint4*)(QNW + size_t(s_) * 256))[lane];                    \
+  }
+
+// The products of a step group by group: lane c's WPL words of group u sit in product
+// column g's k positions of lane c, x row g in column g (columns past MT repeat the last row)
+#define FOLD_GROUPS(WV, SV, BV)                                                            \
+    KUNROLL for (int u = 0; u < U; ++u) {                                                  \
+      /* this lane's x fragments of group u (word slots 4 WPL u + WPL c + i) for product  \
+         column g: x row g (columns past MT repeat the last row) */                        \
+      const int m_ = (g < MT) ? g : MT - 1;                                                \
+      uint4 xf[WPL];                                                                       \
+      KUNROLL for (int i = 0; i < WPL; ++i) xf[i] = xs[simd_id][m_][u * 4 * WPL + c * WPL + i]; \
+      float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* per column: OFF (rows g), X (rows g + 8) */ \
+      KUNROLL for (int i = 0; i < WPL; ++i) {                                              \
+        const uint32_t a_[4] = {A_OFF, A_X0, A_OFF, A_X1};                                 \
+        const uint32_t b0_[2] = {xf[i].x, xf[i].y}, b1_[2] = {xf[i].z, xf[i].w};           \
+        k_mma16816<XK>(sums, a_, b0_, lane);                                               \
+        k_mma16816<XK>(sums, a_, b1_, lane);                                               \
+      }                                                                                    \
+      KUNROLL for (int t = 0; t < RT; ++t) {                                               \
+        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                             \
+        KUNROLL for (int i = 0; i < WPL; ++i) {                                            \
+          uint32_t pg[4], ph[4];                                                           \
+          fold_pairs<XK>(WV[t][0][u * WPL + i], pg);                                              \
+          fold_pairs<XK>(WV[t][1][u * WPL + i], ph);                                              \
+          const uint32_t a0_[4] = {pg[0], ph[0], pg[1], ph[1]};                            \
+          const uint32_t a1_[4] = {pg[2], ph[2], pg[3], ph[3]};                            \
+          const uint32_t b0_[2] = {xf[i].x, xf[i].y}, b1_[2] = {xf[i].z, xf[i].w};         \
+          k_mma16816<XK>(d, a0_, b0_, lane);                                               \
+          k_mma16816<XK>(d, a1_, b1_, lane);                                               \
+        }                                                                                  \
+        KUNROLL for (int r = 0; r < 2; ++r) {                                              \
+          const float sc_ = fold_half<SXK>(SV[t][r][u / 2], u % 2);                        \
+          const float bi_ = fold_half<SXK>(BV[t][r][u / 2], u % 2);                        \
+          KUNROLL for (int h = 0; h < (MR == 1 ? 1 : 2); ++h) {                            \
+            tot[t][r][h] = k_fma(sc_, d[2 * r + h] - sums[h],                              \
+                                 k_fma(bi_, sums[2 + h], tot[t][r][h]));                   \
+          }                                                                                \
+        }                                                                                  \
+      }                                                                                    \
+    }
+
+// The products of a step piece by piece (PIECES): column j holds the group of lanes c with
+// c / WPL = j; the other lanes' k positions read the zero slot. Lane c then holds columns
+// 2 c and 2 c + 1: groups NC p + 2 c + h where 2 c + h < NC.
+#define FOLD_PIECES(WV, SV, BV)                                                            \
+  KUNROLL for (int p = 0; p < 2; ++p) {                                                    \
+    const bool mine_ = g == c / WPL;                                                       \
+    uint4 xf[4];                                                                           \
+    KUNROLL for (int j = 0; j < 4; ++j) xf[j] = xs[simd_id][0][mine_ ? 16 * p + 4 * c + j : 32]; \
+    float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* per column: OFF (rows g), X (rows g + 8) */ \
+    KUNROLL for (int j = 0; j < 4; ++j) {                                                  \
+      const uint32_t a_[4] = {A_OFF, A_X0, A_OFF, A_X1};                                   \
+      const uint32_t b0_[2] = {xf[j].x, xf[j].y}, b1_[2] = {xf[j].z, xf[j].w};             \
+      k_mma16816<XK>(sums, a_, b0_, lane);                                                 \
+      k_mma16816<XK>(sums, a_, b1_, lane);                                                 \
+    }                                                                                      \
+    KUNROLL for (int t = 0; t < RT; ++t) {                                                 \
+      float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                               \
+      KUNROLL for (int j = 0; j < 4; ++j) {                                                \
+        uint32_t pg[4], ph[4];                                                             \
+        fold_pairs<XK>(WV[t][0][4 * p + j], pg);                                           \
+        fold_pairs<XK>(WV[t][1][4 * p + j], ph);                                           \
+        const uint32_t a0_[4] = {pg[0], ph[0], pg[1], ph[1]};                              \
+        const uint32_t a1_[4] = {pg[2], ph[2], pg[3], ph[3]};                              \
+        const uint32_t b0_[2] = {xf[j].x, xf[j].y}, b1_[2] = {xf[j].z, xf[j].w};           \
+        k_mma16816<XK>(d, a0_, b0_, lane);                                                 \
+        k_mma16816<XK>(d, a1_, b1_, lane);                                                 \
+      }                                                                                    \
+      KUNROLL for (int r = 0; r < 2; ++r) {                                                \
+        KUNROLL for (int h = 0; h < (NC == 1 ? 1 : 2); ++h) {                              \
+          const int u0_ = NC * p + h, u1_ = (NC == 4) ? NC * p + 2 + h : u0_;              \
+          const bool hi_ = NC == 4 && c == 1;                                              \
+          const float sc_ = hi_ ? fold_half<SXK>(SV[t][r][u1_ / 2], u1_ % 2)               \
+                                : fold_half<SXK>(SV[t][r][u0_ / 2], u0_ % 2);              \
+          const float bi_ = hi_ ? fold_half<SXK>(BV[t][r][u1_ / 2], u1_ % 2)               \
+                                : fold_half<SXK>(BV[t][r][u0_ / 2], u0_ % 2);              \
+          if (2 * c + h < NC) {                                                            \
+            tot[t][r][0] = k_fma(sc_, d[2 * r + h] - sums[h],                              \
+                                 k_fma(bi_, sums[2 + h], tot[t][r][0]));                   \
+          }                                                                                \
+        }                                                                                  \
+      }                                                                                    \
+    }                                                                                      \
   }
 
 // This lane's word slot of step s_ of every row of x into XR (more than one row: one register
@@ -101,40 +198,10 @@ KUNROLL for (int m = 0; m < MR; ++m) ssq[m] = 0.0f;
       if ((s_) + SK < STEPS) FOLD_LOAD_ROWS((s_) + SK, xr)                                 \
     }                                                                                      \
     k_simd_barrier();                                                                      \
-    KUNROLL for (int u = 0; u < U; ++u) {                                                  \
-      /* this lane's x fragments of group u (word slots 4 WPL u + WPL c + i) for product  \
-         column g: x row g (columns past MT repeat the last row) */                        \
-      const int m_ = (g < MT) ? g : MT - 1;                                                \
-      uint4 xf[WPL];                                                                       \
-      KUNROLL for (int i = 0; i < WPL; ++i) xf[i] = xs[simd_id][m_][u * 4 * WPL + c * WPL + i]; \
-      float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* per column: OFF (rows g), X (rows g + 8) */ \
-      KUNROLL for (int i = 0; i < WPL; ++i) {                                              \
-        const uint32_t a_[4] = {A_OFF, A_X0, A_OFF, A_X1};                                 \
-        const uint32_t b0_[2] = {xf[i].x, xf[i].y}, b1_[2] = {xf[i].z, xf[i].w};           \
-        k_mma16816<XK>(sums, a_, b0_, lane);                                               \
-        k_mma16816<XK>(sums, a_, b1_, lane);                                               \
-      }                                                                                    \
-      KUNROLL for (int t = 0; t < RT; ++t) {                                               \
-        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                             \
-        KUNROLL for (int i = 0; i < WPL; ++i) {                                            \
-          uint32_t pg[4], ph[4];                                                           \
-          fold_pairs<XK>(WV[t][0][u][i], pg);                                              \
-          fold_pairs<XK>(WV[t][1][u][i], ph);                                              \
-          const uint32_t a0_[4] = {pg[0], ph[0], pg[1], ph[1]};                            \
-          const uint32_t a1_[4] = {pg[2], ph[2], pg[3], ph[3]};                            \
-          const uint32_t b0_[2] = {xf[i].x, xf[i].y}, b1_[2] = {xf[i].z, xf[i].w};         \
-          k_mma16816<XK>(d, a0_, b0_, lane);                                               \
-          k_mma16816<XK>(d, a1_, b1_, lane);                                               \
-        }                                                                                  \
-        KUNROLL for (int r = 0; r < 2; ++r) {                                              \
-          const float sc_ = fold_half<SXK>(SV[t][r][u / 2], u % 2);                        \
-          const float bi_ = fold_half<SXK>(BV[t][r][u / 2], u % 2);                        \
-          KUNROLL for (int h = 0; h < (MR == 1 ? 1 : 2); ++h) {                            \
-            tot[t][r][h] = k_fma(sc_, d[2 * r + h] - sums[h],                              \
-                                 k_fma(bi_, sums[2 + h], tot[t][r][h]));                   \
-          }                                                                                \
-        }                                                                                  \
-      }                                                                                    \
+    if (PIECES) {                                                                          \
+      FOLD_PIECES(WV, SV, BV)                                                              \
+    } else {                                                                               \
+      FOLD_GROUPS(WV, SV, BV)                                                              \
     }                                                                                      \
     k_simd_barrier(); /* every lane has read the fragments before the next are staged */   \
   }
@@ -143,14 +210,15 @@ KUNROLL for (int m = 0; m < MR; ++m) ssq[m] = 0.0f;
 // products (no copies between the sets); PF = 2: three sets, two steps in flight (more bytes in
 // flight per simdgroup, more registers); PF = 0: each step loads, then computes, and other
 // simdgroups cover the wait (fewer registers, more of them resident).
-uint32_t wa[RT][2][U][WPL], sa[RT][2][SWR], ba[RT][2][SWR];
+uint32_t wa[RT][2][8], sa[RT][2][SWR], ba[RT][2][SWR];
 uint4 xa, na = k_uint4(0u, 0u, 0u, 0u);
 int s = int(simd_id);
+if (PIECES && lane == 0) xs[simd_id][0][32] = k_uint4(0u, 0u, 0u, 0u);  // PIECES' zero slot
 uint4 xr[MR];  // more than one row: the rows' slots of this simdgroup's next step
 if (MR > 1 && s < STEPS) FOLD_LOAD_ROWS(s, xr)
 if (PF == 2) {
-  uint32_t wb[RT][2][U][WPL], sb[RT][2][SWR], bb[RT][2][SWR];
-  uint32_t wc[RT][2][U][WPL], sc3[RT][2][SWR], bc[RT][2][SWR];
+  uint32_t wb[RT][2][8], sb[RT][2][SWR], bb[RT][2][SWR];
+  uint32_t wc[RT][2][8], sc3[RT][2][SWR], bc[RT][2][SWR];
   uint4 xb, nb = k_uint4(0u, 0u, 0u, 0u), xc, nc = k_uint4(0u, 0u, 0u, 0u);
   if (s < STEPS) FOLD_LOAD(s, wa, sa, ba, xa, na)
   if (s + SK < STEPS) FOLD_LOAD(s + SK, wb, sb, bb, xb, nb)
@@ -165,7 +233,7 @@ if (PF == 2) {
     FOLD_STEP(s + 2 * SK, wc, sc3, bc, xc, nc)
   }
 } else if (PF == 1) {
-  uint32_t wb[RT][2][U][WPL], sb[RT][2][SWR], bb[RT][2][SWR];
+  uint32_t wb[RT][2][8], sb[RT][2][SWR], bb[RT][2][SWR];
   uint4 xb, nb = k_uint4(0u, 0u, 0u, 0u);
   if (s < STEPS) FOLD_LOAD(s, wa, sa, ba, xa, na)
   for (; s < STEPS; s += 2 * SK) {
@@ -182,6 +250,11 @@ if (PF == 2) {
   }
 }
 
+if (PIECES && NC == 4) {  // lanes c = 0 and 1 hold the groups of columns 0-1 and 2-3
+  KUNROLL for (int t = 0; t < RT; ++t) {
+    KUNROLL for (int r = 0; r < 2; ++r) tot[t][r][0] += k_simd_xor(tot[t][r][0], 1u);
+  }
+}
 // Split-K: each simdgroup's sums, by x row (the lanes of column 2 c + h hold x row 2 c + h;
 // with one row only c = 0 does, the other columns repeat it)
 KUNROLL for (int t = 0; t < RT; ++t) {
