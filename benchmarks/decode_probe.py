@@ -17,7 +17,7 @@ q-k-norm-RoPE fusions of kernels.fused_linear and kernels.qk_rope), -pf1 (softwa
 per paged-attention threadgroup), -nobake (CUDA launches
 through MLX's template path instead of per-template kernel objects), -rN (N rows per simdgroup
 at M <= 4), -twN (N times the split-K warp target), -fold / -nofold (the folded tensor-core
-decode GEMVs on / off), -layers (with --compiled: one compiled
+decode GEMVs on / off), -p16 / -nop16 (its 16-byte pieces at one row on / off), -layers (with --compiled: one compiled
 function per layer boundary even where the caches allow a whole compiled step), -noinplace
 (the whole step writes latent-cache rows by slice update, not from the query kernel),
 -collapsed (GLM's sigmoid routers zeroed: every token on the same experts).
@@ -92,6 +92,7 @@ def _qkv_call(self, x, cache=None):
 
 
 _ORIG_CALL = {}
+_P16_DEFAULT = qmv.FOLD_P16
 
 
 def apply_variant(model, variant: str):
@@ -112,6 +113,8 @@ def apply_variant(model, variant: str):
     if fold != qmv.USE_FOLD:
         qmv.USE_FOLD = fold  # None: the default (CUDA only)
         quantized_linear._PATHS.clear()
+    # p16 / nop16: the folded body's 16-byte pieces at one row on / off (else the default)
+    qmv.FOLD_P16 = 1 if "p16" in parts else 0 if "nop16" in parts else _P16_DEFAULT
     from marlin_mlx.models import base as model_base
     model_base.WHOLE_STEP = "layers" not in parts  # the compiled step's per-layer split
     from marlin_mlx.models import mla_cache

@@ -65,7 +65,7 @@ def _plan(spec, xdt, sdt, bits, group_size, xshape, N, eps):
     """(spec, plan): the folded body's variant where it covers the launch and is switched on
     (qmv.fold_enabled()), else the float body's."""
     fold = _qmv.fold_enabled()
-    key = (spec, xdt, sdt, bits, group_size, xshape, N, eps, fold)
+    key = (spec, xdt, sdt, bits, group_size, xshape, N, eps, fold, _qmv.FOLD_P16)
     plan = _PLANS.get(key)
     if plan is None:
         extra = () if eps is None else (("EPS", eps_bits(eps)),)

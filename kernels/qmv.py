@@ -39,8 +39,9 @@ _FOLD_ENV = os.environ.get("MARLIN_MLX_QMV_FOLD", "").strip()
 USE_FOLD = None if _FOLD_ENV == "" else _FOLD_ENV != "0"
 FOLD_PF = int(os.environ.get("MARLIN_MLX_QMV_FOLD_PF", "1"))  # its register sets in turn - 1
 # One row: each lane reads 16-byte pieces of a row's codes (groups spread over the products'
-# columns) instead of its GS / 32 words of every group (fold_core.h, PIECES)
-FOLD_P16 = int(os.environ.get("MARLIN_MLX_QMV_FOLD_P16", "0"))
+# columns) instead of its GS / 32 words of every group (fold_core.h, PIECES). On the H200 it
+# was 2-16% faster on 7 of 8 launch shapes (KERNEL_NOTES "Session 14"); =0 turns it off.
+FOLD_P16 = int(os.environ.get("MARLIN_MLX_QMV_FOLD_P16", "1"))
 
 
 def fold_enabled() -> bool:
