@@ -38,9 +38,11 @@ FOLD_MAX_M = 8  # one 8-column tile of the products (16 rows, two tiles, measure
 _FOLD_ENV = os.environ.get("MARLIN_MLX_QMV_FOLD", "").strip()
 USE_FOLD = None if _FOLD_ENV == "" else _FOLD_ENV != "0"
 FOLD_PF = int(os.environ.get("MARLIN_MLX_QMV_FOLD_PF", "1"))  # its register sets in turn - 1
-# One row: each lane reads 16-byte pieces of a row's codes (groups spread over the products'
-# columns) instead of its GS / 32 words of every group (fold_core.h, PIECES). On the H200 it
-# was 2-16% faster on 7 of 8 launch shapes (KERNEL_NOTES "Session 14"); =0 turns it off.
+# One row, one row tile: each lane reads 16-byte pieces of a row's codes (groups spread over
+# the products' columns) instead of its GS / 32 words of every group (fold_core.h, PIECES). On
+# the H200 it was 2-16% faster on 7 of 8 launch shapes, but the gated gate/up launch (two row
+# tiles) ran 8% slower with it (KERNEL_NOTES "Session 14"), so two tiles keep the group reads.
+# =0 turns it off.
 FOLD_P16 = int(os.environ.get("MARLIN_MLX_QMV_FOLD_P16", "1"))
 
 
@@ -265,7 +267,7 @@ def fold_plan(xdt, sdt, group_size, xshape, N, RT=None, SK=None, PF=None, spec=N
               extra: tuple = (), P16=None):
     """The folded launch plan, cached like `_plan`'s, with its run-time row count input last
     (`spec`: a fused variant, whose extra template constants follow; P16: 16-byte pieces at
-    one row, default FOLD_P16)."""
+    one row and one row tile, default FOLD_P16)."""
     spec = spec or FOLD_SPEC
     P16 = FOLD_P16 if P16 is None else P16
     key = ("fold", spec, xdt, sdt, group_size, xshape, N, RT, SK, PF, extra, P16)
@@ -278,7 +280,8 @@ def fold_plan(xdt, sdt, group_size, xshape, N, RT=None, SK=None, PF=None, spec=N
         RT, SK, PF = fold_config(N, K, RT, SK, PF, gated, MT)
         template = [("T", xdt), ("S", sdt), ("XK", XKIND[xdt]), ("SXK", XKIND[sdt]),
                     ("GS", group_size), ("RT", RT), ("SK", SK), ("PF", PF), ("MR", MR),
-                    ("P16", int(bool(P16) and MR == 1)), ("K", K), ("N", N), *extra]
+                    ("P16", int(bool(P16) and MR == 1 and RT == 1)), ("K", K), ("N", N),
+                    *extra]
         kern, ktemplate = (cuda_plan_kernel(spec, template) if backend() == "cuda"
                            else (None, None))
         tiles = cdiv(N, 16 * (1 if gated else RT))

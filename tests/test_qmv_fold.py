@@ -72,7 +72,7 @@ def test_qmv_fold_rows_on_cpu_emulator(dtype, gs, RT, SK, PF, MT, K, tmp_path):
 
 @pytest.mark.parametrize("dtype,gs,RT,SK,PF,K", [
     (mx.float16, 64, 1, 2, 1, 1280),  # two groups a piece (columns 0, 1: lane c = 0 folds)
-    (mx.bfloat16, 32, 2, 1, 0, 768),  # four groups a piece: lanes c = 0 and 1 fold, then meet
+    (mx.bfloat16, 32, 1, 1, 0, 768),  # four groups a piece: lanes c = 0 and 1 fold, then meet
     (mx.float16, 128, 1, 3, 2, 768),  # one group a piece: column 0 only
     (mx.bfloat16, 64, 1, 2, 1, 1024),
 ])
@@ -124,6 +124,10 @@ def test_qmv_fold_support_and_config():
         assert SK & (SK - 1) == 0  # uneven splits measured slower: a power of two
     assert qmv.fold_config(12288, 4096, gated=True)[:2] == (2, 2)  # gate and up tiles
     assert [qmv.fold_rows_bound(m) for m in (1, 2, 8)] == [1, 8, 8]
+    # 16-byte pieces: one row and one row tile only (two tiles measured slower with them)
+    for MT, RT, on in ((1, 1, 1), (1, 2, 0), (2, 1, 0)):
+        t = dict(qmv.fold_plan(bf16, bf16, 64, (MT, 4096), 4096, RT=RT, P16=1)[0])
+        assert t["P16"] == on, (MT, RT)
     assert [qmv.fold_config(12288, 4096, MT=m)[0] for m in (1, 2, 5, 8)] == [1, 2, 2, 2]
     for MT in (1, 8):  # the staged rows fit the threadgroup memory
         for RT in (1, 2):
@@ -217,7 +221,7 @@ def test_qmv_fold_gpu_rows_tilings(MT, RT, SK, PF, monkeypatch):
 @pytest.mark.skipif(not launch.backend(), reason="needs an MLX GPU backend")
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("gs,RT,SK,PF", [(64, 1, 2, 1), (32, 1, 4, 1), (128, 1, 8, 1),
-                                         (64, 2, 3, 0), (32, 2, 1, 2)])
+                                         (64, 1, 3, 0), (32, 1, 1, 2)])
 def test_qmv_fold_gpu_pieces(dtype, gs, RT, SK, PF, monkeypatch):
     """One row read as 16-byte pieces (P16) against the float64 oracle."""
     monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
