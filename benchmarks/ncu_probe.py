@@ -147,8 +147,27 @@ def parse_marked(path, labels_path):
     json.dump(out, sys.stdout, indent=1)
 
 
+def pivot_marked(path, meta):
+    """A --parse-marked JSON as a results file (benchmarks/report.py renders its `results`):
+    one record per launch tag ("K x N M.." or "K x N g.. dtype"), a column per variant with
+    the fastest repetition in µs; setup markers dropped, the raw runs kept under `launches`."""
+    import json
+    raw = json.load(open(path))
+    rows = {}
+    for label, e in raw.items():
+        if label.startswith("setup"):
+            continue
+        tag, variant = label.rsplit(" ", 1)
+        rows.setdefault(tag, {"launch": tag})[f"{variant} us"] = round(min(e["runs"]), 2)
+    out = dict(meta, results=list(rows.values()), launches=raw)
+    json.dump(out, sys.stdout, indent=1)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 3 and sys.argv[1] == "--parse-marked":
+    if len(sys.argv) > 3 and sys.argv[1] == "--pivot-marked":  # raw.json 'json-of-meta'
+        import json
+        pivot_marked(sys.argv[2], json.loads(sys.argv[3]))
+    elif len(sys.argv) > 3 and sys.argv[1] == "--parse-marked":
         parse_marked(sys.argv[2], sys.argv[3])
     elif len(sys.argv) > 2 and sys.argv[1] == "--parse":
         parse(sys.argv[2])
