@@ -74,31 +74,38 @@ def sweep():
         del q, s, b
 
 
+def _rows(path):
+    """The CSV's per-metric rows as dicts (header repeats and other lines skipped)."""
+    hdr = None
+    for r in csv.reader(open(path)):
+        if "Kernel Name" in r and "Metric Name" in r:
+            hdr = r
+        elif hdr is not None and len(r) == len(hdr):
+            yield dict(zip(hdr, r))
+
+
+def _value(d):
+    """(metric value, the value in µs if it is a time)."""
+    val = float(d["Metric Value"].replace(",", ""))
+    unit = d.get("Metric Unit", "ns")
+    return val, (val / 1000 if unit in ("nsecond", "ns") else
+                 (val if unit in ("usecond", "us") else val * 1000))
+
+
 def parse(path):
     """Median kernel time per (kernel, grid, block), and the median warp instructions issued
     where the CSV has smsp__inst_executed.sum."""
-    rows = list(csv.reader(open(path)))
-    hdr = None
     times, insts = {}, {}
-    for r in rows:
-        if "Kernel Name" in r and "Metric Name" in r:
-            hdr = r
-            continue
-        if hdr is None or len(r) != len(hdr):
-            continue
-        d = dict(zip(hdr, r))
+    for d in _rows(path):
         name = d["Kernel Name"]
         if any(t in name for t in ("copy", "fill", "Random", "random", "astype", "normal")):
             continue
         key = f"{name[:120]} grid={d.get('Grid Size', '')} block={d.get('Block Size', '')}"
-        val = float(d["Metric Value"].replace(",", ""))
+        val, us = _value(d)
         if d["Metric Name"] == "smsp__inst_executed.sum":
             insts.setdefault(key, []).append(val)
-        if d["Metric Name"] != "gpu__time_duration.sum":
-            continue
-        unit = d.get("Metric Unit", "ns")
-        us = val / 1000 if unit in ("nsecond", "ns") else (val if unit in ("usecond", "us") else val * 1000)
-        times.setdefault(key, []).append(us)
+        if d["Metric Name"] == "gpu__time_duration.sum":
+            times.setdefault(key, []).append(us)
     for name, ts in times.items():
         inst = (f"  {statistics.median(insts[name]) / 1e6:7.2f} M inst" if name in insts
                 else "")
@@ -114,20 +121,8 @@ def parse_marked(path, labels_path):
     for line in open(labels_path):
         if line.startswith("LABELS "):
             labels = json.loads(line[len("LABELS "):])
-    hdr, launches = None, {}
-    for r in csv.reader(open(path)):
-        if "Kernel Name" in r and "Metric Name" in r:
-            hdr = r
-            continue
-        if hdr is None or len(r) != len(hdr):
-            continue
-        d = dict(zip(hdr, r))
-        if d["Metric Name"] != "gpu__time_duration.sum":
-            continue
-        unit = d.get("Metric Unit", "ns")
-        val = float(d["Metric Value"].replace(",", ""))
-        us = val / 1000 if unit in ("nsecond", "ns") else (val if unit in ("usecond", "us") else val * 1000)
-        launches[int(d["ID"])] = (d["Kernel Name"], d.get("Grid Size", ""), us)
+    launches = {int(d["ID"]): (d["Kernel Name"], d.get("Grid Size", ""), _value(d)[1])
+                for d in _rows(path) if d["Metric Name"] == "gpu__time_duration.sum"}
     out, label = {}, None
     for i in sorted(launches):
         name, grid, us = launches[i]

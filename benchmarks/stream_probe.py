@@ -241,10 +241,27 @@ def fold_sweep():
 _MARK_SRC = "if (threadIdx.x == 0 && blockIdx.x == 0) out[0] = 0u;"
 
 
-def mark_kernel():
-    """A no-op launch whose grid size numbers the next launch (ncu_probe --parse-marked)."""
-    return mx.fast.cuda_kernel(name="stream_mark", input_names=["a"], output_names=["out"],
-                               source=_MARK_SRC)
+def marked_launches():
+    """(labels, mark, timed): mark(label) runs a no-op launch whose block count numbers the
+    label (ncu_probe --parse-marked); timed(label, fn) marks, then evaluates fn(). After a
+    warm-up read, so the first launches already run at full clocks."""
+    mk = mx.fast.cuda_kernel(name="stream_mark", input_names=["a"], output_names=["out"],
+                             source=_MARK_SRC)
+    labels, one = [], mx.zeros((4,), mx.uint32)
+    kern, a = stream_kernel(), mx.zeros((1 << 28,), mx.uint32)
+    for _ in range(20):
+        mx.eval(stream(kern, a, 4, -(-a.size // 4 // 1024)))
+
+    def mark(label):
+        labels.append(label)
+        mx.eval(mk(inputs=[one], grid=(32 * len(labels), 1, 1), threadgroup=(32, 1, 1),
+                   output_shapes=[(1,)], output_dtypes=[mx.uint32])[0])
+
+    def timed(label, fn):
+        mark(label)
+        mx.eval(fn())
+
+    return labels, mark, timed
 
 
 def rows_sweep():
@@ -257,25 +274,9 @@ def rows_sweep():
 
     from marlin_mlx.kernels.qmm import qmm_kernel
     from marlin_mlx.kernels.qmv import fold_config, qmv_kernel
-    mk, labels = mark_kernel(), []
-    one = mx.zeros((4,), mx.uint32)
-    mx.eval(one)
-
-    def mark(label):
-        labels.append(label)
-        mx.eval(mk(inputs=[one], grid=(32 * len(labels), 1, 1), threadgroup=(32, 1, 1),
-                   output_shapes=[(1,)], output_dtypes=[mx.uint32])[0])
-
-    def timed(label, fn):
-        mark(label)
-        mx.eval(fn())
+    labels, mark, timed = marked_launches()
 
     dt = mx.bfloat16
-    kern = stream_kernel()  # a warm-up read: the first shape's times start at full clocks
-    a = mx.zeros((1 << 28,), mx.uint32)
-    for _ in range(20):
-        mx.eval(stream(kern, a, 4, -(-a.size // 4 // 1024)))
-    del a
     for K, N in ((4096, 4096), (4096, 12288), (12288, 4096), (8192, 28672), (28672, 8192)):
         mark(f"setup {K}x{N}")
         w16 = mx.random.normal((N, K)).astype(dt) * 0.02
@@ -310,24 +311,8 @@ def pieces_sweep():
     import json
 
     from marlin_mlx.kernels.qmv import fold_config, qmv_kernel
-    mk, labels = mark_kernel(), []
-    one = mx.zeros((4,), mx.uint32)
-    mx.eval(one)
+    labels, mark, timed = marked_launches()
 
-    def mark(label):
-        labels.append(label)
-        mx.eval(mk(inputs=[one], grid=(32 * len(labels), 1, 1), threadgroup=(32, 1, 1),
-                   output_shapes=[(1,)], output_dtypes=[mx.uint32])[0])
-
-    def timed(label, fn):
-        mark(label)
-        mx.eval(fn())
-
-    kern = stream_kernel()
-    a = mx.zeros((1 << 28,), mx.uint32)
-    for _ in range(20):
-        mx.eval(stream(kern, a, 4, -(-a.size // 4 // 1024)))
-    del a
     cases = [(K, N, 64, mx.bfloat16) for K, N in ((4096, 4096), (4096, 12288), (12288, 4096),
                                                   (8192, 28672), (28672, 8192))]
     cases += [(4096, 12288, 64, mx.float16), (4096, 12288, 32, mx.bfloat16),

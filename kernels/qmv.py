@@ -340,7 +340,7 @@ def compile_cases():
     for dt in (mx.float16, mx.bfloat16):
         for gs, RT, PF, MT, P16 in ((64, 1, 1, 1, 0), (32, 2, 0, 1, 0), (128, 1, 2, 1, 0),
                                     (64, 2, 0, 1, 0), (64, 1, 1, 5, 0), (32, 2, 1, 8, 0),
-                                    (64, 1, 1, 1, 1), (32, 2, 1, 1, 1), (128, 1, 0, 1, 1)):
+                                    (64, 1, 1, 1, 1), (32, 1, 1, 1, 1), (128, 1, 0, 1, 1)):
             t = fold_plan(dt, dt, gs, (MT, 4096), 12288, RT=RT, PF=PF, P16=P16)[0]
             name = f"qmv_fold-{dt}-g{gs}-RT{RT}-PF{PF}-M{MT}-P{P16}".replace("mlx.core.", "")
             out.append((name, FOLD_SPEC, [dt, mx.uint32, dt, dt, mx.int32], [1 << 20] * 4 + [8],

@@ -61,3 +61,27 @@ KINLINE float fold_half(uint32_t w, int hi) {
   const float2 f = k_f16x2(w);
   return hi ? f.y : f.x;
 }
+
+// The sums product of one x fragment: A is constant (rows g: the code base, rows g + 8: 1, or
+// 16 where float16 holds x / 16), so rows g give each column's OFF and rows g + 8 its X.
+template <int XK>
+KINLINE void fold_sums(KTHREAD float* sums, uint4 xf, uint32_t lane) {
+  const uint32_t off = (XK == 1) ? 0x64006400u : 0x43004300u;  // 1024 or 128
+  const uint32_t one = (XK == 1) ? 0x3C003C00u : 0x3F803F80u;  // 1
+  const uint32_t a[4] = {off, one, off, (XK == 1) ? 0x4C004C00u : one};  // 16 or 1
+  const uint32_t b0[2] = {xf.x, xf.y}, b1[2] = {xf.z, xf.w};
+  k_mma16816<XK>(sums, a, b0, lane);
+  k_mma16816<XK>(sums, a, b1, lane);
+}
+
+// The products of one code word of rows g (wg) and g + 8 (wh) with its x fragment into d.
+template <int XK>
+KINLINE void fold_word(KTHREAD float* d, uint32_t wg, uint32_t wh, uint4 xf, uint32_t lane) {
+  uint32_t pg[4], ph[4];
+  fold_pairs<XK>(wg, pg);
+  fold_pairs<XK>(wh, ph);
+  const uint32_t a0[4] = {pg[0], ph[0], pg[1], ph[1]}, a1[4] = {pg[2], ph[2], pg[3], ph[3]};
+  const uint32_t b0[2] = {xf.x, xf.y}, b1[2] = {xf.z, xf.w};
+  k_mma16816<XK>(d, a0, b0, lane);
+  k_mma16816<XK>(d, a1, b1, lane);
+}

@@ -21,11 +21,6 @@ constexpr int NC = 4 / WPL;
 // Row pitch of the staged x (16-byte slots): one row has a zero slot (32) for PIECES' empty
 // columns; with more rows, lanes of rows g and g + 1 read other banks
 constexpr int XP = 32 + (MR == 1 ? 1 : (WPL == 1 ? 4 : 1));
-// The constant A of the sums product: rows g give OFF (base times the fragment values, which
-// for float16 hold x / 16 where the codes were taken at 16 q), rows g + 8 give X.
-constexpr uint32_t A_OFF = (XK == 1) ? 0x64006400u : 0x43004300u;  // 1024 or 128
-constexpr uint32_t A_X0 = (XK == 1) ? 0x3C003C00u : 0x3F803F80u;   // 1
-constexpr uint32_t A_X1 = (XK == 1) ? 0x4C004C00u : 0x3F803F80u;   // 16 (float16) or 1
 
 const int g = int(lane) >> 2;
 const int c = int(lane) & 3;
@@ -100,23 +95,11 @@ KUNROLL for (int m = 0; m < MR; ++m) ssq[m] = 0.0f;
       uint4 xf[WPL];                                                                       \
       KUNROLL for (int i = 0; i < WPL; ++i) xf[i] = xs[simd_id][m_][u * 4 * WPL + c * WPL + i]; \
       float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* per column: OFF (rows g), X (rows g + 8) */ \
-      KUNROLL for (int i = 0; i < WPL; ++i) {                                              \
-        const uint32_t a_[4] = {A_OFF, A_X0, A_OFF, A_X1};                                 \
-        const uint32_t b0_[2] = {xf[i].x, xf[i].y}, b1_[2] = {xf[i].z, xf[i].w};           \
-        k_mma16816<XK>(sums, a_, b0_, lane);                                               \
-        k_mma16816<XK>(sums, a_, b1_, lane);                                               \
-      }                                                                                    \
+      KUNROLL for (int i = 0; i < WPL; ++i) fold_sums<XK>(sums, xf[i], lane);              \
       KUNROLL for (int t = 0; t < RT; ++t) {                                               \
         float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                             \
         KUNROLL for (int i = 0; i < WPL; ++i) {                                            \
-          uint32_t pg[4], ph[4];                                                           \
-          fold_pairs<XK>(WV[t][0][u * WPL + i], pg);                                              \
-          fold_pairs<XK>(WV[t][1][u * WPL + i], ph);                                              \
-          const uint32_t a0_[4] = {pg[0], ph[0], pg[1], ph[1]};                            \
-          const uint32_t a1_[4] = {pg[2], ph[2], pg[3], ph[3]};                            \
-          const uint32_t b0_[2] = {xf[i].x, xf[i].y}, b1_[2] = {xf[i].z, xf[i].w};         \
-          k_mma16816<XK>(d, a0_, b0_, lane);                                               \
-          k_mma16816<XK>(d, a1_, b1_, lane);                                               \
+          fold_word<XK>(d, WV[t][0][u * WPL + i], WV[t][1][u * WPL + i], xf[i], lane);     \
         }                                                                                  \
         KUNROLL for (int r = 0; r < 2; ++r) {                                              \
           const float sc_ = fold_half<SXK>(SV[t][r][u / 2], u % 2);                        \
@@ -138,23 +121,11 @@ KUNROLL for (int m = 0; m < MR; ++m) ssq[m] = 0.0f;
     uint4 xf[4];                                                                           \
     KUNROLL for (int j = 0; j < 4; ++j) xf[j] = xs[simd_id][0][mine_ ? 16 * p + 4 * c + j : 32]; \
     float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* per column: OFF (rows g), X (rows g + 8) */ \
-    KUNROLL for (int j = 0; j < 4; ++j) {                                                  \
-      const uint32_t a_[4] = {A_OFF, A_X0, A_OFF, A_X1};                                   \
-      const uint32_t b0_[2] = {xf[j].x, xf[j].y}, b1_[2] = {xf[j].z, xf[j].w};             \
-      k_mma16816<XK>(sums, a_, b0_, lane);                                                 \
-      k_mma16816<XK>(sums, a_, b1_, lane);                                                 \
-    }                                                                                      \
+    KUNROLL for (int j = 0; j < 4; ++j) fold_sums<XK>(sums, xf[j], lane);                  \
     KUNROLL for (int t = 0; t < RT; ++t) {                                                 \
       float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                               \
       KUNROLL for (int j = 0; j < 4; ++j) {                                                \
-        uint32_t pg[4], ph[4];                                                             \
-        fold_pairs<XK>(WV[t][0][4 * p + j], pg);                                           \
-        fold_pairs<XK>(WV[t][1][4 * p + j], ph);                                           \
-        const uint32_t a0_[4] = {pg[0], ph[0], pg[1], ph[1]};                              \
-        const uint32_t a1_[4] = {pg[2], ph[2], pg[3], ph[3]};                              \
-        const uint32_t b0_[2] = {xf[j].x, xf[j].y}, b1_[2] = {xf[j].z, xf[j].w};           \
-        k_mma16816<XK>(d, a0_, b0_, lane);                                                 \
-        k_mma16816<XK>(d, a1_, b1_, lane);                                                 \
+        fold_word<XK>(d, WV[t][0][4 * p + j], WV[t][1][4 * p + j], xf[j], lane);           \
       }                                                                                    \
       KUNROLL for (int r = 0; r < 2; ++r) {                                                \
         KUNROLL for (int h = 0; h < (NC == 1 ? 1 : 2); ++h) {                              \
