@@ -272,7 +272,7 @@ def compile_cases():
                                 gated=spec is SPEC_GATED_NORM, extra=extra)[0]
             out.append((f"{spec.name}-{dt}".replace("mlx.core.", ""), spec, dtypes(spec, dt),
                         [1 << 20] * len(spec.inputs), [dt], t))
-            if dt != mx.float32:  # the folded body's variant of the same launch, 1 and 12 rows
+            if dt != mx.float32:  # the folded body's variant of the same launch, 1 and 6 rows
                 fspec = FOLD_SPECS[spec]
                 for MT in (1, 6):
                     t = _qmv.fold_plan(dt, dt, 64, (MT, 4096), 12288, spec=fspec, extra=extra)[0]

@@ -67,6 +67,8 @@ def qmm(x, w, scales, biases, group_size: int = 64, bits: int = 4, *, NT: int | 
 
 
 _PLANS: dict = {}
+
+
 def plan(xdt, sdt, bits, group_size, xshape, N, NT=None, SK=None):
     """(template, grid, threadgroup, output shapes, output dtypes, kernel object, its template,
     rows input), cached per x shape (as qmv's plans: the host cost of a launch counts at

@@ -29,7 +29,8 @@ TC_PIPE = int(os.environ.get("MARLIN_MLX_QMV_TC_PIPE", "0"))
 # K % 256 == 0; `rows` is the run-time row count (launch.rows_input).
 FOLD_SPEC = KernelSpec("marlin_qmv_fold", "qmv_fold.h", ("x", "w", "scales", "biases", "rows"),
                        ("y",))
-FOLD_MAX_M = 8  # one 8-column tile of the products (16 rows, two tiles, measured 1.5-2x qmm's time)
+# rows: one 8-column tile of the products (16 rows on two tiles measured 1.5-2x qmm's time)
+FOLD_MAX_M = 8
 # The launches it covers (and the fused decode variants, kernels/fused_linear.py) take
 # it on CUDA: on the H200 it cut the GPU time of a compiled Qwen3-8B decode step from 3.02 to
 # 2.40 ms (KERNEL_NOTES "Session 13"). On Metal its products are lane shuffles until
@@ -215,8 +216,8 @@ def tc_plan(xdt, sdt, bits, group_size, xshape, N, RT=None, SK=None, U=None, PIP
 def fold_supported(xdt, sdt, bits: int, group_size: int, MT: int, K: int) -> bool:
     """Whether the folded body covers a launch: 1 to FOLD_MAX_M rows of 16-bit x, 16-bit
     scales, 4-bit codes, groups of 32/64/128 and whole 256-value steps."""
-    return (1 <= MT <= FOLD_MAX_M and xdt in (mx.float16, mx.bfloat16) and sdt in (mx.float16, mx.bfloat16)
-            and bits == 4 and group_size in (32, 64, 128) and K % 256 == 0)
+    return (1 <= MT <= FOLD_MAX_M and xdt in (mx.float16, mx.bfloat16)
+            and sdt in (mx.float16, mx.bfloat16) and bits == 4 and group_size in (32, 64, 128) and K % 256 == 0)
 
 
 def body_tag(xdt, sdt, bits: int, group_size: int, MT: int, K: int) -> str:
@@ -296,8 +297,8 @@ def qmv_kernel(x, w, scales, biases, group_size, bits, *, R=None, SK=None, PF=No
     the launch (`fold`, default fold_enabled() unless a float-body shape R / PF or `tc` is
     asked for; RT, SK, PF its shape), the tensor-core body where asked (`tc`, default USE_TC;
     RT, U, PIPE its row tiles, chunks per lane and copy stages; P16 the folded body's 16-byte
-    pieces), else the float-FMA one. Kept
-    lean: at decode the host cost of this call is paid for every linear layer of every token."""
+    pieces), else the float-FMA one. Kept lean: at decode the host cost of this call is paid
+    for every linear layer of every token."""
     sdt = scales.dtype
     if biases.dtype != sdt:
         biases = biases.astype(sdt)

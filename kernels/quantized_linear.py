@@ -46,7 +46,7 @@ def quantized_matmul(x, w, scales, biases=None, group_size: int = 64, bits: int 
     """y = x @ dequant(w).T, choosing the op by M, format and backend.
 
     On the CPU backend this is MLX's own quantized_matmul (the reference path). On a GPU, 1
-    to 16 rows of 16-bit x over 4-bit affine weights go to the folded tensor-core GEMV (qmv's
+    to 8 rows of 16-bit x over 4-bit affine weights go to the folded tensor-core GEMV (qmv's
     folded body, where it is switched on); otherwise rows of x up to QMV_MAX_M go to the fused
     qmv kernel (affine, mxfp4, nvfp4), affine float16 / bfloat16 x of QMM_MIN_M to 64 rows to
     the tensor-core qmm kernel, larger M (affine) to the dequantize kernel followed by MLX's
@@ -120,7 +120,7 @@ def _choose(x, w, scales, biases, group_size, bits, mode) -> int:
 
 def _affine_op(x, w, scales, biases, group_size, bits, M) -> str:
     """Our candidate for an affine product of M rows (the selection then times it): the folded
-    GEMV where it covers the launch (up to 16 rows, read once for all of them), else qmm from
+    GEMV where it covers the launch (up to 8 rows, read once for all of them), else qmm from
     QMM_MIN_M rows, qmv below, dequantize + matmul past qmv's rows."""
     if _qmv.fold_enabled() and _qmv.fold_supported(x.dtype, scales.dtype, bits, group_size, M,
                                                    x.shape[-1]):

@@ -56,10 +56,9 @@ KUNROLL for (int m = 0; m < MR; ++m) ssq[m] = 0.0f;
   }
 
 // Loads of step s_: WV[t][r][8] code words (word u WPL + i: word i of group u; PIECES: word
-// 4 p + j: word j of piece p), SV / BV[t][r][i] scale / bias words, XV this
-// lane's 8 values of x (one row; more rows are read as the step is staged) and NV of the norm
-// weight (rows past N read row N - 1 and are not
-// written; GATED: tile 1 reads the up rows of the same outputs).
+// 4 p + j: word j of piece p), SV / BV[t][r][i] scale / bias words, XV this lane's 8 values of
+// x (one row; more rows: FOLD_LOAD_ROWS) and NV of the norm weight. Rows past N read row N - 1
+// and are not written; GATED: tile 1 reads the up rows of the same outputs.
 #define FOLD_LOAD(s_, WV, SV, BV, XV, NV)                                                  \
   {                                                                                        \
     KUNROLL for (int t = 0; t < RT; ++t) {                                                 \
@@ -85,8 +84,9 @@ KUNROLL for (int m = 0; m < MR; ++m) ssq[m] = 0.0f;
     if (NORM) NV = ((const KDEV uint4*)(QNW + size_t(s_) * 256))[lane];                    \
   }
 
-// The products of a step group by group: lane c's WPL words of group u sit in product
-// column g's k positions of lane c, x row g in column g (columns past MT repeat the last row)
+// The products of a step group by group: each product takes word i of group u from all 4
+// lanes, so its 16 k stay in one group; product column g is x row g (columns past MT repeat
+// the last row).
 #define FOLD_GROUPS(WV, SV, BV)                                                            \
     KUNROLL for (int u = 0; u < U; ++u) {                                                  \
       /* this lane's x fragments of group u (word slots 4 WPL u + WPL c + i) for product  \
