@@ -362,19 +362,7 @@ def details():
 
 
 if __name__ == "__main__":
-    if "--details" in sys.argv:
-        details()
-    elif "--patterns" in sys.argv:
-        patterns()
-    elif "--pipe" in sys.argv:
-        pipe_sweep()
-    elif "--fold" in sys.argv:
-        fold_sweep()
-    elif "--rows" in sys.argv:
-        rows_sweep()
-    elif "--pieces" in sys.argv:
-        pieces_sweep()
-    elif "--tc" in sys.argv:
-        tc_sweep()
-    else:
-        run()
+    modes = {"--details": details, "--patterns": patterns, "--pipe": pipe_sweep,
+             "--fold": fold_sweep, "--rows": rows_sweep, "--pieces": pieces_sweep,
+             "--tc": tc_sweep}
+    next((f for flag, f in modes.items() if flag in sys.argv), run)()
