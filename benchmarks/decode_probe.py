@@ -459,7 +459,8 @@ def main(argv=None):
     report = {"preset": a.preset, "bits": a.bits, "group_size": a.group_size,
               "layers": config["num_hidden_layers"], "prompt": a.prompt, "steps": a.steps,
               "mlx": mx.__version__, "build_s": built_s,
-              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "variants": {}}
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "command": " ".join(["python"] + sys.argv), "variants": {}}
     try:
         report["device"] = mx.device_info().get("device_name")
     except Exception:  # noqa: BLE001

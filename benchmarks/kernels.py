@@ -273,7 +273,7 @@ def main(argv=None):
     meta = {"device": device_name(), "backend": launch.backend(), "mlx": mx.__version__,
             "dtype": args.dtype,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "host": platform.node()}
+            "host": platform.node(), "command": " ".join(["python"] + sys.argv)}
     bw = copy_bandwidth()
     meta["copy_GBs"] = bw / 1e9
     meta["launch_floor_us"] = launch_floor(64) * 1e6

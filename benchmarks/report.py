@@ -131,7 +131,8 @@ def kernels_section(name: str, r: dict) -> list:
     m = r["meta"]
     lines = [f"### Kernels — `{name}`", "",
              f"- device: {m.get('device')} ({m.get('backend')}), MLX {m.get('mlx')}, "
-             f"{m.get('date')}; measured copy bandwidth {m.get('copy_GBs', 0):.0f} GB/s", "",
+             f"{m.get('date')}; measured copy bandwidth {m.get('copy_GBs', 0):.0f} GB/s",
+             *([f"- command: `{m['command']}`"] if m.get("command") else []), "",
              "| K→N | M | bits | ours µs | ours GB/s | MLX µs | MLX GB/s | fp16 µs | vs MLX | "
              "vs fp16 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["rows"]:

@@ -1,7 +1,8 @@
 """qmv's folded tensor-core body (src/qmv_fold.h: codes as magic-number values in the products,
 the affine step once per group in float): its Metal rendering on the CPU emulator (fragment
-order, the float16 16 q / x / 16 pairing, the sums product, split-K, row tails), what it
-covers, and on the GPU against the float64 oracle with poisoned outputs."""
+order, the float16 16 q / x / 16 pairing, the sums product, split-K, row tails, 2-8 rows of x,
+the one-row 16-byte pieces), what it covers, and on the GPU against the float64 oracle with
+poisoned outputs."""
 
 import numpy as np
 import pytest
