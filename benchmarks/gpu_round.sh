@@ -60,6 +60,9 @@
 #          times against the per-group reads (stream_probe.py --pieces, ncu_probe.py --parse-marked)
 # flash:   the flash_prefill and dequantize GPU tests (FLASH_TESTS: more test files), then benchmarks/flash_attention.py (our
 #          large-head prefill attention vs MLX's, GLM-4.7-Flash shapes)
+# large:   large_qmm (4-bit product for many rows on warpgroup tensor cores): its GPU tests, then
+#          benchmarks/large_qmm.py (against dequantize + matmul and the 16-bit matmul;
+#          LARGE_MS, LARGE_SHAPES, LARGE_TILINGS)
 # PROBE_VARIANTS / PROBE_PROFILE override the probe's variant lists.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -301,6 +304,14 @@ PY
       tail -8 "$OUT/pytest_flash.log"
       timeout ${FLASH_TIMEOUT:-150} python3 benchmarks/flash_attention.py \
         --json "$OUT/flash_attention_h200.json" 2>&1 | tee "$OUT/flash_attention.log" ;;
+    large)
+      timeout ${TESTS_TIMEOUT:-200} python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
+        tests/test_large_qmm.py > "$OUT/pytest_large_qmm.log" 2>&1; echo "pytest rc=$?"
+      tail -8 "$OUT/pytest_large_qmm.log"
+      timeout ${LARGE_TIMEOUT:-300} python3 benchmarks/large_qmm.py --dtype bfloat16 \
+        --ms "${LARGE_MS:-128,256,512,1024,4096}" ${LARGE_SHAPES:+--shapes "$LARGE_SHAPES"} \
+        --tilings "${LARGE_TILINGS:-auto}" --out "$OUT/large_qmm_h200.json" 2>&1 \
+        | tail -60 | tee "$OUT/large_qmm.log" ;;
     *) echo "unknown part $part" ;;
   esac
   echo "== $part: $(( $(date +%s) - t0 )) s"

@@ -64,6 +64,7 @@ class KernelSpec:
     src: str               # file under kernels/src, e.g. "qmv.h"
     inputs: tuple
     outputs: tuple
+    shared_memory: int = 0  # CUDA: dynamic shared memory bytes of every launch (0: none)
 
 
 def backend() -> str | None:
@@ -126,10 +127,11 @@ def kernel_object(spec: KernelSpec, be: str):
     kern = _KERNELS.get((spec, be))
     if kern is None:
         header, source = parts(spec, be)
+        extra = {"shared_memory": spec.shared_memory} if be == "cuda" and spec.shared_memory else {}
         make = mx.fast.metal_kernel if be == "metal" else mx.fast.cuda_kernel
         kern = _KERNELS[(spec, be)] = make(
             name=spec.name, input_names=list(spec.inputs), output_names=list(spec.outputs),
-            source=source, header=header, ensure_row_contiguous=True)
+            source=source, header=header, ensure_row_contiguous=True, **extra)
     return kern
 
 
@@ -288,5 +290,6 @@ def cuda_plan_kernel(spec: KernelSpec, template):
         name, header, source = baked_cuda_source(spec, template)
         kern = _BAKED[key] = mx.fast.cuda_kernel(
             name=name, input_names=list(spec.inputs), output_names=list(spec.outputs),
-            source=source, header=header, ensure_row_contiguous=True)
+            source=source, header=header, ensure_row_contiguous=True,
+            shared_memory=spec.shared_memory)
     return kern, None

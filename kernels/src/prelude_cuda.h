@@ -137,3 +137,67 @@ KINLINE uint32_t k_and_or(uint32_t a, uint32_t b, uint32_t c) {
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
   return r;
 }
+
+// Warpgroup tensor-core products (Hopper's wgmma, sm_90a; MLX compiles for it on compute
+// capability 9.x). Elsewhere K_HAS_WGMMA is 0 and a body computes the same product per warp
+// with k_mma16816 (large_qmm.h). k_wg_fence: before a product whose A or accumulator registers
+// other instructions wrote; k_wg_commit closes a group of products; k_wg_wait<N> waits until at
+// most N groups are in flight; k_wg_keep pins registers an asynchronous product still uses.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define K_HAS_WGMMA 1
+#else
+#define K_HAS_WGMMA 0
+#endif
+KINLINE void k_wg_fence() {
+#if K_HAS_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#endif
+}
+KINLINE void k_wg_commit() {
+#if K_HAS_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+#endif
+}
+template <int N>
+KINLINE void k_wg_wait() {
+#if K_HAS_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+#endif
+}
+template <int N>
+KINLINE void k_wg_keep(KTHREAD float* v) {
+  KUNROLL for (int i = 0; i < N; ++i) asm volatile("" : "+f"(v[i])::"memory");
+}
+template <int N>
+KINLINE void k_wg_keep_u(KTHREAD uint32_t* v) {
+  KUNROLL for (int i = 0; i < N; ++i) asm volatile("" : "+r"(v[i])::"memory");
+}
+#define K_WG_D32 "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define K_WG_MMA64(TY)                                                                     \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\nwgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY \
+               " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n" \
+               : K_WG_D32 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
+// d (64 x 64 floats over the warpgroup, 32 a thread: n8 tile j in d[4j .. 4j+3] as
+// k_mma16816's D) += A (64 x 16: this warp's 16 rows, k_mma16816's A fragment) * B (16 x 64),
+// B's 64 columns the rows of a K-major tile in shared memory at `b` (1024-byte aligned, rows
+// 128 bytes apart, 16-byte units XOR-swizzled by row % 8: the 128-byte swizzle), its k slice
+// at byte koff of each row.
+template <int XK>
+KINLINE void k_wg_mma64(KTHREAD float* d, KTHREAD const uint32_t* a, KTG const uint8_t* b,
+                        int koff) {
+#if K_HAS_WGMMA
+  const uint32_t addr = (uint32_t)__cvta_generic_to_shared(b) + uint32_t(koff);
+  const uint64_t desc = uint64_t((addr & 0x3FFFFu) >> 4) | (uint64_t(1) << 16) |
+                        (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+  if (XK == 1) {
+    K_WG_MMA64("f16");
+  } else {
+    K_WG_MMA64("bf16");
+  }
+#endif
+}
+// Dynamic shared memory of `bytes` (the launch asks for 1024 more), 1024-byte aligned as the
+// 128-byte swizzle of warpgroup products needs.
+#define K_SHARED_1K(name, bytes)                                                           \
+  extern __shared__ uint8_t name##_raw_[];                                                 \
+  uint8_t* name = (uint8_t*)((size_t(name##_raw_) + 1023) & ~size_t(1023));

@@ -103,3 +103,17 @@ KINLINE void k_simd_barrier() { simdgroup_barrier(mem_flags::mem_threadgroup); }
 
 // prelude_cuda.h's k_and_or (one LOP3 there)
 KINLINE uint32_t k_and_or(uint32_t a, uint32_t b, uint32_t c) { return (a & b) | c; }
+
+// prelude_cuda.h's warpgroup products do not exist here (K_HAS_WGMMA 0): bodies take their
+// per-simdgroup k_mma16816 form, and the fences are empty.
+#define K_HAS_WGMMA 0
+KINLINE void k_wg_fence() {}
+KINLINE void k_wg_commit() {}
+template <int N>
+KINLINE void k_wg_wait() {}
+template <int N>
+KINLINE void k_wg_keep(thread float* v) {}
+template <int N>
+KINLINE void k_wg_keep_u(thread uint32_t* v) {}
+// Threadgroup memory of `bytes` (Metal's are static; 32 KB at most).
+#define K_SHARED_1K(name, bytes) threadgroup uint8_t name[bytes];
