@@ -32,8 +32,8 @@ def parse_tilings(spec: str) -> dict:
         kw, rest = {}, name
         for key in ("MW", "NX", "WG", "ST"):
             if key in rest:
-                head, tail = rest.split(key, 1)
-                digits = "".join(ch for ch in tail if ch.isdigit())
+                tail = rest.split(key, 1)[1]
+                digits = tail[:len(tail) - len(tail.lstrip("0123456789"))]
                 kw[key] = int(digits)
         out[name] = {} if name == "auto" else kw
     return out
@@ -68,8 +68,8 @@ def bench(K, N, Ms, dtype, tilings, gs=64):
             row[f"lqmm_{name}_err"] = err
             row[f"lqmm_{name}_vs_fp16"] = fp[M] / t
             row[f"lqmm_{name}_vs_dq+mm"] = row["dq+mm_us"] / 1e6 / t
-        tx = timeit(lambda: [large_qmm.permute_x(x) for _ in range(8)], 8)
-        row["permute_x_us"] = tx * 1e6
+        tx = timeit(lambda: [large_qmm.permute_kernel(x) for _ in range(8)], 8)
+        row["permute_us"] = tx * 1e6
         rows.append(row)
         print(json.dumps(row), flush=True)
     del qsets

@@ -43,10 +43,25 @@ def test_permute_x_matches_the_decode_order():
                 assert got[128 * blk + 16 * P + s] == k
 
 
+def test_permute_kernel_on_cpu_emulator(tmp_path):
+    import metal_emulator
+    if not metal_emulator.available():
+        pytest.skip("needs g++ with C++20 <barrier> and _Float16")
+    M, K = 3, 384
+    x = (mx.arange(M * K) % 2039).astype(mx.float16).reshape(M, K)  # every value exact
+    sp = large_qmm.SPEC_PERMUTE
+    y = metal_emulator.emulate([dict(spec=sp, inputs=[x, launch.rows_input(M)],
+                                     template=[("T", mx.float16), ("K", K)], grid=(64, 1, 1),
+                                     threadgroup=(32, 1, 1), output_shapes=[(M, K)],
+                                     output_dtypes=[mx.float16])], tmp_path)[0]
+    assert mx.array_equal(y, large_qmm.permute_x(x))
+
+
 @pytest.mark.parametrize("dtype,gs,sdt,M,tiling", [
     (mx.bfloat16, 64, None, 70, {}),                        # Metal tiling, a partial x tile
     (mx.float16, 32, mx.float32, 5, {}),                    # few rows, float32 scales, g32
-    (mx.bfloat16, 128, None, 130, dict(MW=2, NX=128, ST=4)),  # the CUDA tiling, 3 stages in flight
+    (mx.bfloat16, 128, None, 130, dict(MW=2, NX=128, ST=4)),  # the CUDA tiling, 2 stages ahead
+    (mx.float16, 64, None, 64, dict(MW=1, NX=64, WG=1, ST=3)),  # one warpgroup, 1 stage ahead
 ])
 def test_large_qmm_body_on_cpu_emulator(dtype, gs, sdt, M, tiling, tmp_path):
     import metal_emulator
@@ -91,12 +106,14 @@ def test_large_qmm_gpu_matches_float64(dtype, gs, M, monkeypatch):
     x, q, s, b = _case(M, N, K, gs, dtype, seed=M + gs)
     y = large_qmm.large_qmm_kernel(x, q, s, b, gs)
     assert _rel_err(y, x, q, s, b, gs) < TOL[dtype]
+    assert mx.array_equal(large_qmm.permute_kernel(x), large_qmm.permute_x(x))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _gpu(), reason="needs an MLX GPU backend")
 @pytest.mark.parametrize("tiling", [dict(MW=1, NX=128, ST=3), dict(MW=2, NX=64, ST=4),
-                                    dict(MW=2, NX=128, ST=2), dict(MW=1, NX=64, WG=1, ST=5)])
+                                    dict(MW=2, NX=128, ST=2), dict(MW=1, NX=64, WG=1, ST=5),
+                                    dict(MW=2, NX=128, ST=6)])
 def test_large_qmm_gpu_tilings(tiling, monkeypatch):
     monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
     x, q, s, b = _case(300, 2048, 2048, 64, mx.bfloat16, sdt=mx.float32)

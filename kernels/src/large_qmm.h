@@ -10,7 +10,7 @@
 // Work: a threadgroup of WG warpgroups takes NX rows of x and 64 * MW * WG weight rows; warpgroup
 // wg owns MW 64-row tiles for all NX x rows (MW x NX / 64 products of 64 x 64 per k16 slice).
 // K goes in stages of 128: the stage's NX x 128 slice of x arrives in shared memory by
-// asynchronous copies, ST - 1 stages ahead; lane 4 g + c of warp wq reads the 32 codes of chunk
+// asynchronous copies, ahead of use; lane 4 g + c of warp wq reads the 32 codes of chunk
 // c (16 bytes) of its rows g and g + 8 of each tile, one stage ahead in registers, and decodes
 // them as qmm.h does: pair words (j, j + 4) of a word through the exponent trick, one mask, one
 // subtraction and one FMA per two weights. The k order inside a stage is the decode's (product
@@ -20,7 +20,8 @@
 // into the other register set; the next stage's weights load during the whole stage.
 //
 // Template constants: T (x and y), S (scales, biases), XK (1 float16, 2 bfloat16), GS (a
-// multiple of 32), K (a multiple of 128), N, MW, NX (64 or 128), WG, ST (stages).
+// multiple of 32), K (a multiple of 128), N, MW, NX (64 or 128), WG, ST (stages: x is loaded
+// ST - 2 stages ahead; two stages load one ahead and drain the tensor cores every stage).
 // rows[0] holds M (run time).
 //// INCLUDE quant_common.h
 // byte offset of 16-byte unit u (0..15) of row r in a stage's x tile: two 64-value halves of
@@ -57,6 +58,7 @@ constexpr int STEPS = K / 128;         // stages
 constexpr int NB = NX / 64;            // 64-column products per tile and k16 slice
 constexpr int NTH = 128 * WG;          // threads
 constexpr int XBYTES = NX * 256;       // one stage's x tile
+#define LQ_AHEAD (ST > 2 ? ST - 2 : 1)  // stages of x in flight
 constexpr uint32_t MAGIC_BITS = (XK == 1) ? 0x64006400u : 0x43004300u;
 
 K_SHARED_1K(xs, ST * XBYTES)
@@ -99,16 +101,25 @@ KUNROLL for (int t = 0; t < MW; ++t) {
 }
 uint32_t nwv[MW][2][4];
 float nsc[MW][2], nbc[MW][2];
-KUNROLL for (int s = 0; s < ST - 1; ++s) {
+KUNROLL for (int s = 0; s < LQ_AHEAD; ++s) {
   if (s < STEPS) LQ_LOADX(s, s)
   k_cp_commit();
 }
 LQ_LOADW(0)
+// The A fragments' two register sets alternate across products and stages: product P's set is
+// written again only after the wait that follows product P + 1's issue.
+uint32_t af[2][MW][4];
+KUNROLL for (int t = 0; t < MW; ++t) {
+  KUNROLL for (int i = 0; i < 4; ++i) af[0][t][i] = af[1][t][i] = 0u;
+}
 
 for (int s = 0; s < STEPS; ++s) {
-  k_cp_wait<ST - 2>();
-  KBARRIER();  // stage s is in, and every warpgroup is done with the buffer stage s - 1 used
-  if (s + ST - 1 < STEPS) LQ_LOADX(s + ST - 1, (s + ST - 1) % ST)
+  k_cp_wait<LQ_AHEAD - 1>();
+  KBARRIER();  // stage s is in for every thread
+  // Stage s + LQ_AHEAD goes into the buffer of stage s - 2 (ST >= 3), whose products are done:
+  // every warpgroup passed the barrier after waiting for all but its last product of stage
+  // s - 1. With two stages it is stage s - 1's buffer, drained at the end of that stage.
+  if (s + LQ_AHEAD < STEPS) LQ_LOADX(s + LQ_AHEAD, (s + LQ_AHEAD) % ST)
   k_cp_commit();
   uint32_t wv[MW][2][4], s2[MW][2], b2[MW][2];
   KUNROLL for (int t = 0; t < MW; ++t) {
@@ -120,7 +131,6 @@ for (int s = 0; s < STEPS; ++s) {
   }
   if (s + 1 < STEPS) LQ_LOADW(s + 1)
   KTG const uint8_t* tile = xs + (s % ST) * XBYTES;
-  uint32_t af[2][MW][4] = {};
   KUNROLL for (int P = 0; P < 8; ++P) {
     const int h = P >> 2, kk = P & 3;
     KUNROLL for (int t = 0; t < MW; ++t) {
@@ -141,9 +151,10 @@ for (int s = 0; s < STEPS; ++s) {
     k_wg_wait<1>();  // product P - 1 is done: its register set is free for product P + 1
     k_wg_keep_u<4 * MW>(&af[(P + 1) & 1][0][0]);  // (and the compiler may not reuse it before)
   }
-  k_wg_wait<0>();
-  k_wg_keep_u<8 * MW>(&af[0][0][0]);
+  if (ST == 2) k_wg_wait<0>();
 }
+k_wg_wait<0>();
+k_wg_keep_u<8 * MW>(&af[0][0][0]);
 KUNROLL for (int t = 0; t < MW; ++t) {
   KUNROLL for (int nb = 0; nb < NB; ++nb) k_wg_keep<32>(acc[t][nb]);
 }
