@@ -29,7 +29,7 @@ import time
 
 import mlx.core as mx
 
-from marlin_mlx.kernels import launch, qmm
+from marlin_mlx.kernels import large_qmm, launch, qmm
 from marlin_mlx.kernels.dequantize import dequantize_kernel
 from marlin_mlx.kernels.fp4_qmv import fp4_qmv_kernel
 from marlin_mlx.kernels.quantized_linear import _dq_matmul_fp4
@@ -164,6 +164,8 @@ def bench_shape(K, N, Ms, fmt="affine-4", dtype=mx.float16, variants=None, check
         qmv_variants = (variants or {"auto": {}}) if mode == "affine" else {"auto": {}}
         for name, kw in (qmv_variants if M <= QMV_MAX_M else {}).items():
             candidates.append((name, lambda x, s, kw=kw: ours_qmv(x, s, kw)))
+        if mode == "affine" and M > qmm.MAX_M and large_qmm.supported(x, *qsets[0], gs, bits):
+            candidates.append(("lqmm", lambda x, s: large_qmm.large_qmm_kernel(x, *s, gs, bits)))
         if mode == "affine" and M <= qmm.MAX_M:
             for name, kw in (qmm_variants or {"auto": {}}).items():
                 candidates.append(("qmm" if name == "auto" else f"qmm-{name}",

@@ -14,6 +14,7 @@ import mlx.nn as nn
 from . import dequantize as _dq
 from . import fp4_qmv as _fp4
 from . import gated_mlp as _gated
+from . import large_qmm as _lqmm
 from . import qmm as _qmm
 from . import qmv as _qmv
 from . import selection
@@ -79,13 +80,15 @@ def quantized_matmul(x, w, scales, biases=None, group_size: int = 64, bits: int 
             return _fp4.fp4_qmv_kernel(x, w, scales, mode)
         if path == _DQMM:
             return _dq_matmul(x, w, scales, biases, group_size, bits)
+        if path == _LQMM:
+            return _lqmm.large_qmm_kernel(x, w, scales, biases, group_size, bits)
         if path == _DQMM_FP4:
             return _dq_matmul_fp4(x, w, scales, mode)
     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size,
                                bits=bits, mode=mode)
 
 
-_BUILTIN, _QMV, _FP4, _DQMM, _DQMM_FP4, _QMM = range(6)
+_BUILTIN, _QMV, _FP4, _DQMM, _DQMM_FP4, _QMM, _LQMM = range(7)
 # os.environ.get costs ~1 µs (key encoding); its backing dict answers in ~50 ns
 _ENV_DATA = getattr(os.environ, "_data", None)
 _ENV_KEY = selection.ENV_MODE.encode() if isinstance(_ENV_DATA, dict) else None
@@ -108,6 +111,16 @@ def _choose(x, w, scales, biases, group_size, bits, mode) -> int:
         return (_FP4 if M <= QMV_MAX_M else _DQMM_FP4) if use else _BUILTIN
     if mode == "affine":
         op = _affine_op(x, w, scales, biases, group_size, bits, M)
+        if op == "dq+mm" and _lqmm.supported(x, w, scales, biases, group_size, bits):
+            # large_qmm where it measures faster than dequantize + matmul (the selection times
+            # the two against each other; at thousands of rows the dense GEMM wins)
+            key = (_m_class(M), "lqmm", x.dtype, scales.dtype, w.shape, bits, group_size,
+                   selection.mode())
+            use = _DECISIONS.get(key)
+            if use is None:
+                use = _DECISIONS[key] = _decide(x, w, scales, biases, group_size, bits, M, "lqmm")
+            if use:
+                return _LQMM
         key = (_m_class(M), op, x.dtype, scales.dtype, w.shape, bits, group_size,
                selection.mode(), _qmv.fold_enabled())
         use = _DECISIONS.get(key)
@@ -160,9 +173,13 @@ def _decide(x, w, scales, biases, group_size, bits, M, op) -> bool:
             return _qmv.qmv_kernel(xx, q, s, b, group_size, bits)
         if op == "qmm":
             return _qmm.qmm_kernel(xx, q, s, b, group_size, bits)
+        if op == "lqmm":
+            return _lqmm.large_qmm_kernel(xx, q, s, b, group_size, bits)
         return _dq_matmul(xx, q, s, b, group_size, bits)
 
     def builtin(xx, q, s, b):
+        if op == "lqmm":  # the path large_qmm replaces: dequantize + matmul
+            return _dq_matmul(xx, q, s, b, group_size, bits)
         return mx.quantized_matmul(xx, q, s, b, transpose=True, group_size=group_size,
                                    bits=bits, mode="affine")
 
@@ -378,7 +395,7 @@ def doctor_report(shape=(4096, 4096)) -> list[dict]:
     rows = []
     cases = [("qmv", 1, bits, dt) for bits in (4, 8, 2) for dt in (mx.float16, mx.bfloat16)]
     cases += [("qmm", 32, 4, mx.float16), ("qmm", 32, 4, mx.bfloat16),
-              ("dq+mm", 512, 4, mx.float16)]
+              ("lqmm", 512, 4, mx.bfloat16), ("dq+mm", 512, 4, mx.float16)]
     for op, M, bits, dtype in cases:
         fmt = f"affine-b{bits}-g64"  # "-fold": the folded tensor-core body runs this launch
         if op == "qmv":
@@ -391,7 +408,7 @@ def doctor_report(shape=(4096, 4096)) -> list[dict]:
         try:
             x = mx.zeros((M, K), dtype)
             q, s, b = mx.quantize(mx.zeros((N, K), dtype), group_size=64, bits=bits)
-            quantized_matmul(x, q, s, b, 64, bits, "affine")
+            _decide(x, q, s, b, 64, bits, M, op)  # each op's own record (lqmm may shadow dq+mm)
             tail = f"|{op}|{fmt}|{_m_class(M)}|{x.dtype}|{s.dtype}|K{K}|N{N}"
             recs = [v for k, v in selection.choices().items() if k.endswith(tail)]
             forced = selection.mode()

@@ -7,7 +7,7 @@ import pytest
 
 import mlx.core as mx
 
-from marlin_mlx.kernels import formats, large_qmm, launch
+from marlin_mlx.kernels import formats, large_qmm, launch, quantized_linear, selection
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -51,7 +51,7 @@ def test_permute_kernel_on_cpu_emulator(tmp_path):
     x = (mx.arange(M * K) % 2039).astype(mx.float16).reshape(M, K)  # every value exact
     sp = large_qmm.SPEC_PERMUTE
     y = metal_emulator.emulate([dict(spec=sp, inputs=[x, launch.rows_input(M)],
-                                     template=[("T", mx.float16), ("K", K)], grid=(64, 1, 1),
+                                     template=[("T", mx.float16), ("K", K)], grid=(160, 1, 1),
                                      threadgroup=(32, 1, 1), output_shapes=[(M, K)],
                                      output_dtypes=[mx.float16])], tmp_path)[0]
     assert mx.array_equal(y, large_qmm.permute_x(x))
@@ -119,3 +119,17 @@ def test_large_qmm_gpu_tilings(tiling, monkeypatch):
     x, q, s, b = _case(300, 2048, 2048, 64, mx.bfloat16, sdt=mx.float32)
     y = large_qmm.large_qmm_kernel(x, q, s, b, 64, **tiling)
     assert _rel_err(y, x, q, s, b, 64) < TOL[mx.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu(), reason="needs an MLX GPU backend")
+def test_quantized_matmul_routes_many_rows_to_large_qmm(monkeypatch, tmp_path):
+    monkeypatch.setenv("MARLIN_MLX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv(selection.ENV_MODE, "custom")  # the selection would time it first
+    selection.clear(memory_only=True)
+    quantized_linear._PATHS.clear()
+    x, q, s, b = _case(300, 1024, 2048, 64, mx.bfloat16, seed=3)
+    y = quantized_linear.quantized_matmul(x, q, s, b, 64, 4)
+    assert list(quantized_linear._PATHS.values()) == [quantized_linear._LQMM]
+    assert _rel_err(y, x, q, s, b, 64) < TOL[mx.bfloat16]
+    quantized_linear._PATHS.clear()
