@@ -27,6 +27,8 @@ Linear = nn.Linear
 QMV_MAX_M = 8  # rows of x up to which the fused GEMV kernel is a candidate
 # From this many rows on (to qmm.MAX_M), 16-bit x goes to the tensor-core qmm kernel instead
 QMM_MIN_M = int(os.environ.get("MARLIN_MLX_QMM_MIN_M", "2"))
+# MARLIN_MLX_LARGE_QMM=0 keeps many-row products on dequantize + matmul (large_qmm off)
+LARGE_QMM = os.environ.get("MARLIN_MLX_LARGE_QMM", "1").strip() != "0"
 SELF_TEST_TOL = {mx.float32: 1e-4, mx.float16: 3e-3, mx.bfloat16: 1.5e-2}
 
 
@@ -111,7 +113,7 @@ def _choose(x, w, scales, biases, group_size, bits, mode) -> int:
         return (_FP4 if M <= QMV_MAX_M else _DQMM_FP4) if use else _BUILTIN
     if mode == "affine":
         op = _affine_op(x, w, scales, biases, group_size, bits, M)
-        if op == "dq+mm" and _lqmm.supported(x, w, scales, biases, group_size, bits):
+        if op == "dq+mm" and LARGE_QMM and _lqmm.supported(x, w, scales, biases, group_size, bits):
             # large_qmm where it measures faster than dequantize + matmul (the selection times
             # the two against each other; at thousands of rows the dense GEMM wins)
             key = (_m_class(M), "lqmm", x.dtype, scales.dtype, w.shape, bits, group_size,
