@@ -97,24 +97,23 @@ def plan(xdt, sdt, group_size, M, K, N, MW=None, NX=None, WG=None, ST=None, be=N
 
 
 def large_qmm_kernel(x, w, scales, biases, group_size, bits=BITS, **tiling):
-    """The custom kernel alone (no checks): x (M, K) 16-bit, in natural order."""
-    M, K = x.shape
-    N = w.shape[0]
+    """The custom kernel alone (no checks): x (..., K) 16-bit, in natural order."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    x = x.reshape(-1, K)
+    M, N = x.shape[0], w.shape[0]
     sp, template, grid, tg = plan(x.dtype, scales.dtype, group_size, M, K, N, **tiling)
     kern, ktemplate = cuda_plan_kernel(sp, template) if backend() == "cuda" else (None, None)
     return launch_planned(sp, [permute_kernel(x), w, scales, biases, rows_input(M)], template, grid,
-                          tg, [(M, N)], [x.dtype], kern, ktemplate)[0]
+                          tg, [(M, N)], [x.dtype], kern, ktemplate)[0].reshape(*lead, N)
 
 
 def large_qmm(x, w, scales, biases, group_size: int = 64, bits: int = BITS):
     """y = x @ dequantize(w).T for x (..., K): the kernel where it applies, else the reference."""
     if bits not in (2, 3, 4, 5, 6, 8):
         raise ValueError(f"large_qmm: unsupported bits {bits}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if backend() is None or not supported(x2, w, scales, biases, group_size, bits):
+    if backend() is None or not supported(x, w, scales, biases, group_size, bits):
         return reference(x, w, scales, biases, group_size, bits)
-    return large_qmm_kernel(x2, w, scales, biases, group_size, bits).reshape(*lead, w.shape[0])
+    return large_qmm_kernel(x, w, scales, biases, group_size, bits)
 
 
 def compile_cases():
