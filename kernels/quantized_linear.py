@@ -27,8 +27,10 @@ Linear = nn.Linear
 QMV_MAX_M = 8  # rows of x up to which the fused GEMV kernel is a candidate
 # From this many rows on (to qmm.MAX_M), 16-bit x goes to the tensor-core qmm kernel instead
 QMM_MIN_M = int(os.environ.get("MARLIN_MLX_QMM_MIN_M", "2"))
-# MARLIN_MLX_LARGE_QMM=0 keeps many-row products on dequantize + matmul (large_qmm off)
-LARGE_QMM = os.environ.get("MARLIN_MLX_LARGE_QMM", "1").strip() != "0"
+# MARLIN_MLX_LARGE_QMM=1 lets large_qmm compete with dequantize + matmul past qmm's rows. Off by
+# default: it wins the per-layer timing at M = 128-512 but made Qwen3-8B's 512- and 1024-token
+# prefills slower on the H200 (13-14k against 17-19k tok/s; KERNEL_NOTES, session 15).
+LARGE_QMM = os.environ.get("MARLIN_MLX_LARGE_QMM", "0").strip() == "1"
 SELF_TEST_TOL = {mx.float32: 1e-4, mx.float16: 3e-3, mx.bfloat16: 1.5e-2}
 
 

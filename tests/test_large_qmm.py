@@ -126,6 +126,7 @@ def test_large_qmm_gpu_tilings(tiling, monkeypatch):
 def test_quantized_matmul_routes_many_rows_to_large_qmm(monkeypatch, tmp_path):
     monkeypatch.setenv("MARLIN_MLX_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv(selection.ENV_MODE, "custom")  # the selection would time it first
+    monkeypatch.setattr(quantized_linear, "LARGE_QMM", True)  # opt-in (MARLIN_MLX_LARGE_QMM=1)
     selection.clear(memory_only=True)
     quantized_linear._PATHS.clear()
     x, q, s, b = _case(300, 1024, 2048, 64, mx.bfloat16, seed=3)
