@@ -250,6 +250,11 @@ def parse_variants(spec: str | None, keys=("PF", "SK", "R")):
     return out
 
 
+def parse_shapes(spec: str | None) -> list:
+    """'K:N,K:N' -> [(K, N), ...]; None -> the issue's five shapes."""
+    return SHAPES if not spec else [tuple(map(int, s.split(":"))) for s in spec.split(",")]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -266,8 +271,7 @@ def main(argv=None):
     if launch.backend() is None:
         print("no GPU backend: nothing to benchmark", file=sys.stderr)
         return 1
-    shapes = SHAPES if not args.shapes else [tuple(map(int, s.split(":")))
-                                             for s in args.shapes.split(",")]
+    shapes = parse_shapes(args.shapes)
     Ms = [int(m) for m in args.ms.split(",")] if args.ms else ([1, 4, 8] if args.quick else MS)
     variants = parse_variants(args.variants)
     qmm_variants = parse_variants(args.qmm_variants, ("SK", "NT"))

@@ -22,7 +22,7 @@ from marlin_mlx.kernels import large_qmm, launch
 from marlin_mlx.kernels.dequantize import dequantize_kernel
 from marlin_mlx.measure import machine_info
 
-from kernels import ROTATE_BYTES, SHAPES, fp16_times, timeit, weight_sets  # benchmarks/
+from kernels import ROTATE_BYTES, fp16_times, parse_shapes, timeit, weight_sets  # benchmarks/
 
 
 def parse_tilings(spec: str) -> dict:
@@ -88,8 +88,7 @@ def main(argv=None):
     if launch.backend() is None:
         print("no GPU backend: nothing to benchmark", file=sys.stderr)
         return 1
-    shapes = SHAPES if not args.shapes else [tuple(map(int, s.split(":")))
-                                             for s in args.shapes.split(",")]
+    shapes = parse_shapes(args.shapes)
     meta = machine_info()
     meta["command"] = " ".join(["python"] + sys.argv)
     rows = []
