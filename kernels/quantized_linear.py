@@ -55,7 +55,7 @@ def quantized_matmul(x, w, scales, biases=None, group_size: int = 64, bits: int 
     folded body, where it is switched on); otherwise rows of x up to QMV_MAX_M go to the fused
     qmv kernel (affine, mxfp4, nvfp4), affine float16 / bfloat16 x of QMM_MIN_M to 64 rows to
     the tensor-core qmm kernel, larger M (affine) to the dequantize kernel followed by MLX's
-    native matmul, each only when the measured selection keeps it (first use per shape class:
+    native matmul (or, with MARLIN_MLX_LARGE_QMM=1, to large_qmm where it times faster), each only when the measured selection keeps it (first use per shape class:
     self-test against the reference, timing against MLX's built-in); everything else goes to
     MLX's built-in op.
 
