@@ -142,6 +142,24 @@ def kernels_section(name: str, r: dict) -> list:
     return lines + [""]
 
 
+def large_qmm_section(name: str, r: dict) -> list:
+    """benchmarks/large_qmm.py: each tiling of large_qmm beside dequantize + matmul, MLX's
+    quantized_matmul and the 16-bit matmul (µs per launch)."""
+    m = r["meta"]
+    tilings = sorted({k[5:-3] for x in r["rows"] for k in x
+                      if k.startswith("lqmm_") and k.endswith("_us")})
+    lines = [f"### large_qmm — `{name}`", "", f"- machine: {_machine_line(m)}",
+             *([f"- command: `{m['command']}`"] if m.get("command") else []), "",
+             "| K→N | M | 16-bit matmul µs | dequantize + matmul µs | MLX µs | " +
+             " | ".join(f"large_qmm {t} µs" for t in tilings) + " |",
+             "|---|---|---|---|---|" + "---|" * len(tilings)]
+    for x in r["rows"]:
+        cells = [f"{x[f'lqmm_{t}_us']:.1f}" if f"lqmm_{t}_us" in x else "-" for t in tilings]
+        lines.append(f"| {x['K']}→{x['N']} | {x['M']} | {x['fp16_us']:.1f} | "
+                     f"{x['dq+mm_us']:.1f} | {x['mlx_us']:.1f} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def cpu_decode_section(name: str, r: dict) -> list:
     res = r["results"]
     lines = [f"### {r['benchmark']} — `{name}`", "",
@@ -255,6 +273,9 @@ def kind_of(r: dict) -> str | None:
     if isinstance(r.get("meta"), dict) and isinstance(rows, list) and rows \
             and all(isinstance(x, dict) and "M" in x and "ours_GBs" in x for x in rows):
         return "kernels"
+    if isinstance(r.get("meta"), dict) and isinstance(rows, list) and rows \
+            and all(isinstance(x, dict) and "dq+mm_us" in x for x in rows):
+        return "large_qmm"
     if r.get("benchmark") == "cpu_decode":
         return "cpu_decode"
     if r.get("benchmark") == "serving" and isinstance(r.get("results"), dict):
@@ -270,10 +291,12 @@ def kind_of(r: dict) -> str | None:
 
 
 SECTIONS = {"bench": bench_section, "memory": memory_section, "perplexity": perplexity_section,
-            "kernels": kernels_section, "cpu_decode": cpu_decode_section,
+            "kernels": kernels_section, "large_qmm": large_qmm_section,
+            "cpu_decode": cpu_decode_section,
             "serving": serving_section, "paged_attention": paged_attention_section,
             "moe_layer": moe_layer_section}
 TITLES = {"bench": "Throughput (marlin-mlx bench)", "kernels": "Kernels (benchmarks/kernels.py)",
+          "large_qmm": "Many-row product (benchmarks/large_qmm.py)",
           "cpu_decode": "CPU decode (benchmarks/cpu_decode.py)",
           "memory": "Memory (marlin-mlx memory)",
           "serving": "Serving (benchmarks/serving.py)",
@@ -382,8 +405,8 @@ def build(results_dir: Path, output: Path, plots: bool = True) -> str:
             plot_dir.mkdir(parents=True, exist_ok=True)
             p = plot_decode_vs_context(found["bench"], plot_dir, plt)
             images += ([p] if p else []) + plot_kernel_gbps(found["kernels"], plot_dir, plt)
-    for kind in ("bench", "serving", "kernels", "paged_attention", "moe_layer", "cpu_decode",
-                 "memory", "perplexity"):
+    for kind in ("bench", "serving", "kernels", "large_qmm", "paged_attention", "moe_layer",
+                 "cpu_decode", "memory", "perplexity"):
         if not found[kind]:
             continue
         lines += [f"## {TITLES[kind]}", ""]

@@ -87,7 +87,8 @@ def plan(xdt, sdt, group_size, M, K, N, MW=None, NX=None, WG=None, ST=None, be=N
     dMW, dNX, dWG, dST = config(M, N, be)
     MW, NX, WG, ST = MW or dMW, NX or dNX, WG or dWG, ST or dST
     if NX not in (64, 128) or MW not in (1, 2) or WG not in (1, 2) or ST < 2:
-        raise ValueError(f"large_qmm: unsupported tiling MW={MW} NX={NX} ST={ST}")
+        raise ValueError(f"large_qmm: unsupported tiling MW={MW} NX={NX} WG={WG} ST={ST} "
+                         "(MW 1 or 2, NX 64 or 128, WG 1 or 2, ST at least 2)")
     if be == "metal" and shared_bytes(NX, ST, be) > METAL_SHARED:
         raise ValueError(f"large_qmm: {NX} rows x {ST} stages exceed Metal's threadgroup memory")
     template = [("T", xdt), ("S", sdt), ("XK", XKIND[xdt]), ("GS", group_size), ("K", K),

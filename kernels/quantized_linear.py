@@ -55,9 +55,9 @@ def quantized_matmul(x, w, scales, biases=None, group_size: int = 64, bits: int 
     folded body, where it is switched on); otherwise rows of x up to QMV_MAX_M go to the fused
     qmv kernel (affine, mxfp4, nvfp4), affine float16 / bfloat16 x of QMM_MIN_M to 64 rows to
     the tensor-core qmm kernel, larger M (affine) to the dequantize kernel followed by MLX's
-    native matmul (or, with MARLIN_MLX_LARGE_QMM=1, to large_qmm where it times faster), each only when the measured selection keeps it (first use per shape class:
-    self-test against the reference, timing against MLX's built-in); everything else goes to
-    MLX's built-in op.
+    native matmul (or, with MARLIN_MLX_LARGE_QMM=1, to large_qmm where it times faster), each
+    only when the measured selection keeps it (first use per shape class: self-test against the
+    reference, timing against MLX's built-in); everything else goes to MLX's built-in op.
 
     Leading dimensions are folded into M first: MLX's kernels treat x (B, 1, K) as B separate
     one-row products, each reading the whole weight (a batched decode step of 32 sequences
@@ -408,6 +408,10 @@ def doctor_report(shape=(4096, 4096)) -> list[dict]:
         if be is None:
             rows.append({**row, "self_test": "skipped", "chosen_path": "reference",
                          "detail": "CPU backend: MLX quantized_matmul"})
+            continue
+        if op == "lqmm" and not LARGE_QMM:  # opt-in: nothing to measure, the path is not used
+            rows.append({**row, "self_test": "n/a", "chosen_path": "off",
+                         "detail": "MARLIN_MLX_LARGE_QMM=1 opts in"})
             continue
         try:
             x = mx.zeros((M, K), dtype)
