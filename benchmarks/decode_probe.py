@@ -19,7 +19,9 @@ through MLX's template path instead of per-template kernel objects), -rN (N rows
 at M <= 4), -twN (N times the split-K warp target), -fold / -nofold (the folded tensor-core
 decode GEMVs on / off), -p16 / -nop16 (its 16-byte pieces at one row on / off), -layers (with --compiled: one compiled
 function per layer boundary even where the caches allow a whole compiled step), -noinplace
-(the whole step writes latent-cache rows by slice update, not from the query kernel),
+(the whole step writes cache rows by slice update, not from the query / rope kernel), -sdpa /
+-buffers (a Llama/Qwen3 KVCache attends at decode through MLX's SDPA, compiled per layer
+boundary, or through the buffer kernel, whole step),
 -collapsed (GLM's sigmoid routers zeroed: every token on the same experts).
 """
 
@@ -93,6 +95,7 @@ def _qkv_call(self, x, cache=None):
 
 _ORIG_CALL = {}
 _P16_DEFAULT = qmv.FOLD_P16
+_KV_DECODE_DEFAULT = None  # set on first use: the module's value before any variant
 
 
 def apply_variant(model, variant: str):
@@ -117,8 +120,14 @@ def apply_variant(model, variant: str):
     qmv.FOLD_P16 = 1 if "p16" in parts else 0 if "nop16" in parts else _P16_DEFAULT
     from marlin_mlx.models import base as model_base
     model_base.WHOLE_STEP = "layers" not in parts  # the compiled step's per-layer split
-    from marlin_mlx.models import mla_cache
-    mla_cache.IN_PLACE_ROWS = "noinplace" not in parts  # latent rows by slice update
+    from marlin_mlx.models import cache as kv_cache
+    global _KV_DECODE_DEFAULT
+    if _KV_DECODE_DEFAULT is None:
+        _KV_DECODE_DEFAULT = kv_cache.KV_DECODE
+    kv_cache.IN_PLACE_ROWS = "noinplace" not in parts  # cache rows by slice update
+    # sdpa / buffers: how a KVCache attends at decode (else MARLIN_MLX_KV_DECODE's default)
+    kv_cache.KV_DECODE = ("sdpa" if "sdpa" in parts else "buffers" if "buffers" in parts
+                          else _KV_DECODE_DEFAULT)
     from marlin_mlx.kernels import gated_mlp, launch
     # rN: N rows per simdgroup at M <= 4; twN: N times the default split-K warp target
     r = next((int(x[1:]) for x in parts if x[:1] == "r" and x[1:].isdigit()), 4)

@@ -255,6 +255,37 @@ def paged_attention(queries, key_cache, value_cache, block_tables, context_lens,
     return _reference(queries, key_cache, value_cache, block_tables, context_lens, scale, dv)
 
 
+def buffer_attention(queries, keys, values, context_lens, scale):
+    """Decode attention over KVCache-style buffers keys / values (B, num_kv_heads, capacity,
+    dim), sequence b attending to its first context_lens[b] rows: (B, num_heads, v_dim).
+
+    Each sequence's buffer is one block of the paged op, with the block size (the capacity) read
+    at run time, so the kernel serves a buffer that grows without compiling again; the length
+    array lets one compiled decode step serve every position. On the CPU, or where the selection
+    (timed against MLX's SDPA over the filled rows) keeps MLX, the reference runs; callers
+    that have SDPA ask `use_buffer_kernel` first."""
+    B = queries.shape[0]
+    tables = _identity_table(B)
+    if backend() is not None and use_buffer_kernel(queries.dtype, queries.shape[1],
+                                                   keys.shape[1], keys.shape[3],
+                                                   values.shape[3]):
+        return paged_attention_kernel(queries, keys, values, tables, context_lens, scale,
+                                      values.shape[3], whole_buffers=True)
+    return _reference(queries, keys, values, tables, context_lens, scale, values.shape[3])
+
+
+_TABLES: dict = {}
+
+
+def _identity_table(B: int) -> mx.array:
+    """(B, 1) int32 [[0], [1], ...]: sequence b's one block is buffer row b (cached)."""
+    t = _TABLES.get(B)
+    if t is None:
+        t = _TABLES[B] = mx.arange(B, dtype=mx.int32).reshape(B, 1)
+        mx.eval(t)
+    return t
+
+
 # --------------------------------------------------------------------------- the kernel
 
 def supported(dtype, nh, kvh, bs, dk, dv, mla=False) -> bool:
@@ -281,8 +312,9 @@ _PLANS: dict = {}
 _METAS: dict = {}
 
 
-def _plan(dtype, B, nh, kvh, bs, dk, dv, mb, mla):
-    key = (dtype, B, nh, kvh, bs, dk, dv, mb, mla)
+def _plan(dtype, B, nh, kvh, bs, dk, dv, mb, mla, whole=False):
+    """Launch plan; `whole`: block size `bs` read at run time (template BS = 0)."""
+    key = (dtype, B, nh, kvh, bs, dk, dv, mb, mla, whole)
     plan = _PLANS.get(key)
     if plan is None:
         g = nh // kvh
@@ -292,7 +324,7 @@ def _plan(dtype, B, nh, kvh, bs, dk, dv, mb, mla):
         nhc = cdiv(g, gc)
         np_ = cdiv(mb * bs, NT)
         template = [("T", dtype), ("XK", XKIND[dtype]), ("DK", dk), ("DV", dv),
-                    ("VS", dk if mla else dv), ("BS", bs), ("KVH", kvh), ("G", g), ("GC", gc),
+                    ("VS", dk if mla else dv), ("BS", 0 if whole else bs), ("KVH", kvh), ("G", g), ("GC", gc),
                     ("NHC", nhc), ("NT", NT)]
         ch = cdiv(dv, NT)  # the reduce's column chunks
         rtemplate = [("T", dtype), ("DV", dv), ("NT", NT), ("CH", ch)]
@@ -348,24 +380,33 @@ def _plan_mla(dtype, B, nh, bs, dk, dv, mb):
     return plan
 
 
-def _meta(mb, np_, scale):
-    """[max_blocks, partitions, bits of scale * log2(e)] as int32 (cached: no per-call array)."""
-    key = (mb, np_, float(scale))
+def _meta(mb, np_, scale, bs=0):
+    """[max_blocks, partitions, bits of scale * log2(e), run-time block size] as int32 (cached:
+    no per-call array)."""
+    key = (mb, np_, float(scale), bs)
     m = _METAS.get(key)
     if m is None:
+        if len(_METAS) > 256:  # a growing buffer makes one per capacity
+            _METAS.clear()
         bits = struct.unpack("<i", struct.pack("<f", float(scale) * LOG2E))[0]
-        m = _METAS[key] = mx.array([mb, np_, bits, 0, 0, 0, 0, 0], dtype=mx.int32)
+        m = _METAS[key] = mx.array([mb, np_, bits, bs, 0, 0, 0, 0], dtype=mx.int32)
     return m
 
 
 def paged_attention_kernel(queries, key_cache, value_cache, block_tables, context_lens, scale,
-                           v_dim):
-    """The custom kernel pair alone (no validation, no fallback)."""
+                           v_dim, whole_buffers=False):
+    """The custom kernel pair alone (no validation, no fallback). `whole_buffers`: the block
+    size is read at run time (buffer_attention)."""
     B, nh, dk = queries.shape
     _, kvh, bs, _ = key_cache.shape
     mb = block_tables.shape[1]
     mla = value_cache is None
-    if mla and _mla_supported(queries.dtype, kvh, dk, v_dim):
+    if whole_buffers:
+        (template, grid, tg, oshapes, odts, rtemplate, rgrid, rtg, np_) = _plan(
+            queries.dtype, B, nh, kvh, bs, dk, v_dim, mb, mla, True)
+        spec, inputs = SPEC, [queries, key_cache, value_cache, block_tables, context_lens]
+        meta = _meta(mb, np_, scale, bs)
+    elif mla and _mla_supported(queries.dtype, kvh, dk, v_dim):
         (template, grid, tg, oshapes, odts, rtemplate, rgrid, rtg, np_) = _plan_mla(
             queries.dtype, B, nh, bs, dk, v_dim, mb)
         spec, inputs = MLA_SPEC, [queries, key_cache, block_tables, context_lens]
@@ -375,7 +416,8 @@ def paged_attention_kernel(queries, key_cache, value_cache, block_tables, contex
         spec = SPEC
         inputs = [queries, key_cache, key_cache if mla else value_cache, block_tables,
                   context_lens]
-    meta = _meta(mb, np_, scale)
+    if not whole_buffers:
+        meta = _meta(mb, np_, scale)
     part_o, part_ml = launch(spec, inputs + [meta], template, grid, tg, oshapes, odts)
     return launch(REDUCE_SPEC, [part_o, part_ml, meta], rtemplate, rgrid, rtg,
                   [(B, nh, v_dim)], [queries.dtype])[0]
@@ -419,6 +461,52 @@ def _decide(dtype, nh, kvh, bs, dk, dv, mla) -> bool:
                                 reference, SELF_TEST_TOL[dtype])
 
 
+def use_buffer_kernel(dtype, nh, kvh, dk, dv) -> bool:
+    """Whether `buffer_attention` runs the kernel for these heads on this GPU: supported, its
+    self-test passed, and it timed within BUFFER_MARGIN of MLX's SDPA over the filled rows
+    (measured once per shape class, batch 1 at a 1000-token context)."""
+    key = ("buffers", dtype, nh, kvh, dk, dv, selection.mode())
+    use = _DECISIONS.get(key)
+    if use is None:
+        use = _DECISIONS[key] = (backend() is not None
+                                 and supported(dtype, nh, kvh, 0, dk, dv)
+                                 and _decide_buffers(dtype, nh, kvh, dk, dv))
+    return use
+
+
+# The kernel over whole buffers is what lets a Llama/Qwen3 decode step compile as one function
+# (models/cache.py KVCache.traced_decode): no Python per layer and no cache copies, host time
+# that a kernel-against-kernel timing does not see. So it is kept unless MLX's SDPA is clearly
+# faster.
+BUFFER_MARGIN = 1.25
+
+
+def _decide_buffers(dtype, nh, kvh, dk, dv) -> bool:
+    cap, ctx = 1024, 1000
+
+    def make_inputs():
+        kb = mx.random.normal((1, kvh, cap, dk)).astype(dtype)
+        vb = mx.random.normal((1, kvh, cap, dv)).astype(dtype)
+        return mx.random.normal((1, nh, dk)).astype(dtype), kb, vb, mx.array([ctx], mx.int32)
+
+    def custom(q, kb, vb, lens):
+        return paged_attention_kernel(q, kb, vb, _identity_table(1), lens, dk ** -0.5, dv,
+                                      whole_buffers=True)
+
+    def sdpa(q, kb, vb, lens):
+        out = mx.fast.scaled_dot_product_attention(q[:, :, None, :], kb[:, :, :ctx],
+                                                   vb[:, :, :ctx], scale=dk ** -0.5)
+        return out[:, :, 0, :]
+
+    def reference(q, kb, vb, lens):
+        return _reference(q, kb, vb, _identity_table(1), lens, dk ** -0.5, dv)
+
+    fmt = f"kv-buffers-{str(dtype).split('.')[-1]}"
+    cls = f"H{nh}/{kvh}|dk{dk}|dv{dv}"
+    return selection.use_custom("buffer_attention", fmt, cls, make_inputs, custom, sdpa,
+                                reference, SELF_TEST_TOL[dtype], margin=BUFFER_MARGIN)
+
+
 def template_for(dtype, B, nh, kvh, bs, dk, dv, mb, mla):
     """(kernel template, reduce template) a launch would use (for the compile checks)."""
     plan = _plan(dtype, B, nh, kvh, bs, dk, dv, mb, mla)
@@ -438,6 +526,11 @@ def compile_cases():
             out.append((f"paged-attn-{tag}-{name}", SPEC, [dt, dt, dt, mx.int32, mx.int32,
                                                             mx.int32],
                         [big, big, big, 256, 8, 8], [mx.float32, mx.float32], t))
+            if not mla:  # block size read at run time (KVCache buffers)
+                out.append((f"buffer-attn-{tag}-{name}", SPEC,
+                            [dt, dt, dt, mx.int32, mx.int32, mx.int32],
+                            [big, big, big, 4, 8, 8], [mx.float32, mx.float32],
+                            _plan(dt, 4, nh, kvh, 1024, dk, dv, 1, False, True)[0]))
             out.append((f"paged-attn-reduce-{tag}-{name}", REDUCE_SPEC,
                         [mx.float32, mx.float32, mx.int32], [big, big, 8], [dt], rt))
             if mla:  # the MLA first pass, short (small partitions) and long contexts

@@ -19,6 +19,9 @@ from .launch import KernelSpec, backend, cdiv, launch_planned
 
 SPEC = KernelSpec("marlin_qk_rope", "qk_rope.h", ("qkv", "qn", "kn", "pos", "inv_freq"),
                   ("q", "k", "v"))
+# the same, writing k and v into the KV cache buffers in place (models/cache.py KVCacheTrace)
+SPEC_CACHE = KernelSpec("marlin_qk_rope_cache", "qk_rope_cache.h",
+                        SPEC.inputs + ("kcache", "vcache", "cap"), ("q",))
 HEADS_PER_GROUP = 4
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 SELF_TEST_TOL = {mx.float32: 1e-4, mx.float16: 3e-3, mx.bfloat16: 1.5e-2}
@@ -63,10 +66,10 @@ def supported(qkv, n_heads, n_kv_heads, head_dim, q_norm_w, pos) -> bool:
 _PLANS: dict = {}
 
 
-def _plan(dtype, B, n_heads, n_kv_heads, head_dim, norm, per_row, eps, scale):
+def _plan(dtype, B, n_heads, n_kv_heads, head_dim, norm, per_row, eps, scale, in_place=False):
     """(template, grid, threadgroup, output shapes, output dtypes, kernel object, its template),
     cached: the host cost of a launch counts at every decode step."""
-    key = (dtype, B, n_heads, n_kv_heads, head_dim, norm, per_row, eps, scale)
+    key = (dtype, B, n_heads, n_kv_heads, head_dim, norm, per_row, eps, scale, in_place)
     plan = _PLANS.get(key)
     if plan is None:
         template = [("T", dtype), ("H", n_heads), ("KV", n_kv_heads), ("D", head_dim),
@@ -74,27 +77,49 @@ def _plan(dtype, B, n_heads, n_kv_heads, head_dim, norm, per_row, eps, scale):
                     ("SCALE", eps_bits(scale)), ("HPT", HEADS_PER_GROUP)]
         nh = n_heads + 2 * n_kv_heads
         grid = (32 * HEADS_PER_GROUP * cdiv(nh, HEADS_PER_GROUP), B, 1)
-        kern, ktemplate = (_launch.cuda_plan_kernel(SPEC, template) if backend() == "cuda"
+        spec = SPEC_CACHE if in_place else SPEC
+        kern, ktemplate = (_launch.cuda_plan_kernel(spec, template) if backend() == "cuda"
                            else (None, None))
-        plan = _PLANS[key] = (template, grid, (32 * HEADS_PER_GROUP, 1, 1),
-                              [(B, n_heads, 1, head_dim), (B, n_kv_heads, 1, head_dim),
-                               (B, n_kv_heads, 1, head_dim)], [dtype] * 3, kern, ktemplate)
+        shapes = [(B, n_heads, 1, head_dim)]
+        if not in_place:
+            shapes += [(B, n_kv_heads, 1, head_dim)] * 2
+        plan = _PLANS[key] = (template, grid, (32 * HEADS_PER_GROUP, 1, 1), shapes,
+                              [dtype] * len(shapes), kern, ktemplate)
     return plan
 
 
 def qk_norm_rope(qkv, n_heads, n_kv_heads, head_dim, pos, inv_freq, q_norm_w=None,
-                 k_norm_w=None, eps=1e-6, scale=1.0):
+                 k_norm_w=None, eps=1e-6, scale=1.0, cache=None):
     """The custom kernel: qkv (B, 1, (H + 2 KV) * D) -> q (B, H, 1, D), k and v (B, KV, 1, D).
-    `pos`: int or int32 array of 1 or B positions; `inv_freq`: inv_freq_table(...)."""
+    `pos`: int or int32 array of 1 or B positions; `inv_freq`: inv_freq_table(...).
+
+    `cache` = (keys, values, cap): buffers (B, KV, capacity, D) of the rope's dtype and cap an
+    int32 array [capacity]. k and v are then written into row `pos` (one position for all
+    rows) of the buffers, in place, and come back as None: the caller must own those rows
+    and read them only through something that takes q (models/cache.py KVCacheTrace)."""
     if isinstance(pos, int):
         pos = mx.array([pos], dtype=mx.int32)
     elif pos.dtype != mx.int32:
         pos = pos.astype(mx.int32)
     norm = q_norm_w is not None
+    B = qkv.shape[0]
+    if cache is not None:
+        keys, values, cap = cache
+        want = (B, n_kv_heads, keys.shape[2], head_dim)
+        if (pos.size != 1 or keys.shape != want or values.shape != want
+                or keys.dtype != qkv.dtype or values.dtype != qkv.dtype):
+            raise ValueError(f"qk_norm_rope: cache buffers {keys.shape} / {values.shape} do not "
+                             f"take rows of {want} in {qkv.dtype} at one shared position")
     template, grid, tg, oshape, odt, kern, ktemplate = _plan(
-        qkv.dtype, qkv.shape[0], n_heads, n_kv_heads, head_dim, norm, pos.size > 1, eps, scale)
+        qkv.dtype, B, n_heads, n_kv_heads, head_dim, norm, pos.size > 1, eps, scale,
+        cache is not None)
     inputs = [qkv, q_norm_w if norm else qkv, k_norm_w if norm else qkv, pos, inv_freq]
-    return tuple(launch_planned(SPEC, inputs, template, grid, tg, oshape, odt, kern, ktemplate))
+    if cache is None:
+        return tuple(launch_planned(SPEC, inputs, template, grid, tg, oshape, odt, kern,
+                                    ktemplate))
+    q = launch_planned(SPEC_CACHE, inputs + list(cache), template, grid, tg, oshape, odt, kern,
+                       ktemplate)[0]
+    return q, None, None
 
 
 _DECISIONS: dict = {}
@@ -160,5 +185,9 @@ def compile_cases():
             out.append((f"qk_rope-{dt}-norm{norm}-pb{pb}".replace("mlx.core.", ""), SPEC,
                         [dt, dt, dt, mx.int32, mx.float32], [1 << 16, 128, 128, 8, 64],
                         [dt] * 3, t))
+            if not pb:
+                out.append((f"qk_rope_cache-{dt}-norm{norm}".replace("mlx.core.", ""),
+                            SPEC_CACHE, [dt, dt, dt, mx.int32, mx.float32, dt, dt, mx.int32],
+                            [1 << 16, 128, 128, 8, 64, 1 << 20, 1 << 20, 1], [dt], t))
     return out
 

@@ -53,13 +53,15 @@ class GQAAttention(nn.Module):
         self.qkv_proj = fused
         return True
 
-    def project(self, x: mx.array, offset, norm: Optional[RMSNorm] = None) -> tuple:
+    def project(self, x: mx.array, offset, norm: Optional[RMSNorm] = None, cache=None) -> tuple:
         """q, k, v as (B, heads, L, head_dim) of norm(x) (when a norm is given), q and k normed
         (Qwen3) and rotated from `offset`.
 
         With q/k/v fused, a GPU decode step can run the input norm inside the projection's
         launch and the split, q/k norms and RoPE as one launch (kernels.fused_linear,
-        kernels.qk_rope), each where the selection measured it faster."""
+        kernels.qk_rope), each where the selection measured it faster. Inside a compiled whole
+        step whose cache offers `row_targets` (models/cache.py KVCacheTrace, CUDA), that launch
+        also writes k and v into the cache, and they come back as None."""
         B, L, _ = x.shape
         qk_norm = "q_norm" in self
         if "qkv_proj" in self:
@@ -73,10 +75,11 @@ class GQAAttention(nn.Module):
             if L == 1 and qk_rope.use_kernel(qkv, self.n_heads, self.n_kv_heads, self.head_dim,
                                              offset, rope.base, rope._freqs, qn,
                                              self._norm_eps, rope.scale):
+                targets = getattr(cache, "row_targets", lambda: None)()
                 return qk_rope.qk_norm_rope(qkv, self.n_heads, self.n_kv_heads, self.head_dim,
                                             offset, rope._inv_freq, qn,
                                             self["k_norm"]["weight"] if qk_norm else None,
-                                            self._norm_eps, rope.scale)
+                                            self._norm_eps, rope.scale, cache=targets)
             q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
         else:
             if norm is not None:
@@ -129,8 +132,8 @@ class PreNormDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def attn_in(self, x: mx.array, offset) -> tuple:
-        return self.self_attn.project(x, offset, norm=self.input_layernorm)
+    def attn_in(self, x: mx.array, offset, cache=None) -> tuple:
+        return self.self_attn.project(x, offset, norm=self.input_layernorm, cache=cache)
 
     def attend(self, q, k, v, cache=None) -> mx.array:
         return self.self_attn.attend(q, k, v, cache)

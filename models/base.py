@@ -381,8 +381,9 @@ class CompiledDecoder:
     a new batch size or dtype. The first call per input shape runs the plain model (kernel
     selection and compilation happen outside the trace, where they may evaluate arrays).
 
-    When every cache can be traced (`traced_decode`: MLACache on its paged path, whose write is
-    a slice update at an array position and whose attention masks by length arrays), the whole
+    When every cache can be traced (`traced_decode`: MLACache on its paged path, KVCache when it
+    attends through the buffer kernel; the write is a slice update at an array position or the
+    rope / query kernel's in-place write, and the attention masks by length arrays), the whole
     step is one compiled function instead: no Python runs per layer at all (GLM-4.7-Flash on
     the H200: 1.2 ms of graph building a token instead of 2.7). It retraces when the caches grow
     (every `step` tokens). MARLIN_MLX_COMPILE_STEP=layers keeps the per-layer split.

@@ -25,6 +25,8 @@ import mlx.core as mx
 from marlin_mlx.kernels import paged_attention as _paged
 from marlin_mlx.kernels.launch import backend
 
+from . import cache as _cache
+
 _TABLES: dict = {}  # (B, blocks) -> block table of a buffer read in place, shared by layers
 _LENS: dict = {}  # (B, offset) -> context lengths of an eager step, shared by layers
 DECODE_ATTENTION_PATHS = ("paged", "matmul", "sdpa")
@@ -36,8 +38,6 @@ if DECODE_ATTENTION_GPU not in DECODE_ATTENTION_PATHS:
     DECODE_ATTENTION_GPU = "paged"
 
 
-# MLACacheTrace.row_target: MARLIN_MLX_CACHE_IN_PLACE=0 writes rows by slice update instead
-IN_PLACE_ROWS = os.environ.get("MARLIN_MLX_CACHE_IN_PLACE", "1").strip() != "0"
 
 
 class MLACache:
@@ -200,7 +200,7 @@ class MLACacheTrace:
         (kernels/mla_decode.py SPEC_Q_CACHE), or None: on CUDA (where the GPU tests check it),
         one sequence. Nothing else writes the buffer in the step, and the attention after it
         takes that kernel's query, so it reads the row after the write."""
-        if (IN_PLACE_ROWS and self.rows_in_place and backend() == "cuda"
+        if (_cache.IN_PLACE_ROWS and self.rows_in_place and backend() == "cuda"
                 and self.buffer.shape[0] == 1):
             return self.buffer
         return None

@@ -6,7 +6,7 @@ import mlx.core as mx
 import pytest
 
 from marlin_mlx.generation import decode_forward, stream_generate
-from marlin_mlx.kernels import QuantizedLinear, quantize_modules
+from marlin_mlx.kernels import QuantizedLinear, launch, quantize_modules
 from marlin_mlx.loader import load, load_model
 from marlin_mlx.models.base import CompiledDecoder, fuse_linears
 from mlx.utils import tree_unflatten
@@ -69,6 +69,107 @@ def test_compiled_step_with_sliding_window(make_checkpoint):
     compiled = _decode(decode_forward(model, True), model, prompt, steps=8)
     for a, c in zip(plain, compiled):
         assert mx.allclose(a, c, rtol=1e-5, atol=1e-5).item()
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["whole-step", "per-layer"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_whole_step_over_kv_buffers(make_checkpoint, arch, whole, monkeypatch):
+    # KVCache attending through the buffer op (the GPU default where measured; on the CPU its
+    # MLX reference) lets the whole step compile as one function: the write is a slice update
+    # at an array position and the attention masks by a length array. Small cache steps make
+    # the buffers grow (and the step retrace) during decode.
+    from marlin_mlx.models import base
+    from marlin_mlx.models.cache import KVCache
+    model = _fresh(make_checkpoint(arch), True)
+    prompt = mx.array([3, 17, 5, 9, 40, 2, 11], mx.int32)
+
+    def run(forward, attention):
+        monkeypatch.setattr(KVCache, "decode_attention", attention)
+        cache = model.make_cache()
+        for c in cache:
+            c.step = 4
+        return _decode(forward, model, prompt, steps=12, cache=cache), cache
+
+    plain, pc = run(model, "sdpa")
+    assert not any(c.traced_decode for c in pc)
+    monkeypatch.setattr(base, "WHOLE_STEP", whole)
+    dec = decode_forward(model, True)
+    compiled, cc = run(dec, "buffers")
+    assert dec.failed is None and bool(dec._wholes) == whole
+    assert all(c.traced_decode for c in cc)
+    for a, c in zip(plain, compiled):
+        assert mx.allclose(a, c, rtol=1e-5, atol=1e-5).item()
+    for a, c in zip(pc, cc):
+        assert c.offset == a.offset == len(prompt) + 12 and c.keys.shape == a.keys.shape
+        assert mx.array_equal(c.state[0], a.state[0]).item()
+        assert mx.array_equal(c.state[1], a.state[1]).item()
+
+
+def test_kv_buffers_stay_per_layer_with_sliding_windows(make_checkpoint, monkeypatch):
+    # a windowed layer attends through MLX's masked SDPA, so its cache cannot be traced and the
+    # step keeps the per-layer split
+    from marlin_mlx.models.cache import KVCache
+    monkeypatch.setattr(KVCache, "decode_attention", "buffers")
+    path = make_checkpoint("qwen3", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    model = _fresh(path, False)
+    prompt = mx.array([5, 6, 7, 8, 9, 10], mx.int32)
+    plain = _decode(model, model, prompt, steps=6)
+    dec = decode_forward(model, True)
+    cache = model.make_cache()
+    compiled = _decode(dec, model, prompt, steps=6, cache=cache)
+    assert not dec._wholes and dec.failed is None
+    assert [c.traced_decode for c in cache] == [layer.self_attn.window is None
+                                                for layer in model.layers]
+    for a, c in zip(plain, compiled):
+        assert mx.allclose(a, c, rtol=1e-5, atol=1e-5).item()
+
+
+def test_kv_rows_in_place_only_on_an_exclusive_buffer():
+    from marlin_mlx.models.cache import KVCache
+    c = KVCache(step=4)
+    c.update_and_fetch(mx.zeros((1, 2, 3, 8)), mx.zeros((1, 2, 3, 8)))
+    assert c.rows_in_place and c.trace_key()[-1] is True
+    c.trim(1)
+    assert not c.rows_in_place
+    keys, values, cap = c.trace_inputs()  # offset 2 -> 3 fits: same buffers
+    assert not c.rows_in_place and cap.tolist() == [4] and keys.shape[2] == 4
+    c.update_and_fetch(mx.zeros((1, 2, 3, 8)), mx.zeros((1, 2, 3, 8)))  # grows: new buffers
+    assert c.rows_in_place and c.keys.shape[2] >= 5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(launch.backend() is None, reason="needs an MLX GPU backend")
+def test_whole_step_kv_rows_in_place_equal_slice_updates(make_checkpoint, monkeypatch, tmp_path):
+    # The whole compiled step over KVCache buffers with the rope kernel writing k and v in place
+    # (CUDA) against the same step writing them by slice update (bitwise equal), and against
+    # MLX's SDPA per layer (close); small cache steps make the buffers grow during decode.
+    import numpy as np
+    from marlin_mlx.kernels import selection
+    from marlin_mlx.models import cache as kv_cache
+    monkeypatch.setenv("MARLIN_MLX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv(selection.ENV_MODE, "custom")
+    path = make_checkpoint("qwen3", hidden_size=256, intermediate_size=512,
+                           num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+    model = _fresh(path, True)
+    model.fuse_projections()
+    prompt = mx.array([1, 5, 9, 100, 31, 7], mx.int32)
+    runs = []
+    for in_place, how in ((True, "auto"), (False, "auto"), (True, "sdpa")):
+        monkeypatch.setattr(kv_cache, "IN_PLACE_ROWS", in_place)
+        monkeypatch.setattr(kv_cache, "KV_DECODE", how)
+        model.__dict__.pop("_compiled_decoder", None)
+        dec, cache = decode_forward(model, True), model.make_cache()
+        for c in cache:
+            c.step = 4
+        out = _decode(dec, model, prompt, steps=9, cache=cache)
+        assert dec.failed is None and bool(dec._wholes) == (how == "auto")
+        runs.append(([np.array(a.astype(mx.float32)) for a in out],
+                     [np.array(c.state[0].astype(mx.float32)) for c in cache]))
+    (a, ca), (b, cb), (c, cc) = runs
+    for x, y in zip(a + ca, b + cb):
+        assert np.array_equal(x, y)
+    for x, y in zip(a, c):
+        assert np.linalg.norm(x - y) / np.linalg.norm(y) < 2e-2
 
 
 def test_generation_same_tokens_with_and_without_compile(make_checkpoint):

@@ -158,6 +158,34 @@ def test_qk_rope_body_on_cpu_emulator(norm, per_row, scale, tmp_path):
     assert _err(v, rv[:, :, None]) == 0.0
 
 
+def test_qk_rope_cache_body_on_cpu_emulator(tmp_path):
+    # qk_rope_cache.h: the same body writing k and v into row pos of the cache buffers (B, KV,
+    # capacity, D), in place; q is the only output and no other row changes
+    import metal_emulator
+    if not metal_emulator.available():
+        pytest.skip("no C++20 g++")
+    B, H, KV, D, dt, cap, p = 2, 4, 2, 64, mx.bfloat16, 13, 9
+    qkv, qn, kn = _qkv_case(dt, B, H, KV, D, True)
+    pos = mx.array([p], dtype=mx.int32)
+    inv = qk_rope.inv_freq_table(D, base=10000.0)
+    kb = mx.random.normal((B, KV, cap, D)).astype(dt)
+    vb = mx.random.normal((B, KV, cap, D)).astype(dt)
+    t, grid, tg, osh, odt, _, _ = qk_rope._plan(dt, B, H, KV, D, True, False, 1e-6, 1.0, True)
+    assert len(osh) == 1
+    q, k_after, v_after = metal_emulator.emulate([dict(
+        spec=qk_rope.SPEC_CACHE, inputs=[qkv, qn, kn, pos, inv, kb, vb,
+                                         mx.array([cap], dtype=mx.int32)],
+        template=t, grid=grid, threadgroup=tg, output_shapes=osh, output_dtypes=odt,
+        written=[5, 6])], tmp_path)
+    rq, rk, rv = _qkv_ref(qkv, qn, kn, B, H, KV, D, np.array(pos), np.array(inv), 1e-6, 1.0)
+    assert _err(q, rq[:, :, None]) < 1e-2
+    for after, before, ref in ((k_after, kb, rk), (v_after, vb, rv)):
+        a, b = _np(after), _np(before)
+        assert _err(mx.array(a[:, :, p]), ref) < 1e-2
+        a[:, :, p] = b[:, :, p]
+        assert np.array_equal(a, b)  # no other row touched
+
+
 def test_reference_matches_float64():
     # the MLX-op reference (the CPU path and the selection's builtin) is the same math
     B, H, KV, D = 2, 4, 2, 64
@@ -289,6 +317,34 @@ def test_qk_rope_kernel_gpu(dt, B, norm, per_row, scale, D, poison):
     tol = {mx.float32: 1e-4, mx.float16: 3e-3, mx.bfloat16: 1.5e-2}[dt]
     assert _err(q, rq[:, :, None]) < tol and _err(k, rk[:, :, None]) < tol
     assert _err(v, rv[:, :, None]) == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(launch.backend() != "cuda", reason="the in-place row write runs on CUDA")
+@pytest.mark.parametrize("dt", [mx.bfloat16, mx.float16, mx.float32])
+@pytest.mark.parametrize("B,norm", [(1, True), (3, False)])
+def test_qk_rope_writes_cache_rows_in_place_gpu(dt, B, norm, poison):
+    H, KV, D, cap, p = 32, 8, 128, 768, 700
+    qkv, qn, kn = _qkv_case(dt, B, H, KV, D, norm, seed=np.random.randint(1 << 20))
+    pos = mx.array([p], dtype=mx.int32)
+    inv = qk_rope.inv_freq_table(D, base=1e6)
+    kb = mx.random.normal((B, KV, cap, D)).astype(dt)
+    vb = mx.random.normal((B, KV, cap, D)).astype(dt)
+    mx.eval(kb, vb)
+    kb0, vb0 = _np(kb).copy(), _np(vb).copy()
+    q, k, v = qk_rope.qk_norm_rope(qkv, H, KV, D, pos, inv, qn if norm else None,
+                                   kn if norm else None, 1e-6, 1.0,
+                                   cache=(kb, vb, mx.array([cap], dtype=mx.int32)))
+    mx.eval(q)
+    assert k is None and v is None
+    rq, rk, rv = _qkv_ref(qkv, qn if norm else None, kn, B, H, KV, D, np.array(pos),
+                          np.array(inv), 1e-6, 1.0)
+    tol = {mx.float32: 1e-4, mx.float16: 3e-3, mx.bfloat16: 1.5e-2}[dt]
+    assert _err(q, rq[:, :, None]) < tol
+    for after, before, ref in ((_np(kb), kb0, rk), (_np(vb), vb0, rv)):
+        assert np.linalg.norm(after[:, :, p] - ref) / np.linalg.norm(ref) < tol
+        after[:, :, p] = before[:, :, p]
+        assert np.array_equal(after, before)  # no other row touched
 
 
 @pytest.mark.gpu

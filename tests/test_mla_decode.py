@@ -327,14 +327,14 @@ def test_glm_whole_step_rows_in_place_equal_slice_updates(monkeypatch, tmp_path)
     # the same step writing it by slice update; small cache steps make the buffer grow (and the
     # step retrace) while decoding.
     from marlin_mlx.generation import decode_forward
-    from marlin_mlx.models import mla_cache
+    from marlin_mlx.models import cache as kv_cache
     monkeypatch.setenv("MARLIN_MLX_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv(selection.ENV_MODE, "custom")
     model = _glm()
     prompt = mx.array([[1, 5, 9, 100, 31, 7]])
     runs = []
     for in_place in (True, False):
-        monkeypatch.setattr(mla_cache, "IN_PLACE_ROWS", in_place)
+        monkeypatch.setattr(kv_cache, "IN_PLACE_ROWS", in_place)
         model.__dict__.pop("_compiled_decoder", None)
         step, cache = decode_forward(model, compile=True), model.make_cache()
         for c in cache:

@@ -14,7 +14,9 @@
 //
 // Caches: key_cache (num_blocks, KVH, BS, DK), value rows of VS elements (VS = DV for a value
 // cache, VS = DK for an MLA latent cache where value_cache is the key cache and the values are
-// the first DV columns). meta = [max_blocks, partitions, bits of scale * log2 e, ...].
+// the first DV columns). meta = [max_blocks, partitions, bits of scale * log2 e, block size
+// when BS = 0, ...]. BS = 0 reads the block size at run time: a KVCache buffer (B, KVH,
+// capacity, D) is one block per sequence, and its capacity grows without a new kernel.
 // Template constants: T, XK (0 float32, 1 float16, 2 bfloat16), DK, DV, VS, BS, KVH, G, GC,
 // NHC, NT.
 //// INCLUDE attn_common.h
@@ -41,9 +43,10 @@ const int b = int(tg_y) / (NHC * KVH);
 const int MB = meta[0];
 const int NP = meta[1];
 const float qscale = k_as_float(uint32_t(meta[2]));
+const int bs = (BS > 0) ? BS : meta[3];
 constexpr int NH = KVH * G;
 int ctx = context_lens[b];
-ctx = (ctx < MB * BS) ? ctx : MB * BS;
+ctx = (ctx < MB * bs) ? ctx : MB * bs;
 const int t0 = part * NT;
 const int h0 = kvh * G + hc * GC;                      // first query head of the chunk
 const int ng = (G - hc * GC < GC) ? (G - hc * GC) : GC;  // heads in the chunk
@@ -66,8 +69,8 @@ const int t = t0 + int(tid);
 const bool valid = t < ctx;
 uint32_t row = 0;
 if (valid) {
-  const int blk = block_tables[size_t(b) * MB + t / BS];
-  row = (uint32_t(blk) * KVH + uint32_t(kvh)) * BS + uint32_t(t % BS);
+  const int blk = block_tables[size_t(b) * MB + t / bs];
+  row = (uint32_t(blk) * KVH + uint32_t(kvh)) * uint32_t(bs) + uint32_t(t % bs);
 }
 row_sh[tid] = row;
 KBARRIER();

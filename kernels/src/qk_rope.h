@@ -11,6 +11,10 @@
 // One simdgroup per (row, head); lane l owns the pairs (i, i + D/2) for i = l, l + 32, ...
 // Template constants: T, H, KV, D, NORM, PB, EPS and SCALE (float32 bits), HPT (heads per
 // threadgroup). (nvcc reports a 32-byte stack: sinf/cosf's slow path for huge angles.)
+// With QK_CACHE 1 (qk_rope_cache.h) k and v go straight into the cache buffers instead.
+#ifndef QK_CACHE
+#define QK_CACHE 0
+#endif
 //// BODY
 constexpr int NH = H + 2 * KV;
 constexpr int HALF = D / 2;
@@ -24,8 +28,21 @@ if (head < NH) {
     x1[p] = float(src[lane + 32 * p]);
     x2[p] = float(src[HALF + lane + 32 * p]);
   }
+#if QK_CACHE
+  // row pos of each (sequence, kv head) in the buffers, inputs MLX treats as read-only: the
+  // caller (models/cache.py KVCacheTrace) owns every row from pos on, and what reads them next
+  // (the attention) takes q, so it runs after this launch
+  const size_t cache_row = size_t(pos[0]) * D;
+  const size_t head_rows = size_t(cap[0]) * D;
+  KDEV T* krow = const_cast<KDEV T*>(kcache) + cache_row;
+  KDEV T* vrow = const_cast<KDEV T*>(vcache) + cache_row;
+#endif
   if (head >= H + KV) {  // v: copied out as it is
+#if QK_CACHE
+    KDEV T* dst = vrow + (size_t(b) * KV + (head - H - KV)) * head_rows;
+#else
     KDEV T* dst = v + (size_t(b) * KV + (head - H - KV)) * D;
+#endif
     KUNROLL for (int p = 0; p < P; ++p) {
       dst[lane + 32 * p] = static_cast<T>(x1[p]);
       dst[HALF + lane + 32 * p] = static_cast<T>(x2[p]);
@@ -44,7 +61,12 @@ if (head < NH) {
     }
     const float scale = k_as_float(uint32_t(SCALE));
     const float t = float(pos[PB ? b : 0]);
+#if QK_CACHE
+    KDEV T* dst = is_q ? q + (size_t(b) * H + head) * D
+                       : krow + (size_t(b) * KV + head - H) * head_rows;
+#else
     KDEV T* dst = is_q ? q + (size_t(b) * H + head) * D : k + (size_t(b) * KV + head - H) * D;
+#endif
     KUNROLL for (int p = 0; p < P; ++p) {
       const float a = t * inv_freq[lane + 32 * p];
       const float c = k_cos(a), s = k_sin(a);
