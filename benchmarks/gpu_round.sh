@@ -63,6 +63,11 @@
 # large:   large_qmm (4-bit product for many rows on warpgroup tensor cores): its GPU tests, then
 #          benchmarks/large_qmm.py (against dequantize + matmul and the 16-bit matmul;
 #          LARGE_MS, LARGE_SHAPES, LARGE_TILINGS)
+# kvdecode: a Llama/Qwen3 KVCache attending through the buffer kernel, so the decode step
+#          compiles whole: its GPU tests (buffer kernel, in-place rope write, whole step), then
+#          decode_probe --compiled on KV_PRESETS (qwen3-8b) at KV_PROMPTS (128 2048), SDPA per
+#          layer against the buffer kernel, alternating (KV_VARIANTS), with a CUPTI profile of
+#          each (KV_PROFILE)
 # PROBE_VARIANTS / PROBE_PROFILE override the probe's variant lists.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -312,6 +317,22 @@ PY
         --ms "${LARGE_MS:-128,256,512,1024,4096}" ${LARGE_SHAPES:+--shapes "$LARGE_SHAPES"} \
         --tilings "${LARGE_TILINGS:-auto}" --out "$OUT/large_qmm_h200.json" 2>&1 \
         | tail -60 | tee "$OUT/large_qmm.log" ;;
+    kvdecode)
+      timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
+        tests/test_paged_attention.py tests/test_compiled_decode.py tests/test_fused_decode.py \
+        tests/test_mla_decode.py -k "buffer or in_place or fused_equals or whole" \
+        > "$OUT/pytest_kvdecode.log" 2>&1; echo "pytest rc=$?"
+      tail -8 "$OUT/pytest_kvdecode.log"
+      for preset in ${KV_PRESETS:-qwen3-8b}; do
+        for prompt in ${KV_PROMPTS:-128 2048}; do
+          timeout ${KV_TIMEOUT:-200} python3 benchmarks/decode_probe.py --preset "$preset" --bits 4 \
+            --group-size 64 --prompt "$prompt" --steps 64 --compiled \
+            --variants "${KV_VARIANTS:-auto-sdpa,auto-buffers,auto,auto-sdpa,auto-buffers}" \
+            --profile "${KV_PROFILE:-auto-sdpa+compiled,auto-buffers+compiled}" \
+            --json "$OUT/decode_probe_${preset}_kv_p${prompt}.json" 2>&1 \
+            | grep --line-buffered -v "^\s*$" | tail -30 | tee -a "$OUT/kvdecode.log"
+        done
+      done ;;
     *) echo "unknown part $part" ;;
   esac
   echo "== $part: $(( $(date +%s) - t0 )) s"

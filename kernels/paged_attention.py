@@ -255,20 +255,16 @@ def paged_attention(queries, key_cache, value_cache, block_tables, context_lens,
     return _reference(queries, key_cache, value_cache, block_tables, context_lens, scale, dv)
 
 
-def buffer_attention(queries, keys, values, context_lens, scale):
+def buffer_attention(queries, keys, values, context_lens, scale, kernel: bool):
     """Decode attention over KVCache-style buffers keys / values (B, num_kv_heads, capacity,
     dim), sequence b attending to its first context_lens[b] rows: (B, num_heads, v_dim).
 
     Each sequence's buffer is one block of the paged op, with the block size (the capacity) read
     at run time, so the kernel serves a buffer that grows without compiling again; the length
-    array lets one compiled decode step serve every position. On the CPU, or where the selection
-    (timed against MLX's SDPA over the filled rows) keeps MLX, the reference runs; callers
-    that have SDPA ask `use_buffer_kernel` first."""
-    B = queries.shape[0]
-    tables = _identity_table(B)
-    if backend() is not None and use_buffer_kernel(queries.dtype, queries.shape[1],
-                                                   keys.shape[1], keys.shape[3],
-                                                   values.shape[3]):
+    array lets one compiled decode step serve every position. `kernel`: run the custom kernel
+    (the caller asked `use_buffer_kernel` or `buffer_supported`), else the MLX reference."""
+    tables = _identity_table(queries.shape[0])
+    if kernel:
         return paged_attention_kernel(queries, keys, values, tables, context_lens, scale,
                                       values.shape[3], whole_buffers=True)
     return _reference(queries, keys, values, tables, context_lens, scale, values.shape[3])
@@ -461,15 +457,19 @@ def _decide(dtype, nh, kvh, bs, dk, dv, mla) -> bool:
                                 reference, SELF_TEST_TOL[dtype])
 
 
+def buffer_supported(dtype, nh, kvh, dk, dv) -> bool:
+    """Whether the kernel covers `buffer_attention` for these heads on this backend."""
+    return backend() is not None and supported(dtype, nh, kvh, 0, dk, dv)
+
+
 def use_buffer_kernel(dtype, nh, kvh, dk, dv) -> bool:
-    """Whether `buffer_attention` runs the kernel for these heads on this GPU: supported, its
-    self-test passed, and it timed within BUFFER_MARGIN of MLX's SDPA over the filled rows
+    """Whether to attend over KVCache buffers with the kernel rather than MLX's SDPA over the
+    filled rows: supported, its self-test passed, and it timed within BUFFER_MARGIN of SDPA
     (measured once per shape class, batch 1 at a 1000-token context)."""
     key = ("buffers", dtype, nh, kvh, dk, dv, selection.mode())
     use = _DECISIONS.get(key)
     if use is None:
-        use = _DECISIONS[key] = (backend() is not None
-                                 and supported(dtype, nh, kvh, 0, dk, dv)
+        use = _DECISIONS[key] = (buffer_supported(dtype, nh, kvh, dk, dv)
                                  and _decide_buffers(dtype, nh, kvh, dk, dv))
     return use
 

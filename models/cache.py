@@ -50,9 +50,10 @@ class KVCache:
         # taken before it may share rows that later steps rewrite (a newly allocated buffer
         # is exclusive again)
         self.rows_in_place = True
-        # set by `attend`: the last single-token step attended through the buffer kernel, so
-        # the whole step may be traced over this cache
-        self.attends_buffers = False
+        # set by `attend`: how the last single-token step attended through the buffers
+        # ("kernel" / "reference", see _buffer_path) or None (SDPA); not None lets the whole
+        # step be traced over this cache
+        self.attends_buffers: Optional[str] = None
 
     def _reserve(self, n: int, B: int, H: int, Dk: int, Dv: int, dtype) -> None:
         """Room for `n` more rows: the buffers grow by whole steps."""
@@ -81,24 +82,31 @@ class KVCache:
         self.values[:, :, prev:end] = values
         return self.keys[:, :, :end], self.values[:, :, :end]
 
-    def _attends_through_buffers(self, q: mx.array) -> bool:
+    def _buffer_path(self, q: mx.array) -> Optional[str]:
+        """How a single-token step attends through the buffers: "kernel", "reference" (the
+        kernel's MLX reference: forced on a backend without it) or None (MLX's SDPA)."""
         how = self.decode_attention or KV_DECODE
         if how not in KV_DECODE_PATHS:
             raise ValueError(f"KVCache.decode_attention {how!r} is not one of "
                              f"{', '.join(KV_DECODE_PATHS)}")
-        if how != "auto":
-            return how == "buffers"
-        return backend() is not None and _paged.use_buffer_kernel(
-            q.dtype, q.shape[1], self.keys.shape[1], self.keys.shape[3], self.values.shape[3])
+        if how == "sdpa":
+            return None
+        heads = (q.dtype, q.shape[1], self.keys.shape[1], self.keys.shape[3],
+                 self.values.shape[3])
+        if how == "buffers":
+            return "kernel" if _paged.buffer_supported(*heads) else "reference"
+        return "kernel" if _paged.use_buffer_kernel(*heads) else None
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float, window=None):
         """Single-token attention (q: (B, H, 1, D)) over the buffers' first `offset` rows, or
         None (models/base.py `attention` then runs MLX's SDPA on k and v)."""
-        use = (q.shape[2] == 1 and window is None and self.keys is not None
-               and q.dtype == self.keys.dtype and self._attends_through_buffers(q))
-        if q.shape[2] == 1:
-            self.attends_buffers = use
-        if not use:
+        if q.shape[2] != 1:
+            return None
+        path = None
+        if window is None and self.keys is not None and q.dtype == self.keys.dtype:
+            path = self._buffer_path(q)
+        self.attends_buffers = path
+        if path is None:
             return None
         B = q.shape[0]
         lens = _LENS.get((B, self.offset))
@@ -106,7 +114,8 @@ class KVCache:
             if len(_LENS) > 64:
                 _LENS.clear()
             lens = _LENS[(B, self.offset)] = mx.full((B,), self.offset, mx.int32)
-        out = _paged.buffer_attention(q[:, :, 0, :], self.keys, self.values, lens, scale)
+        out = _paged.buffer_attention(q[:, :, 0, :], self.keys, self.values, lens, scale,
+                                      path == "kernel")
         return out[:, :, None, :]
 
     # The compiled whole decode step (models/base.py CompiledDecoder) takes the buffers as
@@ -115,10 +124,10 @@ class KVCache:
     def traced_decode(self) -> bool:
         """Whether a compiled whole step may run over this cache: its last single-token step
         attended through the buffer kernel, whose length array serves every position."""
-        return self.keys is not None and self.attends_buffers
+        return self.keys is not None and self.attends_buffers is not None
 
     def trace_key(self) -> tuple:
-        return ("kv", self.step, self.rows_in_place)
+        return ("kv", self.step, self.attends_buffers == "kernel", self.rows_in_place)
 
     def trace_inputs(self) -> list:
         """Room for one more token (grown here, outside the trace), then what a step takes:
@@ -172,7 +181,7 @@ class KVCacheTrace:
     def __init__(self, arrays: list, offset: mx.array, lens: mx.array, key: tuple):
         self.keys, self.values, self.cap = arrays
         self.offset, self.lens = offset, lens
-        self.rows_in_place = key[-1]
+        _, _, self.kernel, self.rows_in_place = key
 
     def row_targets(self) -> Optional[tuple]:
         """(keys, values, capacity) the rope kernel may write this step's rows into, in place
@@ -196,7 +205,8 @@ class KVCacheTrace:
     def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float, window=None):
         if q.shape[2] != 1 or window is not None:
             raise ValueError("a traced decode step attends one query per sequence, no window")
-        out = _paged.buffer_attention(q[:, :, 0, :], self.keys, self.values, self.lens, scale)
+        out = _paged.buffer_attention(q[:, :, 0, :], self.keys, self.values, self.lens, scale,
+                                      self.kernel)
         return out[:, :, None, :]
 
     def outputs(self) -> list:
