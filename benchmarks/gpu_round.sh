@@ -319,8 +319,8 @@ PY
         | tail -60 | tee "$OUT/large_qmm.log" ;;
     kvdecode)
       timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -rf --tb=short -p no:cacheprovider -m gpu \
-        tests/test_paged_attention.py tests/test_compiled_decode.py tests/test_fused_decode.py \
-        tests/test_mla_decode.py -k "buffer or in_place or fused_equals or whole" \
+        tests/test_buffer_attention.py tests/test_paged_attention.py tests/test_compiled_decode.py tests/test_fused_decode.py \
+        tests/test_mla_decode.py -k "${KV_TESTS_K:-buffer or kernel_matches or selection or in_place or fused_equals or whole}" \
         > "$OUT/pytest_kvdecode.log" 2>&1; echo "pytest rc=$?"
       tail -8 "$OUT/pytest_kvdecode.log"
       for preset in ${KV_PRESETS:-qwen3-8b}; do

@@ -255,33 +255,6 @@ def paged_attention(queries, key_cache, value_cache, block_tables, context_lens,
     return _reference(queries, key_cache, value_cache, block_tables, context_lens, scale, dv)
 
 
-def buffer_attention(queries, keys, values, context_lens, scale, kernel: bool):
-    """Decode attention over KVCache-style buffers keys / values (B, num_kv_heads, capacity,
-    dim), sequence b attending to its first context_lens[b] rows: (B, num_heads, v_dim).
-
-    Each sequence's buffer is one block of the paged op, with the block size (the capacity) read
-    at run time, so the kernel serves a buffer that grows without compiling again; the length
-    array lets one compiled decode step serve every position. `kernel`: run the custom kernel
-    (the caller asked `use_buffer_kernel` or `buffer_supported`), else the MLX reference."""
-    tables = _identity_table(queries.shape[0])
-    if kernel:
-        return paged_attention_kernel(queries, keys, values, tables, context_lens, scale,
-                                      values.shape[3], whole_buffers=True)
-    return _reference(queries, keys, values, tables, context_lens, scale, values.shape[3])
-
-
-_TABLES: dict = {}
-
-
-def _identity_table(B: int) -> mx.array:
-    """(B, 1) int32 [[0], [1], ...]: sequence b's one block is buffer row b (cached)."""
-    t = _TABLES.get(B)
-    if t is None:
-        t = _TABLES[B] = mx.arange(B, dtype=mx.int32).reshape(B, 1)
-        mx.eval(t)
-    return t
-
-
 # --------------------------------------------------------------------------- the kernel
 
 def supported(dtype, nh, kvh, bs, dk, dv, mla=False) -> bool:
@@ -391,8 +364,9 @@ def _meta(mb, np_, scale, bs=0):
 
 def paged_attention_kernel(queries, key_cache, value_cache, block_tables, context_lens, scale,
                            v_dim, whole_buffers=False):
-    """The custom kernel pair alone (no validation, no fallback). `whole_buffers`: the block
-    size is read at run time (buffer_attention)."""
+    """The custom kernel pair alone (no validation, no fallback). `whole_buffers`: each block is
+    a whole KVCache buffer, its size read at run time (kernels/buffer_attention.py's fallback
+    for heads its own kernel does not cover)."""
     B, nh, dk = queries.shape
     _, kvh, bs, _ = key_cache.shape
     mb = block_tables.shape[1]
@@ -457,56 +431,6 @@ def _decide(dtype, nh, kvh, bs, dk, dv, mla) -> bool:
                                 reference, SELF_TEST_TOL[dtype])
 
 
-def buffer_supported(dtype, nh, kvh, dk, dv) -> bool:
-    """Whether the kernel covers `buffer_attention` for these heads on this backend."""
-    return backend() is not None and supported(dtype, nh, kvh, 0, dk, dv)
-
-
-def use_buffer_kernel(dtype, nh, kvh, dk, dv) -> bool:
-    """Whether to attend over KVCache buffers with the kernel rather than MLX's SDPA over the
-    filled rows: supported, its self-test passed, and it timed within BUFFER_MARGIN of SDPA
-    (measured once per shape class, batch 1 at a 1000-token context)."""
-    key = ("buffers", dtype, nh, kvh, dk, dv, selection.mode())
-    use = _DECISIONS.get(key)
-    if use is None:
-        use = _DECISIONS[key] = (buffer_supported(dtype, nh, kvh, dk, dv)
-                                 and _decide_buffers(dtype, nh, kvh, dk, dv))
-    return use
-
-
-# The kernel over whole buffers is what lets a Llama/Qwen3 decode step compile as one function
-# (models/cache.py KVCache.traced_decode): no Python per layer and no cache copies, host time
-# that a kernel-against-kernel timing does not see. So it is kept unless MLX's SDPA is clearly
-# faster.
-BUFFER_MARGIN = 1.25
-
-
-def _decide_buffers(dtype, nh, kvh, dk, dv) -> bool:
-    cap, ctx = 1024, 1000
-
-    def make_inputs():
-        kb = mx.random.normal((1, kvh, cap, dk)).astype(dtype)
-        vb = mx.random.normal((1, kvh, cap, dv)).astype(dtype)
-        return mx.random.normal((1, nh, dk)).astype(dtype), kb, vb, mx.array([ctx], mx.int32)
-
-    def custom(q, kb, vb, lens):
-        return paged_attention_kernel(q, kb, vb, _identity_table(1), lens, dk ** -0.5, dv,
-                                      whole_buffers=True)
-
-    def sdpa(q, kb, vb, lens):
-        out = mx.fast.scaled_dot_product_attention(q[:, :, None, :], kb[:, :, :ctx],
-                                                   vb[:, :, :ctx], scale=dk ** -0.5)
-        return out[:, :, 0, :]
-
-    def reference(q, kb, vb, lens):
-        return _reference(q, kb, vb, _identity_table(1), lens, dk ** -0.5, dv)
-
-    fmt = f"kv-buffers-{str(dtype).split('.')[-1]}"
-    cls = f"H{nh}/{kvh}|dk{dk}|dv{dv}"
-    return selection.use_custom("buffer_attention", fmt, cls, make_inputs, custom, sdpa,
-                                reference, SELF_TEST_TOL[dtype], margin=BUFFER_MARGIN)
-
-
 def template_for(dtype, B, nh, kvh, bs, dk, dv, mb, mla):
     """(kernel template, reduce template) a launch would use (for the compile checks)."""
     plan = _plan(dtype, B, nh, kvh, bs, dk, dv, mb, mla)
@@ -526,8 +450,8 @@ def compile_cases():
             out.append((f"paged-attn-{tag}-{name}", SPEC, [dt, dt, dt, mx.int32, mx.int32,
                                                             mx.int32],
                         [big, big, big, 256, 8, 8], [mx.float32, mx.float32], t))
-            if not mla:  # block size read at run time (KVCache buffers)
-                out.append((f"buffer-attn-{tag}-{name}", SPEC,
+            if not mla:  # block size read at run time (KVCache buffers, buffer_attention.py)
+                out.append((f"paged-attn-whole-{tag}-{name}", SPEC,
                             [dt, dt, dt, mx.int32, mx.int32, mx.int32],
                             [big, big, big, 4, 8, 8], [mx.float32, mx.float32],
                             _plan(dt, 4, nh, kvh, 1024, dk, dv, 1, False, True)[0]))

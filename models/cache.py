@@ -5,7 +5,7 @@ reallocate per token. Models call `update_and_fetch(keys, values)` with new entr
 (batch, kv_heads, new_tokens, head_dim) and get back everything cached so far.
 
 At single-token decode on a GPU the attention reads the buffers directly through the
-paged-attention kernel (`attend`, kernels/paged_attention.py `buffer_attention`), where the
+buffer kernel (`attend`, kernels/buffer_attention.py), where the
 selection measured it no slower than MLX's SDPA: its length array lets the whole decode step
 compile as one function (models/base.py CompiledDecoder, through `KVCacheTrace`), and on CUDA
 the rope kernel then writes each token's k and v rows into the buffers itself.
@@ -17,7 +17,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from marlin_mlx.kernels import paged_attention as _paged
+from marlin_mlx.kernels import buffer_attention as _buffers
 from marlin_mlx.kernels.launch import backend
 
 # How a KVCache attends at single-token decode: "auto" (the buffer kernel on a GPU where the
@@ -94,8 +94,8 @@ class KVCache:
         heads = (q.dtype, q.shape[1], self.keys.shape[1], self.keys.shape[3],
                  self.values.shape[3])
         if how == "buffers":
-            return "kernel" if _paged.buffer_supported(*heads) else "reference"
-        return "kernel" if _paged.use_buffer_kernel(*heads) else None
+            return "kernel" if _buffers.supported(*heads) else "reference"
+        return "kernel" if _buffers.use_kernel(*heads) else None
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float, window=None):
         """Single-token attention (q: (B, H, 1, D)) over the buffers' first `offset` rows, or
@@ -114,7 +114,7 @@ class KVCache:
             if len(_LENS) > 64:
                 _LENS.clear()
             lens = _LENS[(B, self.offset)] = mx.full((B,), self.offset, mx.int32)
-        out = _paged.buffer_attention(q[:, :, 0, :], self.keys, self.values, lens, scale,
+        out = _buffers.buffer_attention(q[:, :, 0, :], self.keys, self.values, lens, scale,
                                       path == "kernel")
         return out[:, :, None, :]
 
@@ -205,7 +205,7 @@ class KVCacheTrace:
     def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float, window=None):
         if q.shape[2] != 1 or window is not None:
             raise ValueError("a traced decode step attends one query per sequence, no window")
-        out = _paged.buffer_attention(q[:, :, 0, :], self.keys, self.values, self.lens, scale,
+        out = _buffers.buffer_attention(q[:, :, 0, :], self.keys, self.values, self.lens, scale,
                                       self.kernel)
         return out[:, :, None, :]
 

@@ -1,0 +1,172 @@
+// buffer attention, decode, first pass: queries of one token per sequence against KVCache
+// buffers keys / values (B, KVH, capacity, D), sequence b attending to its first
+// context_lens[b] rows. Split-K over the context ("flash decoding"); the partitions are
+// combined by paged_attention_reduce.h.
+//
+// Built for few sequences (batch-1 decode), where the paged kernel's one-thread-per-token
+// layout leaves most SMs idle and each thread with a long chain of dependent loads: here one
+// threadgroup of NW warps takes a partition of NW * TPW tokens of one (sequence, kv head), each
+// warp TPW tokens. Lane l owns the E = D / 32 columns l * E ... of every row, so a warp reads a
+// row with one load per lane, and issues its TPW key rows (then its TPW value rows) at once.
+// The G query heads of the kv head sit in registers, pre-scaled by scale * log2 e: one key load
+// serves the whole GQA group. Scores are summed across the lanes (simdgroup sums), the softmax
+// statistics across the warps (threadgroup memory), and each warp's p @ V partial sums meet in
+// threadgroup memory. Output as paged_attention.h: unnormalised float32 rows part_o (B, NH, NP,
+// D) and (max, sum) part_ml, log2 domain.
+//
+// meta = [unused, partitions NP, bits of scale * log2 e, capacity, ...].
+// Template constants: T, XK (0 float32, 1 float16, 2 bfloat16), D, KVH, G, NW, TPW.
+//// INCLUDE attn_common.h
+// W 32-bit words from p (W = 1, 2, 4 or 8; p aligned to 4 * W bytes, or 16 for W = 8)
+template <int W>
+KINLINE void k_load_words(const KDEV uint32_t* p, KTHREAD uint32_t* w) {
+  if (W == 1) {
+    w[0] = p[0];
+  } else if (W == 2) {
+    const uint2 u = *((const KDEV uint2*)p);
+    w[0] = u.x; w[1] = u.y;
+  } else {
+    KUNROLL for (int j = 0; j < W / 4; ++j) {
+      const uint4 u = *((const KDEV uint4*)(p + 4 * j));
+      w[4 * j] = u.x; w[4 * j + 1] = u.y; w[4 * j + 2] = u.z; w[4 * j + 3] = u.w;
+    }
+  }
+}
+// the E values of W words (XK 0: one float a word; 1 / 2: two float16 / bfloat16 a word)
+template <int XK, int W>
+KINLINE void k_words_to_floats(KTHREAD const uint32_t* w, KTHREAD float* f) {
+  KUNROLL for (int j = 0; j < W; ++j) {
+    if (XK == 0) {
+      f[j] = k_as_float(w[j]);
+    } else {
+      const float2 v = (XK == 1) ? k_f16x2(w[j]) : k_bf16x2(w[j]);
+      f[2 * j] = v.x;
+      f[2 * j + 1] = v.y;
+    }
+  }
+}
+//// BODY
+constexpr int NT = NW * 32;
+constexpr int P = NW * TPW;                    // tokens per partition
+constexpr int E = D / 32;                      // columns per lane
+constexpr int W = (XK == 0) ? E : E / 2;       // 32-bit words per lane and row
+constexpr int NH = KVH * G;
+constexpr float NEG = -1.0e30f;
+
+KSHARED float acc_sh[NW * G * D];
+KSHARED float red_sh[2 * NW * G];
+
+const int part = int(tg_x);
+const int b = int(tg_y) / KVH;
+const int kvh = int(tg_y) % KVH;
+const int NP = meta[1];
+const float qscale = k_as_float(uint32_t(meta[2]));
+const int cap = meta[3];
+int ctx = context_lens[b];
+ctx = (ctx < cap) ? ctx : cap;
+const int t0 = part * P;
+const size_t head0 = size_t(b) * NH + size_t(kvh) * G;  // first query head of the group
+
+if (t0 >= ctx) {  // a partition past this sequence's context (uniform in the threadgroup)
+  k_empty_partition(part_o, part_ml, head0, G, NP, part, D, NT, int(tid), NEG);
+  return;
+}
+
+float qv[G][E];
+KUNROLL for (int g = 0; g < G; ++g) {
+  uint32_t w[W];
+  k_load_words<W>((const KDEV uint32_t*)(queries + (head0 + g) * D + lane * E), w);
+  k_words_to_floats<XK, W>(w, qv[g]);
+  KUNROLL for (int e = 0; e < E; ++e) qv[g][e] *= qscale;
+}
+
+// this warp's tokens: t0 + simd_id * TPW + i; rows past the context re-read the last row
+// (a valid address) and get probability 0
+const size_t rows0 = (size_t(b) * KVH + size_t(kvh)) * size_t(cap);
+const int tw = t0 + int(simd_id) * TPW;
+float s[TPW][G];
+{
+  uint32_t kw[TPW][W];
+  KUNROLL for (int i = 0; i < TPW; ++i) {
+    const int t = (tw + i < ctx) ? tw + i : ctx - 1;
+    k_load_words<W>((const KDEV uint32_t*)(keys + (rows0 + size_t(t)) * D + lane * E), kw[i]);
+  }
+  KUNROLL for (int i = 0; i < TPW; ++i) {
+    float kf[E];
+    k_words_to_floats<XK, W>(kw[i], kf);
+    KUNROLL for (int g = 0; g < G; ++g) {
+      float a = 0.0f;
+      KUNROLL for (int e = 0; e < E; ++e) a = k_fma(qv[g][e], kf[e], a);
+      s[i][g] = a;
+    }
+  }
+}
+// the values' loads go out before the reductions, so their latency hides behind them
+uint32_t vw[TPW][W];
+KUNROLL for (int i = 0; i < TPW; ++i) {
+  const int t = (tw + i < ctx) ? tw + i : ctx - 1;
+  k_load_words<W>((const KDEV uint32_t*)(values + (rows0 + size_t(t)) * D + lane * E), vw[i]);
+}
+KUNROLL for (int i = 0; i < TPW; ++i) {
+  KUNROLL for (int g = 0; g < G; ++g) {
+    s[i][g] = (tw + i < ctx) ? k_simd_sum(s[i][g]) : NEG;
+  }
+}
+
+// softmax statistics: the warp's max per head, then the partition's
+KUNROLL for (int g = 0; g < G; ++g) {
+  float m = NEG;
+  KUNROLL for (int i = 0; i < TPW; ++i) m = (s[i][g] > m) ? s[i][g] : m;
+  if (lane == 0) red_sh[simd_id * G + g] = m;
+}
+KBARRIER();
+float M[G];
+KUNROLL for (int g = 0; g < G; ++g) {
+  float m = NEG;
+  KUNROLL for (int w = 0; w < NW; ++w) {
+    const float x = red_sh[w * G + g];
+    m = (x > m) ? x : m;
+  }
+  M[g] = m;
+}
+
+// p @ V over the warp's tokens, lane l's columns
+float acc[G][E];
+float l[G];
+KUNROLL for (int g = 0; g < G; ++g) {
+  l[g] = 0.0f;
+  KUNROLL for (int e = 0; e < E; ++e) acc[g][e] = 0.0f;
+}
+KUNROLL for (int i = 0; i < TPW; ++i) {
+  float vf[E];
+  k_words_to_floats<XK, W>(vw[i], vf);
+  KUNROLL for (int g = 0; g < G; ++g) {
+    const float p = (tw + i < ctx) ? k_exp2(s[i][g] - M[g]) : 0.0f;
+    l[g] += p;
+    KUNROLL for (int e = 0; e < E; ++e) acc[g][e] = k_fma(p, vf[e], acc[g][e]);
+  }
+}
+KUNROLL for (int g = 0; g < G; ++g) {
+  KUNROLL for (int e = 0; e < E; ++e) acc_sh[(simd_id * G + g) * D + lane * E + e] = acc[g][e];
+  if (lane == 0) red_sh[(NW + simd_id) * G + g] = l[g];
+}
+KBARRIER();
+for (int idx = int(tid); idx < G * D; idx += NT) {
+  const int g = idx / D;
+  const int c = idx % D;
+  float o = 0.0f;
+  KUNROLL for (int w = 0; w < NW; ++w) o += acc_sh[(w * G + g) * D + c];
+  part_o[((head0 + g) * NP + part) * D + c] = o;
+}
+if (tid < G) {  // (max, sum) of head tid, from threadgroup memory (no indexed registers)
+  float m = NEG;
+  float ll = 0.0f;
+  KUNROLL for (int w = 0; w < NW; ++w) {
+    const float x = red_sh[w * G + tid];
+    m = (x > m) ? x : m;
+    ll += red_sh[(NW + w) * G + tid];
+  }
+  const size_t o = ((head0 + tid) * NP + part) * 2;
+  part_ml[o] = m;
+  part_ml[o + 1] = ll;
+}
