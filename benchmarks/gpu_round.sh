@@ -68,6 +68,8 @@
 #          decode_probe --compiled on KV_PRESETS (qwen3-8b) at KV_PROMPTS (128 2048), SDPA per
 #          layer against the buffer kernel, alternating (KV_VARIANTS), with a CUPTI profile of
 #          each (KV_PROFILE)
+# bufattn: benchmarks/buffer_attention.py (the buffer kernel's tilings against MLX's SDPA and
+#          the paged kernel over whole buffers, contexts BUF_CTX)
 # PROBE_VARIANTS / PROBE_PROFILE override the probe's variant lists.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -333,6 +335,10 @@ PY
             | grep --line-buffered -v "^\s*$" | tail -30 | tee -a "$OUT/kvdecode.log"
         done
       done ;;
+    bufattn)
+      timeout ${BUF_TIMEOUT:-200} python3 benchmarks/buffer_attention.py \
+        --ctx "${BUF_CTX:-128,512,2048,8192,32768}" --out "$OUT/buffer_attention_h200.json" 2>&1 \
+        | tail -30 | tee "$OUT/buffer_attention.log" ;;
     *) echo "unknown part $part" ;;
   esac
   echo "== $part: $(( $(date +%s) - t0 )) s"
