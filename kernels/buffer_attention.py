@@ -11,10 +11,11 @@ an array, so one compiled step (models/base.py CompiledDecoder, models/cache.py 
 serves all of them, and the buffer's capacity is read at run time, so a growing buffer needs no
 new kernel.
 
-Kernel (src/buffer_attention.h): split-K over the context in partitions of NW * TPW tokens, one
-threadgroup of NW warps per (partition, sequence, kv head), a warp reading its TPW rows with one
-load per lane each, all at once; the partitions are combined by the paged-attention reduce
-(src/paged_attention_reduce.h). Heads it does not cover (more than 32 query values per lane,
+Kernel (src/buffer_attention.h): one threadgroup of NW warps per (partition of the context,
+sequence, kv head); a warp reads chunks of TPW rows with one load per lane and row, a chunk's
+rows all at once, under an online softmax. A short buffer is one partition that writes the
+output itself (src/buffer_attention_one.h); a longer one is split into about TARGET_TGS
+threadgroups, combined by the paged-attention reduce (src/paged_attention_reduce.h). Heads it does not cover (more than 32 query values per lane,
 other head sizes) take the paged kernel reading each buffer as one block
 (paged_attention.paged_attention_kernel with whole_buffers=True). On the CPU, or where the
 selection keeps MLX, `reference` runs (plain MLX, float32 softmax).
@@ -30,8 +31,12 @@ from .launch import KernelSpec, backend, cdiv, launch
 
 SPEC = KernelSpec("marlin_buffer_attn", "buffer_attention.h",
                   ("queries", "keys", "values", "context_lens", "meta"), ("part_o", "part_ml"))
-NW = 4                      # warps per threadgroup
-TPW = 8                     # tokens per warp: a partition is NW * TPW = 32 tokens
+# one partition over the whole context, writing the output itself (no reduce launch)
+SPEC_ONE = KernelSpec("marlin_buffer_attn_one", "buffer_attention_one.h", SPEC.inputs, ("out",))
+NW = 8                      # warps per threadgroup
+TPW = 8                     # rows a warp loads at once (a chunk)
+ONE_MAX_CHUNKS = 4          # one partition while each warp has at most this many chunks
+TARGET_TGS = 264            # split-K: threadgroups to aim for (two per SM of the H200's 132)
 HEAD_DIMS = (64, 128, 256)
 MAX_LANE_VALUES = 32        # query heads x columns per lane held in registers
 # The kernel is what lets a decode step compile as one function (no Python per layer, no
@@ -62,8 +67,9 @@ def reference(queries, keys, values, context_lens, scale):
 def fits(dtype, nh, kvh, dk, dv) -> bool:
     """Whether src/buffer_attention.h covers these heads (else the paged kernel does)."""
     g = nh // kvh if kvh and nh % kvh == 0 else 0
+    smem = 4 * NW * g * (dk + 2)  # the warps' p @ V sums and (max, sum) per head
     return (dtype in _paged.DTYPES and dk == dv and dk in HEAD_DIMS and g >= 1
-            and g * dk // 32 <= MAX_LANE_VALUES)
+            and g * dk // 32 <= MAX_LANE_VALUES and smem <= _paged.SMEM_BUDGET)
 
 
 def supported(dtype, nh, kvh, dk, dv) -> bool:
@@ -72,20 +78,32 @@ def supported(dtype, nh, kvh, dk, dv) -> bool:
                                       or _paged.supported(dtype, nh, kvh, 0, dk, dv))
 
 
+def _layout(B: int, kvh: int, cap: int) -> tuple:
+    """(partitions, chunks per warp, one pass) for a buffer of `cap` rows: one partition while
+    every warp's chain of chunks stays short, else about TARGET_TGS threadgroups."""
+    chunks = cdiv(cap, NW * TPW)
+    if chunks <= ONE_MAX_CHUNKS:
+        return 1, chunks, True
+    cpw = max(1, chunks // cdiv(TARGET_TGS, B * kvh))  # rounded down: at least the target
+    return cdiv(chunks, cpw), cpw, False
+
+
 def _plan(dtype, B, nh, kvh, d, cap):
-    key = (dtype, B, nh, kvh, d, cap)
+    key = (dtype, B, nh, kvh, d, cap, NW, TPW)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) > 256:  # a growing buffer makes one per capacity
             _PLANS.clear()
-        np_ = cdiv(cap, NW * TPW)
+        np_, cpw, one = _layout(B, kvh, cap)
         template = [("T", dtype), ("XK", _paged.XKIND[dtype]), ("D", d), ("KVH", kvh),
                     ("G", nh // kvh), ("NW", NW), ("TPW", TPW)]
         ch = cdiv(d, _paged.NT)
         rtemplate = [("T", dtype), ("DV", d), ("NT", _paged.NT), ("CH", ch)]
-        plan = _PLANS[key] = (template, (32 * NW * np_, B * kvh, 1), (32 * NW, 1, 1),
-                              [(B, nh, np_, d), (B, nh, np_, 2)], [mx.float32, mx.float32],
-                              rtemplate, (_paged.NT * B * nh * ch, 1, 1), (_paged.NT, 1, 1), np_)
+        shapes = [(B, nh, d)] if one else [(B, nh, np_, d), (B, nh, np_, 2)]
+        plan = _PLANS[key] = (template, (32 * NW * np_, B * kvh, 1), (32 * NW, 1, 1), shapes,
+                              [dtype] if one else [mx.float32, mx.float32],
+                              rtemplate, (_paged.NT * B * nh * ch, 1, 1), (_paged.NT, 1, 1),
+                              np_, cpw, one)
     return plan
 
 
@@ -97,11 +115,13 @@ def buffer_attention_kernel(queries, keys, values, context_lens, scale):
         return _paged.paged_attention_kernel(queries, keys, values, _identity_table(B),
                                              context_lens, scale, values.shape[3],
                                              whole_buffers=True)
-    template, grid, tg, oshapes, odts, rtemplate, rgrid, rtg, np_ = _plan(
-        queries.dtype, B, nh, kvh, d, cap)
-    meta = _paged._meta(1, np_, scale, cap)
-    part_o, part_ml = launch(SPEC, [queries, keys, values, context_lens, meta], template, grid,
-                             tg, oshapes, odts)
+    (template, grid, tg, oshapes, odts, rtemplate, rgrid, rtg, np_, cpw,
+     one) = _plan(queries.dtype, B, nh, kvh, d, cap)
+    meta = _paged._meta(cpw, np_, scale, cap)
+    inputs = [queries, keys, values, context_lens, meta]
+    if one:
+        return launch(SPEC_ONE, inputs, template, grid, tg, oshapes, odts)[0]
+    part_o, part_ml = launch(SPEC, inputs, template, grid, tg, oshapes, odts)
     return launch(_paged.REDUCE_SPEC, [part_o, part_ml, meta], rtemplate, rgrid, rtg,
                   [(B, nh, d)], [queries.dtype])[0]
 
@@ -155,11 +175,13 @@ def compile_cases():
     """Metal/CUDA compile-check cases (tests/test_metal_compile.py collects them)."""
     out = []
     for tag, nh, kvh, d in (("qwen3-128", 32, 8, 128), ("mha-64", 8, 8, 64),
-                            ("g4-256", 16, 4, 256)):
+                            ("g2-256", 8, 4, 256)):
         for dt in _paged.DTYPES:
             name = str(dt).split(".")[-1]
             big = 1 << 20
+            t = _plan(dt, 4, nh, kvh, d, 1 << 16)[0]
             out.append((f"buffer-attn-{tag}-{name}", SPEC, [dt, dt, dt, mx.int32, mx.int32],
-                        [big, big, big, 4, 8], [mx.float32, mx.float32],
-                        _plan(dt, 4, nh, kvh, d, 1024)[0]))
+                        [big, big, big, 4, 8], [mx.float32, mx.float32], t))
+            out.append((f"buffer-attn-one-{tag}-{name}", SPEC_ONE,
+                        [dt, dt, dt, mx.int32, mx.int32], [big, big, big, 4, 8], [dt], t))
     return out

@@ -1,21 +1,25 @@
-// buffer attention, decode, first pass: queries of one token per sequence against KVCache
-// buffers keys / values (B, KVH, capacity, D), sequence b attending to its first
-// context_lens[b] rows. Split-K over the context ("flash decoding"); the partitions are
-// combined by paged_attention_reduce.h.
+// buffer attention, decode: queries of one token per sequence against KVCache buffers keys /
+// values (B, KVH, capacity, D), sequence b attending to its first context_lens[b] rows.
 //
-// Built for few sequences (batch-1 decode), where the paged kernel's one-thread-per-token
-// layout leaves most SMs idle and each thread with a long chain of dependent loads: here one
-// threadgroup of NW warps takes a partition of NW * TPW tokens of one (sequence, kv head), each
-// warp TPW tokens. Lane l owns the E = D / 32 columns l * E ... of every row, so a warp reads a
-// row with one load per lane, and issues its TPW key rows (then its TPW value rows) at once.
-// The G query heads of the kv head sit in registers, pre-scaled by scale * log2 e: one key load
-// serves the whole GQA group. Scores are summed across the lanes (simdgroup sums), the softmax
-// statistics across the warps (threadgroup memory), and each warp's p @ V partial sums meet in
-// threadgroup memory. Output as paged_attention.h: unnormalised float32 rows part_o (B, NH, NP,
-// D) and (max, sum) part_ml, log2 domain.
+// Built for few sequences (batch-1 decode): one threadgroup of NW warps takes a partition of
+// the context of one (sequence, kv head). Lane l owns the E = D / 32 columns l * E ... of every
+// row, so a warp reads a row with one load per lane; it takes chunks of TPW rows (chunk c of
+// warp w starts at token (c * NW + w) * TPW of the partition, so a short context still spreads
+// over all warps) and issues a chunk's TPW key and TPW value rows at once. The G query heads of
+// the kv head sit in registers, pre-scaled by scale * log2 e: one key load serves the whole
+// GQA group. Scores are summed across the lanes (simdgroup sums); each warp keeps an online
+// softmax over its chunks (running max, sum and p @ V), and the warps' results meet in
+// threadgroup memory, rescaled to the partition's max.
+// ONE = 0: split-K ("flash decoding"): the partition writes unnormalised float32 rows part_o
+//   (B, NH, NP, D) and (max, sum) part_ml in the log2 domain, as paged_attention.h, and
+//   paged_attention_reduce.h combines the partitions.
+// ONE = 1 (buffer_attention_one.h): one partition covers the context and writes the output.
 //
-// meta = [unused, partitions NP, bits of scale * log2 e, capacity, ...].
+// meta = [chunks per warp, partitions NP, bits of scale * log2 e, capacity, ...].
 // Template constants: T, XK (0 float32, 1 float16, 2 bfloat16), D, KVH, G, NW, TPW.
+#ifndef ONE
+#define ONE 0
+#endif
 //// INCLUDE attn_common.h
 // W 32-bit words from p (W = 1, 2, 4 or 8; p aligned to 4 * W bytes, or 16 for W = 8)
 template <int W>
@@ -47,7 +51,6 @@ KINLINE void k_words_to_floats(KTHREAD const uint32_t* w, KTHREAD float* f) {
 }
 //// BODY
 constexpr int NT = NW * 32;
-constexpr int P = NW * TPW;                    // tokens per partition
 constexpr int E = D / 32;                      // columns per lane
 constexpr int W = (XK == 0) ? E : E / 2;       // 32-bit words per lane and row
 constexpr int NH = KVH * G;
@@ -59,16 +62,21 @@ KSHARED float red_sh[2 * NW * G];
 const int part = int(tg_x);
 const int b = int(tg_y) / KVH;
 const int kvh = int(tg_y) % KVH;
+const int CPW = meta[0];
 const int NP = meta[1];
 const float qscale = k_as_float(uint32_t(meta[2]));
 const int cap = meta[3];
 int ctx = context_lens[b];
 ctx = (ctx < cap) ? ctx : cap;
-const int t0 = part * P;
+const int t0 = part * NW * TPW * CPW;
 const size_t head0 = size_t(b) * NH + size_t(kvh) * G;  // first query head of the group
 
-if (t0 >= ctx) {  // a partition past this sequence's context (uniform in the threadgroup)
+if (t0 >= ctx) {  // past this sequence's context (uniform in the threadgroup)
+#if ONE
+  for (int i = int(tid); i < G * D; i += NT) out[head0 * D + i] = static_cast<T>(0.0f);
+#else
   k_empty_partition(part_o, part_ml, head0, G, NP, part, D, NT, int(tid), NEG);
+#endif
   return;
 }
 
@@ -80,75 +88,74 @@ KUNROLL for (int g = 0; g < G; ++g) {
   KUNROLL for (int e = 0; e < E; ++e) qv[g][e] *= qscale;
 }
 
-// this warp's tokens: t0 + simd_id * TPW + i; rows past the context re-read the last row
-// (a valid address) and get probability 0
+// the warp's online softmax: running max m, sum l and p @ V acc of lane l's columns
+float m[G];
+float l[G];
+float acc[G][E];
+KUNROLL for (int g = 0; g < G; ++g) {
+  m[g] = NEG;
+  l[g] = 0.0f;
+  KUNROLL for (int e = 0; e < E; ++e) acc[g][e] = 0.0f;
+}
 const size_t rows0 = (size_t(b) * KVH + size_t(kvh)) * size_t(cap);
-const int tw = t0 + int(simd_id) * TPW;
-float s[TPW][G];
-{
+for (int c = 0; c < CPW; ++c) {
+  const int tw = t0 + (c * NW + int(simd_id)) * TPW;
+  if (tw >= ctx) break;  // uniform in the warp
+  // rows past the context re-read the last row (a valid address) and get probability 0
   uint32_t kw[TPW][W];
+  uint32_t vw[TPW][W];
   KUNROLL for (int i = 0; i < TPW; ++i) {
     const int t = (tw + i < ctx) ? tw + i : ctx - 1;
     k_load_words<W>((const KDEV uint32_t*)(keys + (rows0 + size_t(t)) * D + lane * E), kw[i]);
   }
+  KUNROLL for (int i = 0; i < TPW; ++i) {
+    const int t = (tw + i < ctx) ? tw + i : ctx - 1;
+    k_load_words<W>((const KDEV uint32_t*)(values + (rows0 + size_t(t)) * D + lane * E), vw[i]);
+  }
+  float s[TPW][G];
   KUNROLL for (int i = 0; i < TPW; ++i) {
     float kf[E];
     k_words_to_floats<XK, W>(kw[i], kf);
     KUNROLL for (int g = 0; g < G; ++g) {
       float a = 0.0f;
       KUNROLL for (int e = 0; e < E; ++e) a = k_fma(qv[g][e], kf[e], a);
-      s[i][g] = a;
+      s[i][g] = (tw + i < ctx) ? k_simd_sum(a) : NEG;
+    }
+  }
+  KUNROLL for (int g = 0; g < G; ++g) {
+    float mc = m[g];
+    KUNROLL for (int i = 0; i < TPW; ++i) mc = (s[i][g] > mc) ? s[i][g] : mc;
+    const float alpha = k_exp2(m[g] - mc);  // rescales what the earlier chunks summed
+    m[g] = mc;
+    l[g] *= alpha;
+    KUNROLL for (int e = 0; e < E; ++e) acc[g][e] *= alpha;
+  }
+  KUNROLL for (int i = 0; i < TPW; ++i) {
+    float vf[E];
+    k_words_to_floats<XK, W>(vw[i], vf);
+    KUNROLL for (int g = 0; g < G; ++g) {
+      const float p = (tw + i < ctx) ? k_exp2(s[i][g] - m[g]) : 0.0f;
+      l[g] += p;
+      KUNROLL for (int e = 0; e < E; ++e) acc[g][e] = k_fma(p, vf[e], acc[g][e]);
     }
   }
 }
-// the values' loads go out before the reductions, so their latency hides behind them
-uint32_t vw[TPW][W];
-KUNROLL for (int i = 0; i < TPW; ++i) {
-  const int t = (tw + i < ctx) ? tw + i : ctx - 1;
-  k_load_words<W>((const KDEV uint32_t*)(values + (rows0 + size_t(t)) * D + lane * E), vw[i]);
-}
-KUNROLL for (int i = 0; i < TPW; ++i) {
-  KUNROLL for (int g = 0; g < G; ++g) {
-    s[i][g] = (tw + i < ctx) ? k_simd_sum(s[i][g]) : NEG;
-  }
-}
 
-// softmax statistics: the warp's max per head, then the partition's
+// the warps meet: each rescales to the partition's max M (a warp without tokens has m = NEG,
+// so weight 0), then the partial sums are added
 KUNROLL for (int g = 0; g < G; ++g) {
-  float m = NEG;
-  KUNROLL for (int i = 0; i < TPW; ++i) m = (s[i][g] > m) ? s[i][g] : m;
-  if (lane == 0) red_sh[simd_id * G + g] = m;
+  if (lane == 0) red_sh[simd_id * G + g] = m[g];
 }
 KBARRIER();
-float M[G];
 KUNROLL for (int g = 0; g < G; ++g) {
-  float m = NEG;
+  float mm = NEG;
   KUNROLL for (int w = 0; w < NW; ++w) {
     const float x = red_sh[w * G + g];
-    m = (x > m) ? x : m;
+    mm = (x > mm) ? x : mm;
   }
-  M[g] = m;
-}
-
-// p @ V over the warp's tokens, lane l's columns
-float acc[G][E];
-float l[G];
-KUNROLL for (int g = 0; g < G; ++g) {
-  l[g] = 0.0f;
-  KUNROLL for (int e = 0; e < E; ++e) acc[g][e] = 0.0f;
-}
-KUNROLL for (int i = 0; i < TPW; ++i) {
-  float vf[E];
-  k_words_to_floats<XK, W>(vw[i], vf);
-  KUNROLL for (int g = 0; g < G; ++g) {
-    const float p = (tw + i < ctx) ? k_exp2(s[i][g] - M[g]) : 0.0f;
-    l[g] += p;
-    KUNROLL for (int e = 0; e < E; ++e) acc[g][e] = k_fma(p, vf[e], acc[g][e]);
-  }
-}
-KUNROLL for (int g = 0; g < G; ++g) {
-  KUNROLL for (int e = 0; e < E; ++e) acc_sh[(simd_id * G + g) * D + lane * E + e] = acc[g][e];
-  if (lane == 0) red_sh[(NW + simd_id) * G + g] = l[g];
+  const float f = k_exp2(m[g] - mm);
+  KUNROLL for (int e = 0; e < E; ++e) acc_sh[(simd_id * G + g) * D + lane * E + e] = acc[g][e] * f;
+  if (lane == 0) red_sh[(NW + simd_id) * G + g] = l[g] * f;
 }
 KBARRIER();
 for (int idx = int(tid); idx < G * D; idx += NT) {
@@ -156,17 +163,25 @@ for (int idx = int(tid); idx < G * D; idx += NT) {
   const int c = idx % D;
   float o = 0.0f;
   KUNROLL for (int w = 0; w < NW; ++w) o += acc_sh[(w * G + g) * D + c];
+#if ONE
+  float ll = 0.0f;
+  KUNROLL for (int w = 0; w < NW; ++w) ll += red_sh[(NW + w) * G + g];
+  out[(head0 + g) * D + c] = static_cast<T>(o / ll);
+#else
   part_o[((head0 + g) * NP + part) * D + c] = o;
+#endif
 }
+#if !ONE
 if (tid < G) {  // (max, sum) of head tid, from threadgroup memory (no indexed registers)
-  float m = NEG;
+  float mm = NEG;
   float ll = 0.0f;
   KUNROLL for (int w = 0; w < NW; ++w) {
     const float x = red_sh[w * G + tid];
-    m = (x > m) ? x : m;
+    mm = (x > mm) ? x : mm;
     ll += red_sh[(NW + w) * G + tid];
   }
   const size_t o = ((head0 + tid) * NP + part) * 2;
-  part_ml[o] = m;
+  part_ml[o] = mm;
   part_ml[o + 1] = ll;
 }
+#endif
