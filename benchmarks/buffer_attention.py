@@ -36,9 +36,9 @@ def _time(fns, rounds=7):
     return statistics.median(ts)
 
 
-def _tiling(nw: int, tpw: int):
-    if (ba.NW, ba.TPW) != (nw, tpw):
-        ba.NW, ba.TPW = nw, tpw
+def _tiling(nw: int, tpw: int, target: int):
+    if (ba.NW, ba.TPW, ba.TARGET_TGS) != (nw, tpw, target):
+        ba.NW, ba.TPW, ba.TARGET_TGS = nw, tpw, target
         ba._PLANS.clear()
 
 
@@ -64,7 +64,9 @@ def run_case(B, ctx, dtype, tilings, n_calls=36):
     ref = ba.reference(qs[0], keys[0], values[0], lens, scale)
     t = _time([lambda i=i: sdpa(i) for i in calls])
     out["sdpa_us"] = t * 1e6
-    paths = [("paged_whole", None)] + [(f"buffer_{nw}x{tpw}", (nw, tpw)) for nw, tpw in tilings]
+    paths = [("paged_whole", None)] + [(f"buffer_{nw}x{tpw}" + (f"t{tg}" if tg else ""),
+                                         (nw, tpw, tg or ba.TARGET_TGS))
+                                        for nw, tpw, tg in tilings]
     for name, tiling in paths:
         if tiling is None:
             saved = ba.fits
@@ -92,8 +94,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ctx", default="128,512,2048,8192,32768")
     p.add_argument("--batch", default="1")
-    p.add_argument("--tilings", default="4x8,4x4,2x8,8x4,8x8",
-                   help="warps x tokens per warp of the kernel (comma-separated)")
+    p.add_argument("--tilings", default="8x8,8x4,4x8,4x16,8x8t528,8x8t1056,4x8t1056",
+                   help="warps x tokens per warp of the kernel, optionally tN: N threadgroups "
+                        "wanted by the split (comma-separated)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -101,12 +104,17 @@ def main(argv=None) -> int:
         print("no GPU backend: nothing to time")
         return 1
     dtype = getattr(mx, a.dtype)
-    tilings = [tuple(int(v) for v in t.split("x")) for t in a.tilings.split(",") if t]
-    default = (ba.NW, ba.TPW)
+    tilings = []
+    for t in (t for t in a.tilings.split(",") if t):
+        nw, rest = t.split("x")
+        tpw, _, tg = rest.partition("t")
+        tilings.append((int(nw), int(tpw), int(tg) if tg else 0))
+    default = (ba.NW, ba.TPW, ba.TARGET_TGS)
     report = {"kind": "buffer_attention", "mlx": mx.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
               "command": "python benchmarks/buffer_attention.py " + " ".join(argv or []),
-              "heads": [NH, KVH, D], "dtype": a.dtype, "default_tiling": list(default),
+              "heads": [NH, KVH, D], "dtype": a.dtype,
+              "default_tiling": {"NW": default[0], "TPW": default[1], "TARGET_TGS": default[2]},
               "cases": []}
     try:
         report["device"] = mx.device_info().get("device_name")
