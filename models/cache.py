@@ -29,6 +29,10 @@ if KV_DECODE not in KV_DECODE_PATHS:
     warnings.warn(f"MARLIN_MLX_KV_DECODE={KV_DECODE!r} is not one of {', '.join(KV_DECODE_PATHS)}"
                   "; using 'auto'")
     KV_DECODE = "auto"
+# "auto" attends through the buffer kernel up to this many cached tokens; past it MLX's SDPA
+# (per-layer compiled step) reads long contexts faster on the H200: 54 against 91-108 µs a
+# layer at 32k tokens, level at 2k (benchmarks/buffer_attention.py, KERNEL_NOTES session 16)
+BUFFER_MAX_TOKENS = 8192
 # whether a traced step's new rows are written by the kernel that computes them (CUDA) rather
 # than by slice updates; MARLIN_MLX_CACHE_IN_PLACE=0 turns it off (also for MLACache)
 IN_PLACE_ROWS = os.environ.get("MARLIN_MLX_CACHE_IN_PLACE", "1").strip() != "0"
@@ -95,6 +99,8 @@ class KVCache:
                  self.values.shape[3])
         if how == "buffers":
             return "kernel" if _buffers.supported(*heads) else "reference"
+        if self.offset > BUFFER_MAX_TOKENS:
+            return None
         return "kernel" if _buffers.use_kernel(*heads) else None
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float, window=None):
@@ -123,8 +129,12 @@ class KVCache:
     @property
     def traced_decode(self) -> bool:
         """Whether a compiled whole step may run over this cache: its last single-token step
-        attended through the buffer kernel, whose length array serves every position."""
-        return self.keys is not None and self.attends_buffers is not None
+        attended through the buffers (whose length array serves every position), and so will
+        the next one."""
+        if self.keys is None or self.attends_buffers is None:
+            return False
+        how = self.decode_attention or KV_DECODE
+        return how != "auto" or self.offset + 1 <= BUFFER_MAX_TOKENS
 
     def trace_key(self) -> tuple:
         return ("kv", self.step, self.attends_buffers == "kernel", self.rows_in_place)

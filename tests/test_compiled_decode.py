@@ -124,6 +124,38 @@ def test_kv_buffers_stay_per_layer_with_sliding_windows(make_checkpoint, monkeyp
         assert mx.allclose(a, c, rtol=1e-5, atol=1e-5).item()
 
 
+def test_kv_buffers_hand_long_contexts_to_sdpa(make_checkpoint, monkeypatch):
+    # "auto": past BUFFER_MAX_TOKENS cached tokens the cache attends through MLX's SDPA again,
+    # and the whole step gives way to the per-layer split (forced "buffers" keeps the kernel)
+    from marlin_mlx.kernels import buffer_attention
+    from marlin_mlx.models import cache as kv_cache
+    monkeypatch.setattr(kv_cache, "KV_DECODE", "auto")
+    monkeypatch.setattr(kv_cache, "BUFFER_MAX_TOKENS", 10)
+    monkeypatch.setattr(buffer_attention, "use_kernel", lambda *a: True)
+    monkeypatch.setattr(buffer_attention, "buffer_attention",
+                        lambda q, k, v, lens, scale, kernel: buffer_attention.reference(
+                            q, k, v, lens, scale))
+    model = _fresh(make_checkpoint("qwen3"), False)
+    prompt = mx.array([3, 17, 5, 9, 40, 2, 11], mx.int32)
+    plain = _decode(model, model, prompt, steps=8)
+    dec = decode_forward(model, True)
+    cache = model.make_cache()
+    seen = []
+    logits = model(prompt[None], cache=cache)
+    out = []
+    for _ in range(8):
+        y = mx.argmax(logits[:, -1], axis=-1)
+        logits = dec(y[:, None], cache=cache)
+        mx.eval(logits)
+        out.append(logits)
+        seen.append((cache[0].offset, cache[0].traced_decode, cache[0].attends_buffers))
+    assert dec._wholes and dec.failed is None
+    assert [t for o, t, _ in seen if o >= 10] == [False] * sum(o >= 10 for o, _, _ in seen)
+    assert seen[-1][2] is None and seen[0][2] == "kernel"
+    for a, c in zip(plain, out):
+        assert mx.allclose(a, c, rtol=1e-5, atol=1e-5).item()
+
+
 def test_kv_rows_in_place_only_on_an_exclusive_buffer():
     from marlin_mlx.models.cache import KVCache
     c = KVCache(step=4)
