@@ -160,6 +160,23 @@ def large_qmm_section(name: str, r: dict) -> list:
     return lines + [""]
 
 
+def buffer_attention_section(name: str, r: dict) -> list:
+    """benchmarks/buffer_attention.py: the buffer kernel's tilings beside MLX's SDPA and the
+    paged kernel over whole buffers (µs per call, wall clock in one graph)."""
+    paths = [k[:-3] for k in r["cases"][0] if k.endswith("_us")]
+    lines = [f"### Decode attention over KV buffers — `{name}`", "",
+             f"- machine: {r.get('device', '?')}, MLX {r.get('mlx', '?')}, {r.get('date', '?')}, "
+             f"{r.get('dtype', '?')}, heads {r.get('heads')}",
+             f"- default tiling: {r.get('default_tiling')}",
+             *([f"- command: `{r['command']}`"] if r.get("command") else []), "",
+             "| batch | context | " + " | ".join(f"{p} µs" for p in paths) + " |",
+             "|---|---|" + "---|" * len(paths)]
+    for x in r["cases"]:
+        lines.append(f"| {x['batch']} | {x['ctx']} | " +
+                     " | ".join(f"{x[p + '_us']:.1f}" for p in paths) + " |")
+    return lines + [""]
+
+
 def cpu_decode_section(name: str, r: dict) -> list:
     res = r["results"]
     lines = [f"### {r['benchmark']} — `{name}`", "",
@@ -267,7 +284,7 @@ def generic_section(name: str, r) -> list:
 def kind_of(r: dict) -> str | None:
     if not isinstance(r, dict):
         return None
-    if r.get("kind") in ("bench", "memory", "perplexity"):
+    if r.get("kind") in ("bench", "memory", "perplexity", "buffer_attention"):
         return r["kind"]
     rows = r.get("rows")
     if isinstance(r.get("meta"), dict) and isinstance(rows, list) and rows \
@@ -294,7 +311,7 @@ SECTIONS = {"bench": bench_section, "memory": memory_section, "perplexity": perp
             "kernels": kernels_section, "large_qmm": large_qmm_section,
             "cpu_decode": cpu_decode_section,
             "serving": serving_section, "paged_attention": paged_attention_section,
-            "moe_layer": moe_layer_section}
+            "moe_layer": moe_layer_section, "buffer_attention": buffer_attention_section}
 TITLES = {"bench": "Throughput (marlin-mlx bench)", "kernels": "Kernels (benchmarks/kernels.py)",
           "large_qmm": "Many-row product (benchmarks/large_qmm.py)",
           "cpu_decode": "CPU decode (benchmarks/cpu_decode.py)",
@@ -302,6 +319,7 @@ TITLES = {"bench": "Throughput (marlin-mlx bench)", "kernels": "Kernels (benchma
           "serving": "Serving (benchmarks/serving.py)",
           "paged_attention": "Paged attention (benchmarks/paged_attention.py)",
           "moe_layer": "MoE layer (benchmarks/moe_layer.py)",
+          "buffer_attention": "Decode attention over KV buffers (benchmarks/buffer_attention.py)",
           "perplexity": "Perplexity (marlin-mlx perplexity)"}
 
 
@@ -405,8 +423,8 @@ def build(results_dir: Path, output: Path, plots: bool = True) -> str:
             plot_dir.mkdir(parents=True, exist_ok=True)
             p = plot_decode_vs_context(found["bench"], plot_dir, plt)
             images += ([p] if p else []) + plot_kernel_gbps(found["kernels"], plot_dir, plt)
-    for kind in ("bench", "serving", "kernels", "large_qmm", "paged_attention", "moe_layer",
-                 "cpu_decode", "memory", "perplexity"):
+    for kind in ("bench", "serving", "kernels", "large_qmm", "paged_attention",
+                 "buffer_attention", "moe_layer", "cpu_decode", "memory", "perplexity"):
         if not found[kind]:
             continue
         lines += [f"## {TITLES[kind]}", ""]
