@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
-import time
 
 import mlx.core as mx
+from paged_attention import _time  # benchmarks/: one graph per round, median per call
 
 from marlin_mlx.kernels import buffer_attention as ba
 from marlin_mlx.kernels.launch import backend
@@ -24,16 +23,6 @@ from marlin_mlx.kernels.selection import rel_err
 
 NH, KVH, D = 32, 8, 128
 POOL_BYTES = 256 << 20
-
-
-def _time(fns, rounds=7):
-    mx.eval([f() for f in fns[:2]])
-    ts = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        mx.eval([f() for f in fns])
-        ts.append((time.perf_counter() - t0) / len(fns))
-    return statistics.median(ts)
 
 
 def _tiling(nw: int, tpw: int, target: int):
