@@ -177,6 +177,33 @@ def buffer_attention_section(name: str, r: dict) -> list:
     return lines + [""]
 
 
+def decode_probe_section(name: str, r: dict) -> list:
+    """benchmarks/decode_probe.py: decode tok/s and host split per variant (in one process, in
+    the order run), and the CUPTI profile of the profiled variants."""
+    lines = [f"### Decode step — `{name}`", "",
+             f"- machine: {r.get('device', '?')}, MLX {r.get('mlx', '?')}, {r.get('date', '?')}, "
+             f"{r.get('preset')} {r.get('bits')}-bit g{r.get('group_size')}, prompt "
+             f"{r.get('prompt')}, compiled step: {bool(r.get('compiled'))}",
+             *([f"- command: `{r['command']}`"] if r.get("command") else []), "",
+             "| variant | decode tok/s | ms / token | build ms | sync eval ms |",
+             "|---|---|---|---|---|"]
+    for v, x in r["variants"].items():
+        if "decode_tps" in x:
+            lines.append(f"| {v} | {x['decode_tps']:.1f} | {x['ms_per_token']:.2f} | "
+                         f"{x['build_ms']:.2f} | {x['eval_sync_ms']:.2f} |")
+        else:
+            lines.append(f"| {v} | {_cell(x.get('error', '?'))} | | | |")
+    prof = r.get("profile") or {}
+    if prof:
+        lines += ["", "| profiled variant | wall ms / step | GPU kernel ms / step | "
+                  "kernels / step |", "|---|---|---|---|"]
+        for v, x in prof.items():
+            if "gpu_kernel_ms_per_step" in x:
+                lines.append(f"| {v} | {x['wall_ms_per_step']:.2f} | "
+                             f"{x['gpu_kernel_ms_per_step']:.2f} | {x['kernels_per_step']:.0f} |")
+    return lines + [""]
+
+
 def cpu_decode_section(name: str, r: dict) -> list:
     res = r["results"]
     lines = [f"### {r['benchmark']} — `{name}`", "",
@@ -295,6 +322,8 @@ def kind_of(r: dict) -> str | None:
         return "large_qmm"
     if r.get("benchmark") == "cpu_decode":
         return "cpu_decode"
+    if isinstance(r.get("variants"), dict) and r.get("preset") and "steps" in r:
+        return "decode_probe"
     if r.get("benchmark") == "serving" and isinstance(r.get("results"), dict):
         return "serving"
     if isinstance(r.get("cases"), list) and r["cases"] and "kernel_us" in r["cases"][0]:
@@ -311,7 +340,8 @@ SECTIONS = {"bench": bench_section, "memory": memory_section, "perplexity": perp
             "kernels": kernels_section, "large_qmm": large_qmm_section,
             "cpu_decode": cpu_decode_section,
             "serving": serving_section, "paged_attention": paged_attention_section,
-            "moe_layer": moe_layer_section, "buffer_attention": buffer_attention_section}
+            "moe_layer": moe_layer_section, "buffer_attention": buffer_attention_section,
+            "decode_probe": decode_probe_section}
 TITLES = {"bench": "Throughput (marlin-mlx bench)", "kernels": "Kernels (benchmarks/kernels.py)",
           "large_qmm": "Many-row product (benchmarks/large_qmm.py)",
           "cpu_decode": "CPU decode (benchmarks/cpu_decode.py)",
@@ -320,6 +350,7 @@ TITLES = {"bench": "Throughput (marlin-mlx bench)", "kernels": "Kernels (benchma
           "paged_attention": "Paged attention (benchmarks/paged_attention.py)",
           "moe_layer": "MoE layer (benchmarks/moe_layer.py)",
           "buffer_attention": "Decode attention over KV buffers (benchmarks/buffer_attention.py)",
+          "decode_probe": "Decode step by variant (benchmarks/decode_probe.py)",
           "perplexity": "Perplexity (marlin-mlx perplexity)"}
 
 
@@ -424,7 +455,8 @@ def build(results_dir: Path, output: Path, plots: bool = True) -> str:
             p = plot_decode_vs_context(found["bench"], plot_dir, plt)
             images += ([p] if p else []) + plot_kernel_gbps(found["kernels"], plot_dir, plt)
     for kind in ("bench", "serving", "kernels", "large_qmm", "paged_attention",
-                 "buffer_attention", "moe_layer", "cpu_decode", "memory", "perplexity"):
+                 "buffer_attention", "decode_probe", "moe_layer", "cpu_decode", "memory",
+                 "perplexity"):
         if not found[kind]:
             continue
         lines += [f"## {TITLES[kind]}", ""]

@@ -15,8 +15,9 @@ Kernel (src/buffer_attention.h): one threadgroup of NW warps per (partition of t
 sequence, kv head); a warp reads chunks of TPW rows with one load per lane and row, a chunk's
 rows all at once, under an online softmax. A short buffer is one partition that writes the
 output itself (src/buffer_attention_one.h); a longer one is split into about TARGET_TGS
-threadgroups, combined by the paged-attention reduce (src/paged_attention_reduce.h). Heads it does not cover (more than 32 query values per lane,
-other head sizes) take the paged kernel reading each buffer as one block
+threadgroups, combined by the paged-attention reduce (src/paged_attention_reduce.h). Heads it
+does not cover (more than 32 query values per lane, threadgroup memory over budget, other head
+sizes) take the paged kernel reading each buffer as one block
 (paged_attention.paged_attention_kernel with whole_buffers=True). On the CPU, or where the
 selection keeps MLX, `reference` runs (plain MLX, float32 softmax).
 """

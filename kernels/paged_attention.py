@@ -293,8 +293,8 @@ def _plan(dtype, B, nh, kvh, bs, dk, dv, mb, mla, whole=False):
         nhc = cdiv(g, gc)
         np_ = cdiv(mb * bs, NT)
         template = [("T", dtype), ("XK", XKIND[dtype]), ("DK", dk), ("DV", dv),
-                    ("VS", dk if mla else dv), ("BS", 0 if whole else bs), ("KVH", kvh), ("G", g), ("GC", gc),
-                    ("NHC", nhc), ("NT", NT)]
+                    ("VS", dk if mla else dv), ("BS", 0 if whole else bs), ("KVH", kvh),
+                    ("G", g), ("GC", gc), ("NHC", nhc), ("NT", NT)]
         ch = cdiv(dv, NT)  # the reduce's column chunks
         rtemplate = [("T", dtype), ("DV", dv), ("NT", NT), ("CH", ch)]
         plan = _PLANS[key] = (

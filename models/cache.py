@@ -30,7 +30,7 @@ if KV_DECODE not in KV_DECODE_PATHS:
                   "; using 'auto'")
     KV_DECODE = "auto"
 # "auto" attends through the buffer kernel up to this many cached tokens; past it MLX's SDPA
-# (per-layer compiled step) reads long contexts faster on the H200: 54 against 91-108 µs a
+# (per-layer compiled step) reads long contexts faster on the H200: 54-61 against 91-122 µs a
 # layer at 32k tokens, level at 2k (benchmarks/buffer_attention.py, KERNEL_NOTES session 16)
 BUFFER_MAX_TOKENS = 8192
 # whether a traced step's new rows are written by the kernel that computes them (CUDA) rather
